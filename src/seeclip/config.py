@@ -1,0 +1,155 @@
+"""Typed experiment configs: frozen dataclasses, YAML presets, ``key=value`` overrides.
+
+Only the CLI and the runner see a whole :class:`RunConfig`; every other module takes explicit
+arguments. Unknown keys are an error that lists the allowed ones, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    benchmark: str = "digits"  # a name from `seeclip list` (benchmarks)
+    protocol: str = "full"  # split family: full | daml (| medic where defined)
+    target: str = "handwritten"  # held-out target domain
+    data_root: str | None = None  # dataset folder; None = the embedded benchmark's own folder
+    classes_file: str | None = None  # YAML naming known/unknown classes (benchmark `folder` only)
+    val_fraction: float = 0.1  # held-out share of each source domain, for selection/thresholds
+    val_seed: int = 0  # which images form that held-out share
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "tiny-vit"  # shipped name, open_clip architecture, or hf-hub:org/repo
+    pretrained: str | None = None  # open_clip tag or checkpoint path; None = random weights
+
+
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    score: str = "msp"  # unknown score: msp (max softmax prob.) | mcm (max concept matching)
+    mcm_temperature: float = 1.0  # softmax temperature on cosines for mcm (Ming et al. 2022)
+    threshold_quantile: float = 0.05  # share of source-val known images allowed to be rejected
+    template: str | None = None  # prompt template with one {}; None = the benchmark's
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: str = "zeroshot"  # a name from `seeclip list` (methods)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    seed: int = 0  # seeds everything random in the run
+    batch_size: int = 64  # image-encoder batch size when the feature cache is built
+
+    def hash(self) -> str:
+        """A short stable hash of every field: the run folder's name."""
+        blob = json.dumps(to_dict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def run_name(self) -> str:
+        d = self.data
+        return f"{d.benchmark}_{d.protocol}_{d.target}_{self.method}"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the config dataclasses."""
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T:
+    """Build dataclass ``cls`` from a nested mapping; unknown keys raise :class:`ConfigError`."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"allowed: {', '.join(prefix + k for k in fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        sub = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, sub)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where=where)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin in (tuple, Sequence):
+        return tuple(value)
+    if tp in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            value = tp(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse the right-hand side of ``key=value`` with YAML rules (1e-3, true, null, [a, b])."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
+    """Return ``cfg`` with dotted ``key=value`` overrides applied, e.g. ``data.target=printed``."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. data.target=printed)")
+        key, text = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config key {key!r}: {part!r} is not a section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown config key {key!r}; allowed here: {', '.join(node)}")
+        node[parts[-1]] = _parse_scalar(text)
+    return from_dict(type(cfg), data)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML preset (missing keys keep their defaults) and apply overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    return apply_overrides(from_dict(RunConfig, raw, where=""), overrides)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,76 @@
+"""Zero-shot CLIP with a confidence threshold chosen on source validation data."""
+
+from __future__ import annotations
+
+import torch
+
+from seeclip.methods.base import METHODS, Features, MethodContext, Prediction
+
+SCORES = ("msp", "mcm")
+
+
+class ZeroShot:
+    """Class-name prompts; an image is "unknown" when its confidence is below a threshold.
+
+    Confidence is the maximum softmax probability over the C known classes, either of CLIP's
+    scaled logits (``msp``) or of cosines divided by a temperature (``mcm``, Ming et al. 2022).
+    The threshold is the ``threshold_quantile`` quantile of source-validation confidences,
+    so about that share of known source images would be rejected. The target is never used.
+    """
+
+    def __init__(
+        self,
+        text_features: torch.Tensor,
+        *,
+        logit_scale: float,
+        score: str = "msp",
+        mcm_temperature: float = 1.0,
+        threshold_quantile: float = 0.05,
+    ) -> None:
+        if score not in SCORES:
+            raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+        if not 0.0 <= threshold_quantile < 1.0:
+            raise ValueError(f"threshold_quantile must be in [0, 1), got {threshold_quantile}")
+        self.text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
+        self.num_known = text_features.shape[0]
+        self.scale = logit_scale if score == "msp" else 1.0 / mcm_temperature
+        self.threshold_quantile = threshold_quantile
+        self.threshold: float | None = None
+
+    def _confidence(self, images: Features) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = images.global_.float() @ self.text_features.T
+        conf, closed = (self.scale * cos).softmax(dim=-1).max(dim=-1)
+        return closed, conf
+
+    def fit(self, train: Features, train_labels: torch.Tensor, val: Features) -> None:
+        if len(val) == 0:
+            raise ValueError("zeroshot needs source-validation images to choose its threshold")
+        _, conf = self._confidence(val)
+        self.threshold = float(torch.quantile(conf, self.threshold_quantile))
+
+    @torch.no_grad()
+    def predict(self, images: Features) -> Prediction:
+        if self.threshold is None:
+            raise RuntimeError("call fit() before predict(): the threshold comes from source val")
+        closed, conf = self._confidence(images)
+        y_pred = torch.where(conf < self.threshold, self.num_known, closed)
+        return Prediction(y_pred.numpy(), closed.numpy(), (1.0 - conf).numpy())
+
+
+@METHODS.register("zeroshot")
+def build_zeroshot(ctx: MethodContext) -> ZeroShot:
+    """Zero-shot CLIP, max-softmax (or MCM) unknown score, threshold from source val."""
+    opts = ctx.config.zeroshot
+    template = opts.template or ctx.template
+    with torch.no_grad():
+        text = ctx.backbone.encode_text([template.format(t) for t in ctx.class_texts])
+    return ZeroShot(
+        text,
+        logit_scale=ctx.backbone.logit_scale,
+        score=opts.score,
+        mcm_temperature=opts.mcm_temperature,
+        threshold_quantile=opts.threshold_quantile,
+    )
+
+
+__all__ = ["ZeroShot", "build_zeroshot"]

@@ -1,0 +1,22 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Every test gets its own SEECLIP_HOME, so nothing reads or writes the user's cache."""
+    monkeypatch.setenv("SEECLIP_HOME", str(tmp_path_factory.mktemp("seeclip_home")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

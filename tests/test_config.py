@@ -1,0 +1,56 @@
+import pytest
+
+from seeclip.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    save_config,
+)
+
+
+def test_overrides_parse_yaml_scalars_and_nested_keys():
+    cfg = apply_overrides(
+        RunConfig(),
+        [
+            "data.target=printed",
+            "zeroshot.threshold_quantile=1e-1",
+            "seed=3",
+            "backbone.pretrained=null",
+        ],
+    )
+    assert cfg.data.target == "printed"
+    assert cfg.zeroshot.threshold_quantile == pytest.approx(0.1)
+    assert cfg.seed == 3
+    assert cfg.backbone.pretrained is None
+
+
+def test_unknown_key_is_an_error_that_lists_allowed_keys():
+    with pytest.raises(
+        ConfigError, match=r"unknown config key\(s\) data\.taget; allowed: .*data\.target"
+    ):
+        from_dict(RunConfig, {"data": {"taget": "x"}})
+    with pytest.raises(ConfigError, match="unknown config key 'zeroshot.scor'"):
+        apply_overrides(RunConfig(), ["zeroshot.scor=mcm"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        apply_overrides(RunConfig(), ["seed"])
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(ConfigError, match="seed: expected int"):
+        apply_overrides(RunConfig(), ["seed=abc"])
+
+
+def test_yaml_round_trip_and_stable_hash(tmp_path):
+    cfg = apply_overrides(RunConfig(), ["data.protocol=daml", "zeroshot.score=mcm"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg
+    assert again.hash() == cfg.hash()
+    assert apply_overrides(cfg, ["seed=1"]).hash() != cfg.hash()
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/preset.yaml")
