@@ -1,0 +1,264 @@
+"""Feature cache: the frozen image encoder runs once per image, ever.
+
+An entry is a folder ``cache_dir/name`` holding ``global.npy`` [N, d], ``tokens.npy`` [N, T, d]
+(both float16, read back as memmaps) and ``meta.json``. The key hashes the backbone's weights,
+its preprocessing and every file's (relative path, size, mtime_ns); a changed key rebuilds the
+entry. Builds go to a temporary sibling folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from seeclip.datasets.images import ImageFiles
+
+__all__ = ["CachedFeatures", "cache_key", "encode_cached"]
+
+log = logging.getLogger(__name__)
+
+_DTYPE = np.float16
+_FORMAT = 1  # bump when the entry layout changes
+
+
+@dataclass(frozen=True)
+class CachedFeatures:
+    """Cached image features, row i belonging to ``paths[i]``.
+
+    Attributes:
+        global_: L2-normalised global features [N, d] (float16 memmap).
+        tokens: spatial tokens in the joint space [N, T, d] (float16 memmap).
+        paths: relative image paths, in row order.
+        key: the cache key the entry was built for.
+    """
+
+    global_: np.ndarray
+    tokens: np.ndarray
+    paths: tuple[str, ...]
+    key: str
+    _rows: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_rows", {p: i for i, p in enumerate(self.paths)})
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def index_of(self, paths: Sequence[str]) -> np.ndarray:
+        """Row indices (int64) of ``paths``; a path not in the cache is a KeyError."""
+        try:
+            return np.array([self._rows[p] for p in paths], dtype=np.int64)
+        except KeyError as err:
+            raise KeyError(f"{err.args[0]!r} is not in this feature cache") from None
+
+    def torch(self, indices: Sequence[int] | np.ndarray | Tensor) -> tuple[Tensor, Tensor]:
+        """(global [k, d], tokens [k, T, d]) as float32 tensors for rows ``indices``."""
+        idx = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices, dtype=np.int64)
+        glob = torch.from_numpy(np.ascontiguousarray(self.global_[idx])).float()
+        toks = torch.from_numpy(np.ascontiguousarray(self.tokens[idx])).float()
+        return glob, toks
+
+
+# --------------------------------------------------------------------------- key
+def _preprocess_repr(transform: object) -> str:
+    # Function reprs carry memory addresses that differ between processes.
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _key_parts(backbone, root: Path, rel_paths: Sequence[str]) -> dict[str, str]:
+    files = hashlib.sha256()
+    for rel in rel_paths:
+        st = (Path(root) / rel).stat()
+        files.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {
+        "weights": backbone.fingerprint,
+        "preprocess": _sha(_preprocess_repr(backbone.preprocess)),
+        "data": files.hexdigest(),
+    }
+
+
+def _key_from_parts(parts: dict[str, str]) -> str:
+    return _sha(json.dumps({"format": _FORMAT, **parts}, sort_keys=True))
+
+
+def cache_key(backbone, root: Path, rel_paths: Sequence[str]) -> str:
+    """sha256 over the backbone fingerprint, its preprocessing and each file's
+    (relative path, size, mtime_ns) under ``root``."""
+    return _key_from_parts(_key_parts(backbone, root, rel_paths))
+
+
+# ------------------------------------------------------------------------- entry
+def _load(entry: Path, key: str) -> CachedFeatures | None:
+    """The entry at ``entry`` if it is complete and was built for ``key``, else None."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        if meta.get("key") != key:
+            return None
+        glob = np.load(entry / "global.npy", mmap_mode="r")
+        toks = np.load(entry / "tokens.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if list(glob.shape) != meta["global_shape"] or list(toks.shape) != meta["tokens_shape"]:
+        return None
+    return CachedFeatures(glob, toks, tuple(meta["paths"]), key)
+
+
+def _stale_reason(entry: Path, parts: dict[str, str]) -> str | None:
+    """Why an existing entry cannot be reused (None when there is no entry at all)."""
+    meta_path = entry / "meta.json"
+    if not entry.exists():
+        return None
+    try:
+        old = json.loads(meta_path.read_text()).get("parts", {})
+    except (OSError, ValueError):
+        return "entry incomplete or unreadable"
+    changed = [name for name in ("weights", "preprocess", "data") if old.get(name) != parts[name]]
+    return " and ".join(f"{name} changed" for name in changed) or "key changed"
+
+
+def _remove_dead_builds(entry: Path) -> None:
+    """Deletes ``<entry>.tmp-<pid>`` folders left by builds whose process is gone."""
+    for tmp in entry.parent.glob(f"{entry.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, owned by someone else
+
+
+def encode_cached(
+    backbone,
+    root: Path,
+    rel_paths: Sequence[str],
+    *,
+    cache_dir: Path,
+    name: str,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> CachedFeatures:
+    """Features of ``root / rel_paths[i]``, encoded once and cached in ``cache_dir / name``.
+
+    Args:
+        backbone: a ``seeclip.backbone.Backbone`` (anything with ``encode_image``,
+            ``preprocess``, ``fingerprint``, ``embed_dim``, ``num_patches``).
+        root: folder the relative paths are resolved against.
+        rel_paths: image paths relative to ``root``; row i of the result is ``rel_paths[i]``.
+        cache_dir: root of all feature caches (e.g. ``seeclip_home() / "features"``).
+        name: the entry's sub-folder, chosen by the caller (e.g. "pacs/ViT-B-16-openai").
+        batch_size: images per encoder call.
+        num_workers: DataLoader workers decoding images.
+        progress: show a tqdm bar while encoding.
+
+    Raises:
+        seeclip.datasets.images.ImageReadError: an image cannot be decoded (names the file);
+            no entry is left behind.
+    """
+    rel_paths = [str(p) for p in rel_paths]
+    if not rel_paths:
+        raise ValueError(f"no images to encode for feature cache {name!r}")
+    if len(set(rel_paths)) != len(rel_paths):
+        raise ValueError(f"duplicate paths in the image list for feature cache {name!r}")
+    entry = Path(cache_dir) / name
+    parts = _key_parts(backbone, root, rel_paths)
+    key = _key_from_parts(parts)
+    cached = _load(entry, key)
+    if cached is not None:
+        return cached
+    reason = _stale_reason(entry, parts)
+    if reason is not None:
+        log.info("feature cache %s is stale (%s); rebuilding", entry, reason)
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_builds(entry)
+    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    loader = DataLoader(
+        ImageFiles(root, rel_paths, backbone.preprocess),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+    )
+    try:
+        _encode_into(
+            tmp, backbone, loader, len(rel_paths), desc=f"encoding {name}", progress=progress
+        )
+        meta = {
+            "format": _FORMAT,
+            "key": key,
+            "parts": parts,
+            "paths": rel_paths,
+            "global_shape": [len(rel_paths), backbone.embed_dim],
+            "tokens_shape": [len(rel_paths), backbone.num_patches, backbone.embed_dim],
+            "dtype": np.dtype(_DTYPE).name,
+            "backbone": {
+                "name": getattr(backbone, "name", None),
+                "arch": getattr(backbone, "arch", None),
+                "pretrained": getattr(backbone, "pretrained", None),
+            },
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks completion
+        _swap_into_place(tmp, entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    loaded = _load(entry, key)
+    assert loaded is not None, f"feature cache {entry} unreadable right after building it"
+    return loaded
+
+
+def _encode_into(out: Path, backbone, loader: DataLoader, n: int, *, desc: str, progress: bool):
+    """Runs the image encoder over ``loader`` into float16 ``.npy`` memmaps in ``out``."""
+    d, t = backbone.embed_dim, backbone.num_patches
+    glob = np.lib.format.open_memmap(out / "global.npy", mode="w+", dtype=_DTYPE, shape=(n, d))
+    toks = np.lib.format.open_memmap(out / "tokens.npy", mode="w+", dtype=_DTYPE, shape=(n, t, d))
+    row = 0
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
+        with torch.inference_mode():
+            for images in loader:
+                g, tk = backbone.encode_image(images)
+                k = g.shape[0]
+                glob[row : row + k] = g.float().cpu().numpy()
+                toks[row : row + k] = tk.float().cpu().numpy()
+                row += k
+                bar.update(k)
+    if row != n:
+        raise RuntimeError(f"encoded {row} images, expected {n}")
+    glob.flush()
+    toks.flush()
+
+
+def _swap_into_place(tmp: Path, entry: Path) -> None:
+    """Replaces ``entry`` by ``tmp``; readers never see a half-written entry."""
+    old = None
+    if entry.exists():
+        old = entry.with_name(f"{entry.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(entry, old)
+    os.replace(tmp, entry)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

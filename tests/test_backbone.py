@@ -1,0 +1,238 @@
+"""The frozen CLIP wrapper: readings, truncated text encoding, weights and fingerprints."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from seeclip.backbone import (
+    BACKBONES,
+    WeightsUnavailableError,
+    build_backbone,
+    list_backbones,
+)
+
+torch.set_num_threads(1)
+
+CONFIGS = Path(__file__).parents[1] / "src" / "seeclip" / "model_configs"
+
+
+@pytest.fixture(scope="module", params=list(BACKBONES))
+def backbone(request):
+    return build_backbone(request.param, seed=0)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return build_backbone("tiny-vit", seed=0)
+
+
+def _images(backbone, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, backbone.image_size, backbone.image_size, generator=g)
+
+
+PROMPTS = [
+    "x",
+    "a photo of a dog.",
+    "a sketch of a very small red bird sitting on a branch.",
+    "word " * 40,  # longer than the context: truncated by the tokenizer, EOT at the last slot
+]
+
+
+def test_frozen_and_eval(backbone):
+    assert all(not p.requires_grad for p in backbone.parameters())
+    backbone.train()
+    assert not backbone.model.training
+
+
+def test_image_readings(backbone):
+    images = _images(backbone)
+    glob, tokens = backbone.encode_image(images)
+    assert glob.shape == (3, backbone.embed_dim)
+    assert tokens.shape == (3, backbone.num_patches, backbone.embed_dim)
+    torch.testing.assert_close(glob.norm(dim=-1), torch.ones(3))
+    assert torch.equal(glob, backbone.model.encode_image(images, normalize=True))
+
+
+def test_token_counts():
+    assert build_backbone("tiny-vit").num_patches == 16  # (32 / 8) ** 2
+    assert build_backbone("tiny-rn").num_patches == 4  # (64 / 32) ** 2
+
+
+def test_vit_tokens_match_manual(vit):
+    v = vit.model.visual
+    images = _images(vit)
+    x = v.conv1(images).flatten(2).transpose(1, 2)
+    x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
+    x = v.ln_pre(x + v.positional_embedding)
+    x = v.ln_post(v.transformer(x))
+    expected = x[:, 1:] @ v.proj  # CLS excluded
+    torch.testing.assert_close(vit.encode_image(images)[1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rn_tokens_are_maskclip_reading():
+    rn = build_backbone("tiny-rn")
+    v = rn.model.visual
+    images = _images(rn)
+    fmap = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(images)))))  # [B, C, 2, 2]
+    pool = v.attnpool
+    expected = pool.c_proj(pool.v_proj(fmap.flatten(2).transpose(1, 2)))
+    torch.testing.assert_close(rn.encode_image(images)[1], expected)
+
+
+def test_truncated_text_is_exact(backbone):
+    ids = backbone.tokenize(PROMPTS)
+    assert ids.shape == (len(PROMPTS), backbone.context_length)
+    eot = backbone.eot_index(ids)
+    assert eot.tolist()[:3] == [2, 7, 14] and eot[3] == backbone.context_length - 1
+    embeds = backbone.embed_tokens(ids)
+    full = backbone.encode_text_embeddings(embeds, eot, truncate=False)
+    reference = backbone.model.encode_text(ids)
+    torch.testing.assert_close(full, reference, rtol=0, atol=1e-5)
+    for subset in ([0], [0, 1], [1, 2]):  # short batches actually truncate
+        sub = backbone.encode_text_embeddings(embeds[subset], eot[subset], truncate=True)
+        torch.testing.assert_close(sub, reference[subset], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        backbone.encode_text(PROMPTS), torch.nn.functional.normalize(reference)
+    )
+
+
+def test_gradients_reach_embeddings(vit):
+    ids = vit.tokenize(PROMPTS[:3])
+    embeds = vit.embed_tokens(ids).detach().requires_grad_(True)
+    vit.encode_text_embeddings(embeds, vit.eot_index(ids)).pow(2).sum().backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+    assert embeds.grad[0, 3:].abs().sum() == 0  # past its EOT a prompt gets no gradient
+
+
+def test_logit_scale_is_exp_of_parameter(vit):
+    assert vit.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_fingerprint_follows_seed_and_keeps_global_rng():
+    state = torch.random.get_rng_state()
+    a, b, c = (build_backbone("tiny-vit", seed=s) for s in (0, 0, 1))
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    assert a.pretrained is None
+    assert build_backbone("tiny-rn", seed=0).fingerprint != a.fingerprint
+
+
+@pytest.mark.parametrize("fmt", ["pt", "wrapped.pt", "safetensors"])
+def test_local_checkpoint_roundtrip(vit, tmp_path, fmt):
+    state = {k: v.clone() for k, v in vit.model.state_dict().items()}
+    path = tmp_path / f"weights.{fmt}"
+    if fmt == "safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state} if fmt.startswith("wrapped") else state, path)
+    loaded = build_backbone("tiny-vit", pretrained=str(path), seed=123)
+    assert loaded.fingerprint == vit.fingerprint
+    assert loaded.pretrained == str(path)
+    images = _images(vit)
+    for got, want in zip(loaded.encode_image(images), vit.encode_image(images), strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(loaded.encode_text(PROMPTS), vit.encode_text(PROMPTS))
+
+
+def test_checkpoint_of_other_arch_is_a_clear_error(tmp_path):
+    path = tmp_path / "rn.safetensors"
+    save_file(dict(build_backbone("tiny-rn").model.state_dict()), str(path))
+    with pytest.raises(ValueError, match=r"does not fit architecture 'tiny-vit'.*missing"):
+        build_backbone("tiny-vit", pretrained=str(path))
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+        build_backbone("tiny-vit", pretrained=str(tmp_path / "absent.pt"))
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """An empty HF cache and a socket layer that refuses every connection."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    return tmp_path / "hf"
+
+
+@pytest.mark.parametrize("offline_env", ["1", ""])
+def test_missing_weights_fail_fast(no_network, monkeypatch, offline_env):
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline_env)
+    for name, tag in [("ViT-B-16", "openai"), ("RN50", "openai"), ("hf-hub:org/model", None)]:
+        start = time.monotonic()
+        with pytest.raises(WeightsUnavailableError) as info:
+            build_backbone(name, pretrained=tag)
+        assert time.monotonic() - start < 3.0
+        message = str(info.value)
+        assert name in message and "network is unreachable" in message
+        assert "--pretrained /path/to/checkpoint.safetensors" in message
+        assert str(no_network) in message
+        reason = "HF_HUB_OFFLINE is set" if offline_env else "network disabled in tests"
+        assert reason in message
+
+
+def _fake_hf_repo(cache: Path, repo: str, files: dict[str, bytes]) -> None:
+    """huggingface_hub's cache layout: refs/main names the snapshot holding the files."""
+    base = cache / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text("0" * 40)
+    snapshot = base / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+
+
+def _safetensors_bytes(backbone, tmp_path: Path) -> bytes:
+    path = tmp_path / "w.safetensors"
+    save_file(dict(backbone.model.state_dict()), str(path))
+    return path.read_bytes()
+
+
+def test_cached_tag_loads_offline(vit, no_network, monkeypatch, tmp_path):
+    cfg = {"hf_hub": "seeclip-test/tiny-vit/", "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda arch, tag: cfg)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weights = _safetensors_bytes(vit, tmp_path)
+    _fake_hf_repo(no_network, "seeclip-test/tiny-vit", {"open_clip_model.safetensors": weights})
+    loaded = build_backbone("tiny-vit", pretrained="testtag", seed=5)
+    assert loaded.fingerprint == vit.fingerprint and loaded.pretrained == "testtag"
+    assert "mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)" in repr(loaded.preprocess)
+
+
+def test_cached_hf_hub_model_loads_offline(vit, no_network, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = {"model_cfg": json.loads((CONFIGS / "tiny-vit.json").read_text())}
+    files = {
+        "open_clip_config.json": json.dumps(config).encode(),
+        "open_clip_model.safetensors": _safetensors_bytes(vit, tmp_path),
+    }
+    _fake_hf_repo(no_network, "seeclip-test/tiny", files)
+    loaded = build_backbone("hf-hub:seeclip-test/tiny", seed=5)
+    assert loaded.arch == "hf-hub:seeclip-test/tiny" and loaded.context_length == 24
+    images = _images(vit)
+    assert torch.equal(loaded.encode_image(images)[1], vit.encode_image(images)[1])
+    assert torch.equal(loaded.encode_text(PROMPTS), vit.encode_text(PROMPTS))
+
+
+def test_unknown_names_suggest_alternatives():
+    with pytest.raises(ValueError, match="did you mean: ViT-B-16"):
+        build_backbone("ViT-B16")
+    with pytest.raises(ValueError, match=r"unknown pretrained tag 'nope' for ViT-B-16.*openai"):
+        build_backbone("ViT-B-16", pretrained="nope")
+
+
+def test_list_backbones_covers_registry():
+    rows = dict(list_backbones())
+    assert set(BACKBONES) <= set(rows)
+    assert any("ViT-B-16" in text and "openai" in text for text in rows.values())
