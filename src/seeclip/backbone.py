@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -331,7 +333,7 @@ def build_backbone(
     elif pretrained is not None:
         kwargs.update(hub.resolve_tag(arch, pretrained))
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_random_init():
         torch.manual_seed(seed)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(source, **kwargs)
@@ -345,6 +347,21 @@ def build_backbone(
         _load_checkpoint(model, checkpoint, arch)
     tokenizer = open_clip.get_tokenizer(source)
     return Backbone(model, preprocess, tokenizer, name=name, arch=arch, pretrained=pretrained)
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    """Drop open_clip's "initialized randomly" warning: Backbone.pretrained=None says it."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def _looks_like_path(value: str) -> bool:

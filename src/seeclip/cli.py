@@ -1,0 +1,208 @@
+"""The ``seeclip`` command line: list, prepare, eval, demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from seeclip.config import ConfigError, RunConfig, apply_overrides, load_config
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from seeclip.backbone import list_backbones
+    from seeclip.datasets import BENCHMARKS, describe_benchmark
+    from seeclip.methods import METHODS
+
+    what = args.what
+    if what in (None, "benchmarks"):
+        print("Benchmarks (seeclip eval --benchmark NAME --protocol P --target T):")
+        for name in BENCHMARKS:
+            print("  " + describe_benchmark(name).replace("\n", "\n    "))
+    if what in (None, "methods"):
+        print("Methods (--method NAME):")
+        for name, factory in METHODS.items():
+            doc = (factory.__doc__ or "").strip().splitlines()[0]
+            print(f"  {name:<14} {doc}")
+    if what in (None, "backbones"):
+        print("Backbones (--backbone NAME [--pretrained TAG|PATH]):")
+        for name, desc in list_backbones():
+            print(f"  {name:<14} {desc}")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from seeclip.runner import prepare_benchmark
+
+    manifest = prepare_benchmark(
+        args.benchmark,
+        args.data_root,
+        classes_file=args.classes,
+        skip_corrupt=args.skip_corrupt,
+        n_per_class=args.n_per_class,
+        progress=not args.no_progress,
+    )
+    counts: dict[str, int] = {}
+    for s in manifest.samples:
+        counts[s.domain] = counts.get(s.domain, 0) + 1
+    print(f"{args.benchmark}: {len(manifest.samples)} images under {manifest.root}")
+    for domain, n in counts.items():
+        print(f"  {domain:<16} {n}")
+    if manifest.n_skipped:
+        print(f"  skipped {manifest.n_skipped} unreadable image(s) (--skip-corrupt)")
+    return 0
+
+
+def _eval_configs(args: argparse.Namespace) -> list[RunConfig]:
+    cfg = load_config(args.config) if args.config else RunConfig()
+    flags = {
+        "data.benchmark": args.benchmark,
+        "data.protocol": args.protocol,
+        "data.data_root": args.data_root,
+        "data.classes_file": args.classes,
+        "method": args.method,
+        "backbone.name": args.backbone,
+        "backbone.pretrained": args.pretrained,
+    }
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    cfg = apply_overrides(cfg, overrides)
+    targets = [args.target] if args.target not in (None, "all") else None
+    if targets is None:
+        if args.target is None and args.config and cfg.data.target:
+            targets = [cfg.data.target]
+        else:
+            from seeclip.datasets import get_benchmark
+
+            spec = get_benchmark(cfg.data.benchmark, classes_file=cfg.data.classes_file)
+            targets = list(spec.targets)
+    seeds = args.seed if args.seed else [cfg.seed]
+    return [
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, target=t), seed=s)
+        for s in seeds
+        for t in targets
+    ]
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from seeclip.report import summarize
+    from seeclip.runner import run_eval
+
+    records = []
+    for cfg in _eval_configs(args):
+        result = run_eval(
+            cfg,
+            runs_dir=args.runs_dir,
+            cache_dir=args.cache_dir,
+            force=args.force,
+            progress=not args.no_progress,
+        )
+        r = result.record
+        tag = " (finished earlier, reused)" if result.cached else ""
+        print(
+            f"{r['target']:<14} seed {r['seed']}: Acc {r['acc_known']:.3f}  "
+            f"H {_num(r['h_score'])}  AUROC {_num(r['auroc'])}  -> {result.run_dir}{tag}"
+        )
+        if r.get("pretrained") is None:
+            print(f"  note: backbone {r['backbone']} has RANDOM weights (no --pretrained given)")
+        records.append(r)
+    print()
+    print(summarize(records))
+    return 0
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    print("seeclip demo: zero-shot CLIP on the embedded `digits` OSDG benchmark, every target.")
+    prep = argparse.Namespace(
+        benchmark="digits",
+        data_root=None,
+        classes=None,
+        skip_corrupt=False,
+        n_per_class=None,
+        no_progress=args.no_progress,
+    )
+    _cmd_prepare(prep)
+    ev = argparse.Namespace(
+        config=None,
+        benchmark="digits",
+        protocol="full",
+        target="all",
+        data_root=None,
+        classes=None,
+        method="zeroshot",
+        backbone=args.backbone,
+        pretrained=None,
+        overrides=[],
+        seed=None,
+        runs_dir=args.runs_dir,
+        cache_dir=None,
+        force=False,
+        no_progress=args.no_progress,
+    )
+    return _cmd_eval(ev)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="seeclip",
+        description="SeeCLIP and baselines for open-set domain generalization (OSDG).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ls = sub.add_parser("list", help="benchmarks (domains, protocols), methods and backbones")
+    ls.add_argument("what", nargs="?", choices=["benchmarks", "methods", "backbones"])
+    ls.set_defaults(func=_cmd_list)
+
+    pr = sub.add_parser("prepare", help="validate a dataset tree and write its manifest once")
+    pr.add_argument("benchmark")
+    pr.add_argument("--data-root", help="folder holding the dataset (not needed for digits)")
+    pr.add_argument("--classes", help="YAML naming known/unknown classes (benchmark `folder`)")
+    pr.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out")
+    pr.add_argument("--n-per-class", type=int, help="digits only: images per class and domain")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=_cmd_prepare)
+
+    ev = sub.add_parser("eval", help="evaluate a method on target domain(s); writes runs/")
+    ev.add_argument("--config", help="YAML preset (keys as in config.yaml of a run)")
+    ev.add_argument("--benchmark")
+    ev.add_argument("--protocol", help="split family: full | daml")
+    ev.add_argument("--target", help="target domain, or `all` (default) for each in turn")
+    ev.add_argument("--method")
+    ev.add_argument("--backbone", help="tiny-vit, an open_clip architecture, or hf-hub:org/repo")
+    ev.add_argument("--pretrained", help="open_clip pretrained tag, or a local checkpoint path")
+    ev.add_argument("--data-root")
+    ev.add_argument("--classes", help="YAML naming known/unknown classes (benchmark `folder`)")
+    ev.add_argument("--seed", type=int, nargs="+", help="one or more seeds")
+    ev.add_argument("--runs-dir", default="runs")
+    ev.add_argument("--cache-dir", help="feature cache folder (default: $SEECLIP_HOME/features)")
+    ev.add_argument("--force", action="store_true", help="recompute a finished run")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument(
+        "overrides", nargs="*", help="config overrides key=value, e.g. zeroshot.score=mcm"
+    )
+    ev.set_defaults(func=_cmd_eval)
+
+    de = sub.add_parser("demo", help="prepare the embedded benchmark and evaluate zero-shot CLIP")
+    de.add_argument("--backbone", default="tiny-vit")
+    de.add_argument("--runs-dir", default="runs")
+    de.add_argument("--no-progress", action="store_true")
+    de.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"seeclip: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""One evaluation run, top to bottom: data -> cached features -> method -> metrics -> run folder.
+
+A run folder ``runs/<name>/<config-hash>/`` holds ``config.yaml``, ``results.jsonl`` (one JSON
+record per evaluation), ``predictions.npz`` (everything needed to recompute the metrics) and a
+``done`` marker written last. A folder with ``done`` is complete and is reused, not recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seeclip import metrics
+from seeclip.config import RunConfig, save_config
+from seeclip.paths import seeclip_home
+
+EMBEDDED = "digits"
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_data_root(benchmark: str) -> Path:
+    """Where the embedded benchmark is generated; real benchmarks need ``--data-root``."""
+    if benchmark != EMBEDDED:
+        raise ValueError(
+            f"benchmark {benchmark!r} needs its images: pass --data-root DIR "
+            f"(see `seeclip list` for the expected layout)"
+        )
+    return seeclip_home() / "data" / EMBEDDED
+
+
+def prepare_benchmark(
+    benchmark: str,
+    data_root: str | Path | None = None,
+    *,
+    classes_file: str | Path | None = None,
+    skip_corrupt: bool = False,
+    n_per_class: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+):
+    """Validate a dataset tree (generating the embedded one first) and write its manifest."""
+    from seeclip.datasets import get_benchmark, prepare
+
+    if benchmark == EMBEDDED:
+        from seeclip.datasets.digits import generate_benchmark
+
+        root = Path(data_root) if data_root else default_data_root(benchmark)
+        kwargs = {} if n_per_class is None else {"n_per_class": n_per_class}
+        generate_benchmark(root, seed=seed, progress=progress, **kwargs)
+    elif data_root is None:
+        root = default_data_root(benchmark)  # raises with the fix
+    else:
+        root = Path(data_root)
+    spec = get_benchmark(benchmark, classes_file=classes_file, data_root=root)
+    return prepare(spec, root, skip_corrupt=skip_corrupt)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    record: dict
+    cached: bool  # True when a finished run folder was reused
+
+
+def _data_root(cfg: RunConfig) -> Path:
+    if cfg.data.data_root:
+        return Path(cfg.data.data_root)
+    return default_data_root(cfg.data.benchmark)
+
+
+def run_eval(
+    cfg: RunConfig,
+    *,
+    runs_dir: str | Path = "runs",
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Evaluate ``cfg.method`` on ``cfg.data.target`` and write the run folder."""
+    from seeclip.backbone import build_backbone
+    from seeclip.cache import encode_cached
+    from seeclip.datasets import get_benchmark, load_manifest, make_split, select
+    from seeclip.methods import METHODS, Features, MethodContext
+
+    run_dir = Path(runs_dir) / cfg.run_name() / cfg.hash()
+    if (run_dir / "done").exists() and not force:
+        record = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
+        return RunResult(run_dir, record, cached=True)
+
+    factory = METHODS.get(cfg.method)  # fail on a bad method name before any work
+    set_seed(cfg.seed)
+    root = _data_root(cfg)
+    spec = get_benchmark(cfg.data.benchmark, classes_file=cfg.data.classes_file, data_root=root)
+    split = make_split(spec, cfg.data.protocol, cfg.data.target)
+    manifest = load_manifest(spec, root)
+    data = select(manifest, split, val_fraction=cfg.data.val_fraction, val_seed=cfg.data.val_seed)
+
+    backbone = build_backbone(cfg.backbone.name, pretrained=cfg.backbone.pretrained, seed=0)
+    cache_root = Path(cache_dir) if cache_dir else seeclip_home() / "features"
+    feats = encode_cached(
+        backbone,
+        manifest.root,
+        [s.path for s in manifest.samples],
+        cache_dir=cache_root,
+        name=f"{spec.name}-{_root_tag(manifest.root)}/{_safe(backbone.name)}",
+        batch_size=cfg.batch_size,
+        progress=progress,
+    )
+
+    def features(indices: np.ndarray) -> Features:
+        g, t = feats.torch(indices)
+        return Features(g, t, tuple(manifest.samples[i].domain for i in indices))
+
+    ctx = MethodContext(
+        backbone=backbone,
+        class_texts=tuple(spec.class_text(c) for c in split.known),
+        template=spec.template,
+        config=cfg,
+    )
+    method = factory(ctx)
+    start = time.perf_counter()
+    method.fit(
+        features(data.source_train),
+        torch.as_tensor(data.source_train_labels),
+        features(data.source_val),
+    )
+    fit_seconds = time.perf_counter() - start
+    target = features(data.target)
+    pred = method.predict(target)  # no label goes in
+
+    y_true = np.asarray(data.target_labels)
+    record = {
+        "benchmark": spec.name,
+        "protocol": split.protocol,
+        "target": split.target,
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "backbone": backbone.name,
+        "pretrained": backbone.pretrained,
+        "n_known": int((y_true >= 0).sum()),
+        "n_unknown": int((y_true < 0).sum()),
+        **metrics.open_set_report(
+            y_true, pred.y_pred, pred.y_pred_closed, pred.unknown_score, num_known=len(split.known)
+        ),
+        "fit_seconds": round(fit_seconds, 3),
+        "config_hash": cfg.hash(),
+    }
+    record = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in record.items()}
+    _write_run(run_dir, cfg, record, pred, y_true, target.domains, split.known)
+    return RunResult(run_dir, record, cached=False)
+
+
+def _write_run(run_dir, cfg, record, pred, y_true, domains, known) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "done").unlink(missing_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    tmp = run_dir / "predictions.tmp.npz"
+    np.savez(
+        tmp,
+        y_true=y_true.astype(np.int64),
+        y_pred=pred.y_pred.astype(np.int64),
+        y_pred_closed=pred.y_pred_closed.astype(np.int64),
+        unknown_score=pred.unknown_score.astype(np.float64),
+        domain=np.asarray(domains),
+        known_classes=np.asarray(known),
+    )
+    os.replace(tmp, run_dir / "predictions.npz")
+    with open(run_dir / "results.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    (run_dir / "done").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+
+
+def _root_tag(root: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:10]
+
+
+def _safe(name: str) -> str:
+    return name.replace("/", "_").replace(":", "_")

@@ -1,0 +1,154 @@
+"""End to end through the command line, on a reduced embedded benchmark and a tiny CLIP."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from seeclip.cli import main
+from seeclip.datasets import BENCHMARKS
+from seeclip.methods import METHODS
+
+
+@pytest.fixture(scope="module")
+def small_digits(tmp_path_factory):
+    """A 4-domain x 10-class digits tree with 6 images per class, prepared once."""
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SEECLIP_HOME", str(home))
+    assert main(["prepare", "digits", "--n-per-class", "6", "--no-progress"]) == 0
+    mp.undo()
+    return home
+
+
+def test_help_and_list(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in BENCHMARKS:
+        assert f"  {name}" in out
+    for name in METHODS:
+        assert name in out
+    assert "tiny-vit" in out and "ViT-B-16" in out
+
+
+def test_eval_writes_run_folder_whose_metrics_recompute(
+    small_digits, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
+    runs = tmp_path / "runs"
+    args = [
+        "eval",
+        "--benchmark",
+        "digits",
+        "--protocol",
+        "full",
+        "--target",
+        "printed",
+        "--method",
+        "zeroshot",
+        "--backbone",
+        "tiny-vit",
+        "--seed",
+        "3",
+        "--runs-dir",
+        str(runs),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out
+
+    (run_dir,) = (runs / "digits_full_printed_zeroshot").iterdir()
+    assert {p.name for p in run_dir.iterdir()} == {
+        "config.yaml",
+        "results.jsonl",
+        "predictions.npz",
+        "done",
+    }
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["data"]["target"] == "printed" and cfg["seed"] == 3
+    (record,) = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert record["benchmark"] == "digits" and record["method"] == "zeroshot"
+    assert record["protocol"] == "full" and record["target"] == "printed" and record["seed"] == 3
+
+    # independent recomputation from predictions.npz: 6 known (zero..five), 4 unknown classes
+    p = np.load(run_dir / "predictions.npz")
+    y, pred, closed, score = p["y_true"], p["y_pred"], p["y_pred_closed"], p["unknown_score"]
+    assert set(p["domain"]) == {"printed"}
+    assert list(p["known_classes"]) == ["zero", "one", "two", "three", "four", "five"]
+    known, unknown = y >= 0, y < 0
+    assert (record["n_known"], record["n_unknown"]) == (known.sum(), unknown.sum()) == (36, 24)
+    acc = (pred[known] == y[known]).mean()
+    acc_u = (pred[unknown] == 6).mean()
+    assert record["acc_known"] == pytest.approx(acc)
+    assert record["acc_unknown"] == pytest.approx(acc_u)
+    h = 0.0 if acc + acc_u == 0 else 2 * acc * acc_u / (acc + acc_u)
+    assert record["h_score"] == pytest.approx(h)
+    assert record["closed_set_acc"] == pytest.approx((closed[known] == y[known]).mean())
+    assert record["auroc"] == pytest.approx(roc_auc_score(unknown, score))
+    assert 0.0 <= record["oscr"] <= record["closed_set_acc"] + 1e-9
+
+    # a finished run is reused, not recomputed
+    assert main(args) == 0
+    assert "reused" in capsys.readouterr().out
+
+
+def test_eval_every_target_prints_a_mean_row(small_digits, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
+    assert (
+        main(
+            [
+                "eval",
+                "--benchmark",
+                "digits",
+                "--protocol",
+                "daml",
+                "--method",
+                "zeroshot",
+                "--backbone",
+                "tiny-vit",
+                "--runs-dir",
+                str(tmp_path),
+                "--no-progress",
+                "zeroshot.score=mcm",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "**mean**" in out
+    assert len(list(tmp_path.glob("digits_daml_*_zeroshot/*/done"))) == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--benchmark", "pacs", "--target", "photo"], "pass --data-root DIR"),
+        (
+            ["eval", "--benchmark", "digits", "--target", "photo"],
+            "is not a target domain of 'digits'; valid targets: handwritten",
+        ),
+        (
+            ["eval", "--benchmark", "digits", "--target", "printed", "zeroshot.scroe=mcm"],
+            "unknown config key 'zeroshot.scroe'",
+        ),
+        (["eval", "--benchmark", "nope"], "unknown benchmark 'nope'"),
+        (
+            ["eval", "--benchmark", "digits", "--target", "printed", "--method", "magic"],
+            "unknown method 'magic'",
+        ),
+        (["prepare", "pacs", "--data-root", "/nonexistent"], "PACS"),
+    ],
+)
+def test_bad_input_gets_a_one_line_error(
+    small_digits, argv, message, monkeypatch, capsys, tmp_path
+):
+    monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
+    assert main([*argv, "--runs-dir", str(tmp_path)] if argv[0] == "eval" else argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seeclip: error:") and message in err
