@@ -68,6 +68,7 @@ def test_eval_writes_run_folder_whose_metrics_recompute(
         "config.yaml",
         "results.jsonl",
         "predictions.npz",
+        "model.safetensors",
         "done",
     }
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -152,3 +153,22 @@ def test_bad_input_gets_a_one_line_error(
     assert main([*argv, "--runs-dir", str(tmp_path)] if argv[0] == "eval" else argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("seeclip: error:") and message in err
+
+
+def test_eval_run_reevaluates_from_the_checkpoint(small_digits, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
+    base = ["--benchmark", "digits", "--protocol", "full", "--target", "outline"]
+    assert main(["eval", *base, "--method", "zeroshot", "--runs-dir", str(tmp_path)]) == 0
+    (run_dir,) = (tmp_path / "digits_full_outline_zeroshot").iterdir()
+    first = np.load(run_dir / "predictions.npz")["y_pred"]
+    assert main(["eval", "--run", str(run_dir), "--no-progress"]) == 0
+    np.testing.assert_array_equal(np.load(run_dir / "predictions.npz")["y_pred"], first)
+    assert len((run_dir / "results.jsonl").read_text().splitlines()) == 2
+
+    (run_dir / "config.yaml").write_text(
+        (run_dir / "config.yaml").read_text().replace("seed: 0", "seed: 5")
+    )
+    assert main(["eval", "--run", str(run_dir)]) == 2
+    assert "was edited after training" in capsys.readouterr().err
+    assert main(["eval", "--run", str(tmp_path)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err

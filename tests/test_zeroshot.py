@@ -17,7 +17,7 @@ TEXT = torch.eye(3)  # three known classes along the axes
 def test_threshold_is_a_source_val_quantile_and_rejects_low_confidence():
     zs = ZeroShot(TEXT, logit_scale=10.0, threshold_quantile=0.5)
     val = feats([[1, 0, 0], [0, 1, 0], [1, 1, 0], [1, 1, 1]])  # confidences high, high, mid, low
-    zs.fit(val, torch.zeros(4), val)
+    zs.fit(val, torch.zeros(4), val, torch.zeros(4))
     conf = (10 * val.global_ @ TEXT.T).softmax(-1).max(-1).values
     assert zs.threshold == pytest.approx(float(torch.quantile(conf, 0.5)))
 
@@ -30,7 +30,7 @@ def test_threshold_is_a_source_val_quantile_and_rejects_low_confidence():
 def test_mcm_uses_cosines_over_temperature():
     zs = ZeroShot(TEXT, logit_scale=100.0, score="mcm", mcm_temperature=1.0, threshold_quantile=0)
     x = feats([[1, 0, 0]])
-    zs.fit(x, torch.zeros(1), x)
+    zs.fit(x, torch.zeros(1), x, torch.zeros(1))
     expected = 1 - torch.tensor([1.0, 0.0, 0.0]).softmax(-1).max()
     assert zs.predict(x).unknown_score[0] == pytest.approx(float(expected), abs=1e-6)
 

@@ -86,17 +86,23 @@ def _eval_configs(args: argparse.Namespace) -> list[RunConfig]:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from seeclip.report import summarize
-    from seeclip.runner import run_eval
+    from seeclip.runner import eval_run, run_eval
 
-    records = []
-    for cfg in _eval_configs(args):
-        result = run_eval(
-            cfg,
-            runs_dir=args.runs_dir,
-            cache_dir=args.cache_dir,
-            force=args.force,
-            progress=not args.no_progress,
+    if getattr(args, "run", None):
+        results = [eval_run(args.run, cache_dir=args.cache_dir, progress=not args.no_progress)]
+    else:
+        results = (
+            run_eval(
+                cfg,
+                runs_dir=args.runs_dir,
+                cache_dir=args.cache_dir,
+                force=args.force,
+                progress=not args.no_progress,
+            )
+            for cfg in _eval_configs(args)
         )
+    records = []
+    for result in results:
         r = result.record
         tag = " (finished earlier, reused)" if result.cached else ""
         print(
@@ -146,6 +152,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _cmd_eval(ev)
 
 
+def _add_run_parser(sub, command: str) -> None:
+    helps = {
+        "eval": "fit (if needed) and evaluate a method on target domain(s); --run re-evaluates",
+        "train": "train a method from a preset on cached features, then evaluate it",
+    }
+    p = sub.add_parser(command, help=helps[command])
+    p.add_argument(
+        "--config", required=command == "train", help="YAML preset, e.g. configs/digits.yaml"
+    )
+    if command == "eval":
+        p.add_argument("--run", help="a finished run folder to evaluate again from its checkpoint")
+    p.add_argument("--benchmark")
+    p.add_argument("--protocol", help="split family: full | daml")
+    p.add_argument("--target", help="target domain, or `all` (default) for each in turn")
+    p.add_argument("--method")
+    p.add_argument("--backbone", help="tiny-vit, an open_clip architecture, or hf-hub:org/repo")
+    p.add_argument("--pretrained", help="open_clip pretrained tag, or a local checkpoint path")
+    p.add_argument("--data-root")
+    p.add_argument("--classes", help="YAML naming known/unknown classes (benchmark `folder`)")
+    p.add_argument("--seed", type=int, nargs="+", help="one or more seeds")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--cache-dir", help="feature cache folder (default: $SEECLIP_HOME/features)")
+    p.add_argument("--force", action="store_true", help="recompute a finished run")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "overrides", nargs="*", help="config overrides key=value, e.g. zeroshot.score=mcm"
+    )
+    p.set_defaults(func=_cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="seeclip",
@@ -166,25 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=_cmd_prepare)
 
-    ev = sub.add_parser("eval", help="evaluate a method on target domain(s); writes runs/")
-    ev.add_argument("--config", help="YAML preset (keys as in config.yaml of a run)")
-    ev.add_argument("--benchmark")
-    ev.add_argument("--protocol", help="split family: full | daml")
-    ev.add_argument("--target", help="target domain, or `all` (default) for each in turn")
-    ev.add_argument("--method")
-    ev.add_argument("--backbone", help="tiny-vit, an open_clip architecture, or hf-hub:org/repo")
-    ev.add_argument("--pretrained", help="open_clip pretrained tag, or a local checkpoint path")
-    ev.add_argument("--data-root")
-    ev.add_argument("--classes", help="YAML naming known/unknown classes (benchmark `folder`)")
-    ev.add_argument("--seed", type=int, nargs="+", help="one or more seeds")
-    ev.add_argument("--runs-dir", default="runs")
-    ev.add_argument("--cache-dir", help="feature cache folder (default: $SEECLIP_HOME/features)")
-    ev.add_argument("--force", action="store_true", help="recompute a finished run")
-    ev.add_argument("--no-progress", action="store_true")
-    ev.add_argument(
-        "overrides", nargs="*", help="config overrides key=value, e.g. zeroshot.score=mcm"
-    )
-    ev.set_defaults(func=_cmd_eval)
+    for command in ("eval", "train"):
+        _add_run_parser(sub, command)
 
     de = sub.add_parser("demo", help="prepare the embedded benchmark and evaluate zero-shot CLIP")
     de.add_argument("--backbone", default="tiny-vit")

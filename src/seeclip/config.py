@@ -48,13 +48,46 @@ class ZeroShotConfig:
 
 
 @dataclass(frozen=True)
+class PromptConfig:
+    n_ctx: int = 4  # learned context vectors per prompt (CoOp, CoCoOp)
+    k: int = 4  # SeeCLIP semantic tokens (queries over patch tokens); paper's best of 2..8
+    m: int = 4  # learnable vectors of the "unknown" prompt
+    semantic_tokens: bool = True  # False = ablation: plain learned context instead
+    threshold_quantile: float = 0.05  # methods without an unknown prompt: MSP threshold on val
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    alpha: float = 1.0  # weight of L_rep (repulsion of the unknown prompt)
+    beta: float = 0.5  # weight of L_coh (cohesion of unknown and known prompts)
+    gamma: float = 0.01  # weight of L_reg (L1 on F_key)
+    margin: float = 0.5  # L_rep hinge margin on cos(t_u, t_y)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20  # passes over the source training images
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 1e-5  # AdamW weight decay
+    batch_size: int = 16  # images per step, pseudo-unknowns included
+    grad_clip: float = 1.0  # max gradient norm
+    pseudo_unknowns: str = "mixup"  # source of label-C samples: none | mixup | ...
+    pseudo_fraction: float = 0.1  # share of each source domain's slots given to pseudo-unknowns
+    selection: str = "last"  # last | val_acc | val_h (known acc x held-out pseudo rejection)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     method: str = "zeroshot"  # a name from `seeclip list` (methods)
+    label: str | None = None  # name shown in tables (e.g. an ablation); None = method
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0  # seeds everything random in the run
-    batch_size: int = 64  # image-encoder batch size when the feature cache is built
+    encode_batch_size: int = 64  # image-encoder batch size when the feature cache is built
 
     def hash(self) -> str:
         """A short stable hash of every field: the run folder's name."""
@@ -63,7 +96,7 @@ class RunConfig:
 
     def run_name(self) -> str:
         d = self.data
-        return f"{d.benchmark}_{d.protocol}_{d.target}_{self.method}"
+        return f"{d.benchmark}_{d.protocol}_{d.target}_{self.label or self.method}"
 
 
 class ConfigError(ValueError):

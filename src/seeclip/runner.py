@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from seeclip import metrics
 from seeclip.config import RunConfig, save_config
@@ -80,33 +81,35 @@ def _data_root(cfg: RunConfig) -> Path:
     return default_data_root(cfg.data.benchmark)
 
 
-def run_eval(
-    cfg: RunConfig,
-    *,
-    runs_dir: str | Path = "runs",
-    cache_dir: str | Path | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> RunResult:
-    """Evaluate ``cfg.method`` on ``cfg.data.target`` and write the run folder."""
+@dataclass(frozen=True)
+class _Loaded:
+    """Everything a run needs before its method: split, labels and cached features."""
+
+    spec: object
+    split: object
+    data: object  # seeclip.datasets.SplitData
+    backbone: object
+    feats: object  # seeclip.cache.CachedFeatures
+    domains: tuple[str, ...]
+
+    def features(self, indices: np.ndarray):
+        from seeclip.methods import Features
+
+        g = torch.from_numpy(np.ascontiguousarray(self.feats.global_[indices]))
+        t = torch.from_numpy(np.ascontiguousarray(self.feats.tokens[indices]))
+        return Features(g, t, tuple(self.domains[i] for i in indices))  # fp16 until used
+
+
+def _load(cfg: RunConfig, cache_dir: str | Path | None, progress: bool) -> _Loaded:
     from seeclip.backbone import build_backbone
     from seeclip.cache import encode_cached
     from seeclip.datasets import get_benchmark, load_manifest, make_split, select
-    from seeclip.methods import METHODS, Features, MethodContext
 
-    run_dir = Path(runs_dir) / cfg.run_name() / cfg.hash()
-    if (run_dir / "done").exists() and not force:
-        record = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
-        return RunResult(run_dir, record, cached=True)
-
-    factory = METHODS.get(cfg.method)  # fail on a bad method name before any work
-    set_seed(cfg.seed)
     root = _data_root(cfg)
     spec = get_benchmark(cfg.data.benchmark, classes_file=cfg.data.classes_file, data_root=root)
     split = make_split(spec, cfg.data.protocol, cfg.data.target)
     manifest = load_manifest(spec, root)
     data = select(manifest, split, val_fraction=cfg.data.val_fraction, val_seed=cfg.data.val_seed)
-
     backbone = build_backbone(cfg.backbone.name, pretrained=cfg.backbone.pretrained, seed=0)
     cache_root = Path(cache_dir) if cache_dir else seeclip_home() / "features"
     feats = encode_cached(
@@ -115,57 +118,122 @@ def run_eval(
         [s.path for s in manifest.samples],
         cache_dir=cache_root,
         name=f"{spec.name}-{_root_tag(manifest.root)}/{_safe(backbone.name)}",
-        batch_size=cfg.batch_size,
+        batch_size=cfg.encode_batch_size,
         progress=progress,
     )
+    domains = tuple(s.domain for s in manifest.samples)
+    return _Loaded(spec, split, data, backbone, feats, domains)
 
-    def features(indices: np.ndarray) -> Features:
-        g, t = feats.torch(indices)
-        return Features(g, t, tuple(manifest.samples[i].domain for i in indices))
+
+def _build_method(cfg: RunConfig, loaded: _Loaded, progress: bool):
+    from seeclip.methods import METHODS, MethodContext
 
     ctx = MethodContext(
-        backbone=backbone,
-        class_texts=tuple(spec.class_text(c) for c in split.known),
-        template=spec.template,
+        backbone=loaded.backbone,
+        class_texts=tuple(loaded.spec.class_text(c) for c in loaded.split.known),
+        template=loaded.spec.template,
         config=cfg,
+        progress=progress,
     )
-    method = factory(ctx)
+    return METHODS.get(cfg.method)(ctx)
+
+
+def run_eval(
+    cfg: RunConfig,
+    *,
+    runs_dir: str | Path = "runs",
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Fit ``cfg.method`` on the sources, evaluate it on ``cfg.data.target``, write the run."""
+    from seeclip.methods import METHODS
+
+    run_dir = Path(runs_dir) / cfg.run_name() / cfg.hash()
+    if (run_dir / "done").exists() and not force:
+        record = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
+        return RunResult(run_dir, record, cached=True)
+    METHODS.get(cfg.method)  # fail on a bad method name before any work
+    set_seed(cfg.seed)
+    loaded = _load(cfg, cache_dir, progress)
+    method = _build_method(cfg, loaded, progress)
+    data = loaded.data
     start = time.perf_counter()
     method.fit(
-        features(data.source_train),
+        loaded.features(data.source_train),
         torch.as_tensor(data.source_train_labels),
-        features(data.source_val),
+        loaded.features(data.source_val),
+        torch.as_tensor(data.source_val_labels),
     )
     fit_seconds = time.perf_counter() - start
-    target = features(data.target)
-    pred = method.predict(target)  # no label goes in
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "done").unlink(missing_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    save_file(method.state(), str(run_dir / "model.safetensors"))
+    record = _evaluate(cfg, loaded, method, run_dir, extra={"fit_seconds": round(fit_seconds, 3)})
+    return RunResult(run_dir, record, cached=False)
 
+
+def eval_run(
+    run_dir: str | Path, *, cache_dir: str | Path | None = None, progress: bool = True
+) -> RunResult:
+    """Re-evaluate a trained run from its ``config.yaml`` and ``model.safetensors``."""
+    from seeclip.config import load_config
+
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "model.safetensors"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(
+                f"{run_dir} is not a run folder: {name} is missing "
+                f"(expected runs/<name>/<config-hash>/ written by `seeclip train` or `eval`)"
+            )
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.hash() != run_dir.name:
+        raise ValueError(
+            f"{run_dir}/config.yaml hashes to {cfg.hash()}, not to the folder name: it was edited "
+            f"after training; train a new run instead"
+        )
+    loaded = _load(cfg, cache_dir, progress)
+    method = _build_method(cfg, loaded, progress)
+    state = load_file(str(run_dir / "model.safetensors"))
+    try:
+        method.load_state(state)
+    except RuntimeError as err:
+        raise ValueError(f"{run_dir}/model.safetensors does not fit its config: {err}") from err
+    (run_dir / "done").unlink(missing_ok=True)
+    record = _evaluate(cfg, loaded, method, run_dir, extra={})
+    return RunResult(run_dir, record, cached=False)
+
+
+def _evaluate(cfg: RunConfig, loaded: _Loaded, method, run_dir: Path, *, extra: dict) -> dict:
+    from seeclip.methods import Prediction
+
+    split, data = loaded.split, loaded.data
+    target = loaded.features(data.target)
+    pred: Prediction = method.predict(target)  # no label goes in
     y_true = np.asarray(data.target_labels)
     record = {
-        "benchmark": spec.name,
+        "benchmark": loaded.spec.name,
         "protocol": split.protocol,
         "target": split.target,
-        "method": cfg.method,
+        "method": cfg.label or cfg.method,
         "seed": cfg.seed,
-        "backbone": backbone.name,
-        "pretrained": backbone.pretrained,
+        "backbone": loaded.backbone.name,
+        "pretrained": loaded.backbone.pretrained,
         "n_known": int((y_true >= 0).sum()),
         "n_unknown": int((y_true < 0).sum()),
         **metrics.open_set_report(
             y_true, pred.y_pred, pred.y_pred_closed, pred.unknown_score, num_known=len(split.known)
         ),
-        "fit_seconds": round(fit_seconds, 3),
+        **extra,
         "config_hash": cfg.hash(),
     }
     record = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in record.items()}
     _write_run(run_dir, cfg, record, pred, y_true, target.domains, split.known)
-    return RunResult(run_dir, record, cached=False)
+    return record
 
 
 def _write_run(run_dir, cfg, record, pred, y_true, domains, known) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "done").unlink(missing_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
     tmp = run_dir / "predictions.tmp.npz"
     np.savez(
         tmp,

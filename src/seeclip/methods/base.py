@@ -39,11 +39,19 @@ class Prediction:
 class Method(Protocol):
     num_known: int
 
-    def fit(self, train: Features, train_labels: torch.Tensor, val: Features) -> None:
+    def fit(
+        self, train: Features, train_labels: torch.Tensor, val: Features, val_labels: torch.Tensor
+    ) -> None:
         """Learn from labelled source images; calibrate on source validation only."""
 
     def predict(self, images: Features) -> Prediction:
         """Classify images into C known classes or unknown (index C). Takes no label."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What fitting produced (learnable parameters, thresholds): saved as safetensors."""
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state` returned."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class MethodContext:
     class_texts: tuple[str, ...]  # prompt text of each known class, in label order
     template: str  # the benchmark's default prompt template with one {}
     config: Any  # seeclip.config.RunConfig
+    progress: bool = True  # show progress bars while fitting
 
 
 MethodFactory = Callable[[MethodContext], Method]

@@ -42,11 +42,19 @@ class ZeroShot:
         conf, closed = (self.scale * cos).softmax(dim=-1).max(dim=-1)
         return closed, conf
 
-    def fit(self, train: Features, train_labels: torch.Tensor, val: Features) -> None:
+    def fit(
+        self, train: Features, train_labels: torch.Tensor, val: Features, val_labels: torch.Tensor
+    ) -> None:
         if len(val) == 0:
             raise ValueError("zeroshot needs source-validation images to choose its threshold")
         _, conf = self._confidence(val)
         self.threshold = float(torch.quantile(conf, self.threshold_quantile))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"__threshold__": torch.tensor(self.threshold, dtype=torch.float64)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.threshold = float(state["__threshold__"])
 
     @torch.no_grad()
     def predict(self, images: Features) -> Prediction:

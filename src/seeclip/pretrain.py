@@ -1,0 +1,466 @@
+"""``seeclip pretrain-clip``: contrastive pretraining of the ``tiny-digits`` CLIP on CPU.
+
+Standard CLIP recipe: symmetric InfoNCE with a learnable temperature, AdamW, cosine schedule with
+linear warm-up, cheap batched tensor augmentation (small affine + brightness/contrast; no flips,
+these are digits). Data come from the captioned ``digits`` corpus (disjoint fonts, photos and
+writers from the benchmark). Every batch and its augmentation are a function of ``(seed, step)``,
+so a run resumed from ``last.pt`` ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from seeclip.paths import seeclip_home
+from seeclip.tiny_clip import ARCH, SURGERY, build_tiny_digits
+
+__all__ = [
+    "PretrainConfig",
+    "add_pretrain_parser",
+    "augment",
+    "load_benchmark_arrays",
+    "pretrain_clip",
+    "text_classifier",
+    "zero_shot_accuracy",
+]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PRIMARY_TEMPLATE = "a photo of the digit {}."
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that determines a ``pretrain-clip`` run (the card records all of it)."""
+
+    steps: int = 800  # optimiser steps: the budget is in steps, not minutes, so runs reproduce
+    batch_size: int = 256  # pairs per step (the contrastive negatives come from the batch)
+    lr: float = 1e-3  # peak AdamW learning rate
+    weight_decay: float = 0.1  # on matrices/convs only; not on norms, biases, logit_scale
+    betas: tuple[float, ...] = (0.9, 0.98)  # AdamW betas (CLIP's)
+    eps: float = 1e-6  # AdamW epsilon (CLIP's)
+    warmup_steps: int = 60  # linear warm-up from 0, then cosine decay to 0 at `steps`
+    grad_clip: float = 1.0  # max global gradient norm (0 disables)
+    init_temperature: float = 0.07  # initial softmax temperature; logit scale = 1/T, learned
+    max_logit_scale: float = 100.0  # clamp on exp(logit_scale), as in CLIP
+    seed: int = 0  # model init, batch order and augmentation
+    corpus_size: int = 60000  # captioned pairs generated (and cycled over)
+    corpus_seed: int = 1  # seed of generate_corpus
+    aug_rotate: float = 10.0  # max |rotation| in degrees
+    aug_scale: float = 0.1  # scale drawn from [1 - s, 1 + s]
+    aug_shift: float = 0.1  # max shift as a fraction of the half-width (0.1 ~ 1.6 px at 32 px)
+    aug_jitter: float = 0.2  # brightness and contrast factors drawn from [1 - j, 1 + j]
+    bf16: bool = True  # bf16 autocast on CPU (measured faster on the 2-core dev machine)
+    num_threads: int = 1  # torch threads; 1 is robust on shared cores (2 oversubscribe: 5x slower)
+    checkpoint_every: int = 100  # write out/last.pt every this many steps (and at the end)
+    eval_templates: tuple[str, ...] = (  # zero-shot prompt ensemble for the card's accuracy
+        PRIMARY_TEMPLATE, "the digit {}.", "the number {}.", "a picture of a {}.",
+    )  # fmt: skip
+    eval_n_per_class: int = 200  # benchmark images per class and domain (generate_benchmark's)
+
+
+def _corpus(cfg: PretrainConfig, progress: bool) -> Path:
+    from seeclip.datasets.digits import generate_corpus
+
+    root = seeclip_home() / "data" / "digits_corpus"
+    if cfg.corpus_size != 60000 or cfg.corpus_seed != 1:
+        root = root.with_name(f"digits_corpus_n{cfg.corpus_size}_s{cfg.corpus_seed}")
+    return generate_corpus(root, n=cfg.corpus_size, seed=cfg.corpus_seed, progress=progress)
+
+
+def _normalize(x: Tensor) -> Tensor:
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def to_input(images: np.ndarray | Tensor) -> Tensor:
+    """uint8 [B, H, W, 3] -> CLIP-normalised float [B, 3, H, W] (= the eval preprocess at 32 px)."""
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
+    return _normalize(x)
+
+
+def augment(images: Tensor, cfg: PretrainConfig, generator: torch.Generator) -> Tensor:
+    """Batched augmentation of uint8 [B, H, W, 3] -> normalised float [B, 3, H, W]."""
+    b = images.shape[0]
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+
+    def uniform(lo: float, hi: float) -> Tensor:
+        return lo + (hi - lo) * torch.rand(b, generator=generator)
+
+    angle = uniform(-cfg.aug_rotate, cfg.aug_rotate) * (math.pi / 180)
+    scale = uniform(1 - cfg.aug_scale, 1 + cfg.aug_scale)
+    shift = uniform(-cfg.aug_shift, cfg.aug_shift), uniform(-cfg.aug_shift, cfg.aug_shift)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[0]], 1), torch.stack([sin, cos, shift[1]], 1)], 1
+    )  # [B, 2, 3]: output pixel -> input pixel, in [-1, 1] coordinates
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    brightness = uniform(1 - cfg.aug_jitter, 1 + cfg.aug_jitter).view(b, 1, 1, 1)
+    contrast = uniform(1 - cfg.aug_jitter, 1 + cfg.aug_jitter).view(b, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * contrast + mean * brightness).clamp_(0, 1)
+    return _normalize(x)
+
+
+def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
+    """Indices of step ``step``: epochs are seeded permutations of the corpus, cycled."""
+    start, stop = step * batch_size, (step + 1) * batch_size
+    out = []
+    while start < stop:
+        epoch, offset = divmod(start, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 10007 + epoch))
+        take = perm[offset : offset + stop - start]
+        out.append(take)
+        start += len(take)
+    return torch.cat(out)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0},
+    ]
+
+
+def _lr_lambda(cfg: PretrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+    """Symmetric InfoNCE over the batch (features L2-normalised, matching pairs on the diagonal)."""
+    logits = logit_scale.exp() * image_features @ text_features.T
+    target = torch.arange(logits.shape[0])
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+# ---------------------------------------------------------------------------- zero-shot evaluation
+
+
+def load_benchmark_arrays(
+    root: Path | None = None, *, n_per_class: int = 200, limit_per_class: int | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Generate (if needed) and read the ``digits`` benchmark: domain -> (uint8 images, labels)."""
+    from PIL import Image
+
+    from seeclip.datasets.digits import DIGIT_WORDS, DOMAINS, generate_benchmark
+
+    if root is None:
+        root = seeclip_home() / "data" / "digits"
+        if n_per_class != 200:
+            root = root.with_name(f"digits_n{n_per_class}")
+    root = generate_benchmark(Path(root), n_per_class=n_per_class, progress=False)
+    data = {}
+    for domain in DOMAINS:
+        images, labels = [], []
+        for c, word in enumerate(DIGIT_WORDS):
+            files = sorted((root / domain / word).glob("*.png"))[:limit_per_class]
+            images += [np.asarray(Image.open(f).convert("RGB")) for f in files]
+            labels += [c] * len(files)
+        data[domain] = (np.stack(images), np.asarray(labels))
+    return data
+
+
+@torch.no_grad()
+def text_classifier(
+    model: nn.Module, tokenizer, classnames: Sequence[str], templates: Sequence[str]
+) -> Tensor:
+    """[C, D] zero-shot weights: the normalised mean of each class's normalised prompt features."""
+    rows = []
+    for name in classnames:
+        feats = model.encode_text(tokenizer([t.format(name) for t in templates]), normalize=True)
+        rows.append(F.normalize(feats.mean(0), dim=-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    model: nn.Module,
+    tokenizer,
+    data: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    templates: Sequence[str] = (PRIMARY_TEMPLATE,),
+    classnames: Sequence[str] | None = None,
+    batch_size: int = 500,
+) -> dict[str, float]:
+    """10-way zero-shot accuracy per domain on uint8 [N, 32, 32, 3] images (CLIP-normalised)."""
+    if classnames is None:
+        from seeclip.datasets.digits import DIGIT_WORDS as classnames
+    was_training = model.training
+    model.eval()
+    weights = text_classifier(model, tokenizer, classnames, templates)
+    acc = {}
+    for domain, (images, labels) in data.items():
+        preds = []
+        for i in range(0, len(images), batch_size):
+            feats = model.encode_image(to_input(images[i : i + batch_size]), normalize=True)
+            preds.append((feats @ weights.T).argmax(-1))
+        acc[domain] = float((torch.cat(preds).numpy() == np.asarray(labels)).mean())
+    model.train(was_training)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"arch": ARCH, "surgery": SURGERY, "dtype": "float16"})
+
+
+def pretrain_clip(
+    cfg: PretrainConfig,
+    out: Path,
+    *,
+    progress: bool = True,
+    command: str | None = None,
+    stop_at: int | None = None,
+    benchmark: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> dict:
+    """Train tiny-digits; write ``out/tiny-digits.safetensors`` (fp16), ``card.json``, ``last.pt``.
+
+    Resumes from ``out/last.pt`` when it exists (same config required).
+
+    Args:
+        cfg: the run's configuration.
+        out: output folder.
+        progress: show tqdm bars.
+        command: the command line to record in the card.
+        stop_at: stop after checkpointing at this step, as if interrupted (None: run to the end).
+        benchmark: images for the card's zero-shot accuracy (default: the full benchmark).
+
+    Returns:
+        the card (also written to ``out/card.json``); None-valued accuracy if stopped early.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.num_threads)
+    try:
+        return _run(cfg, out, progress=progress, command=command, stop_at=stop_at,
+                    benchmark=benchmark)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg, out, *, progress, command, stop_at, benchmark) -> dict:
+    corpus = _corpus(cfg, progress)
+    images = torch.from_numpy(np.load(corpus / "images.npy"))
+    captions = json.loads((corpus / "captions.json").read_text())
+    model, _, tokenizer = build_tiny_digits(seed=cfg.seed)
+    tokens = tokenizer(captions)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1 / cfg.init_temperature))
+
+    step, losses, train_seconds = 0, [], 0.0
+    ckpt = out / "last.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{ckpt} was written with another config; use a new --out")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        step, losses, train_seconds = state["step"], state["losses"], state["train_seconds"]
+
+    def checkpoint() -> None:
+        state = {"config": asdict(cfg), "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "torch_rng": torch.get_rng_state(), "step": step, "losses": losses,
+                 "train_seconds": train_seconds}  # fmt: skip
+        torch.save(state, out / "last.pt.tmp")
+        os.replace(out / "last.pt.tmp", ckpt)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="pretrain-clip", unit="step")
+    max_scale = math.log(cfg.max_logit_scale)
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    while step < end:
+        t0 = time.perf_counter()
+        idx = _batch_indices(step, len(images), cfg.batch_size, cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        x = augment(images[idx], cfg, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            img = model.encode_image(x)
+            txt = model.encode_text(tokens[idx])
+        loss = clip_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
+                         model.logit_scale)  # fmt: skip
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, max_scale)
+        step += 1
+        losses.append(loss.item())
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", pairs_s=f"{cfg.batch_size / dt:.0f}",
+                            scale=f"{model.logit_scale.exp().item():.1f}")  # fmt: skip
+        if step % cfg.checkpoint_every == 0 or step == end:
+            checkpoint()
+    if bar is not None:
+        bar.close()
+    if step < cfg.steps:
+        return {"step": step, "losses": losses}
+
+    model.eval()
+    _save_weights(model, out / "tiny-digits.safetensors")
+    card = _card(cfg, model, tokenizer, corpus, losses, train_seconds, command, benchmark)
+    (out / "card.json").write_text(json.dumps(card, indent=1))
+    return card
+
+
+def _card(cfg, model, tokenizer, corpus, losses, train_seconds, command, benchmark) -> dict:
+    from seeclip.datasets.digits import DIGIT_WORDS
+
+    if benchmark is None:
+        benchmark = load_benchmark_arrays(n_per_class=cfg.eval_n_per_class)
+    primary = zero_shot_accuracy(model, tokenizer, benchmark, templates=(PRIMARY_TEMPLATE,))
+    ensemble = zero_shot_accuracy(model, tokenizer, benchmark, templates=cfg.eval_templates)
+    random_model, _, _ = build_tiny_digits(seed=cfg.seed)
+    random_acc = zero_shot_accuracy(
+        random_model, tokenizer, benchmark, templates=cfg.eval_templates
+    )
+    w = text_classifier(model, tokenizer, DIGIT_WORDS, cfg.eval_templates)
+    cos = w @ w.T
+    off_diag = cos[~torch.eye(len(w), dtype=torch.bool)]
+    meta = json.loads((corpus / "meta.json").read_text())
+
+    def summary(acc: dict[str, float]) -> dict:
+        return {"per_domain": acc, "mean": float(np.mean(list(acc.values())))}
+
+    n_tail = max(1, min(50, len(losses) // 10))
+    return {
+        "name": "tiny-digits",
+        "architecture": {
+            "open_clip_config": json.loads(
+                (Path(__file__).parent / "model_configs" / f"{ARCH}.json").read_text()
+            ),
+            "surgery": SURGERY + ": avgpools of layer3[0] and layer4[0] (main path and shortcut)"
+            " removed; attention pool rebuilt for a 4x4 grid; 16 spatial tokens at 32 px",
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "weights_dtype": "float16",
+        },
+        "command": command,
+        "seed": cfg.seed,
+        "config": asdict(cfg),
+        "data": {
+            "generator": "seeclip.datasets.digits.generate_corpus",
+            "n": meta.get("n"),
+            "seed": meta.get("seed"),
+            "version": meta.get("version"),
+            "image_size": meta.get("image_size"),
+            "domains": meta.get("domains"),
+            "fonts_used": meta.get("fonts_used"),
+            "photos_used": meta.get("photos_used"),
+        },
+        "training": {
+            "steps": len(losses),
+            "pairs_seen": len(losses) * cfg.batch_size,
+            "train_seconds": round(train_seconds, 1),
+            "pairs_per_second": round(len(losses) * cfg.batch_size / max(train_seconds, 1e-9), 1),
+            "loss_first": float(np.mean(losses[:n_tail])),
+            "loss_last": float(np.mean(losses[-n_tail:])),
+            "final_logit_scale": model.logit_scale.detach().exp().item(),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "threads": cfg.num_threads,
+                "processor": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+            },
+        },
+        "zero_shot": {
+            "benchmark": f"digits generate_benchmark(seed=0, n_per_class={cfg.eval_n_per_class})",
+            "classnames": list(DIGIT_WORDS),
+            "templates": list(cfg.eval_templates),
+            "ensemble": summary(ensemble),
+            "single_template": {"template": PRIMARY_TEMPLATE, **summary(primary)},
+            "random_init_ensemble": summary(random_acc),
+            "classname_text_cosine": {
+                "max_off_diagonal": float(off_diag.max()),
+                "mean_off_diagonal": float(off_diag.mean()),
+            },
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def add_pretrain_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``seeclip pretrain-clip`` on an argparse ``subparsers`` object."""
+    p = subparsers.add_parser(
+        "pretrain-clip", help="pretrain the tiny-digits CLIP on the embedded digits corpus (CPU)"
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder (resumes if last.pt)")
+    p.add_argument("--config", type=Path, help="YAML file with PretrainConfig keys")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. steps=200 lr=5e-4")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_pretrain)
+    return p
+
+
+def config_from_args(config: Path | None, overrides: Sequence[str]) -> PretrainConfig:
+    """PretrainConfig from an optional YAML file and ``key=value`` overrides (unknown keys fail)."""
+    import yaml
+
+    from seeclip.config import ConfigError, apply_overrides, from_dict
+
+    raw = {}
+    if config is not None:
+        if not Path(config).is_file():
+            raise ConfigError(f"config file {config} does not exist")
+        raw = yaml.safe_load(Path(config).read_text()) or {}
+    return apply_overrides(from_dict(PretrainConfig, raw), overrides)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args.config, args.overrides)
+    parts = ["seeclip", "pretrain-clip", "--out", str(args.out)]
+    if args.config is not None:
+        parts += ["--config", str(args.config)]
+    command = " ".join(parts + list(args.overrides))
+    card = pretrain_clip(cfg, args.out, progress=not args.no_progress, command=command)
+    zs = card["zero_shot"]["ensemble"]
+    print(json.dumps({"mean": zs["mean"], **zs["per_domain"]}, indent=1))
+    print(f"wrote {args.out / 'tiny-digits.safetensors'} and {args.out / 'card.json'}")
+    return 0

@@ -1,0 +1,77 @@
+"""Pluggable sources of pseudo-unknowns: label-C samples in the cache's feature format.
+
+A source is built from the labelled source-domain training features and then asked for ``n``
+samples of one source domain at a time. Training mixes them into each batch with label C
+("unknown"); the held-out rejection criterion of model selection draws them from source val.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from seeclip.methods.base import Features
+from seeclip.registry import Registry
+
+
+class PseudoUnknownSource(Protocol):
+    def sample(self, domain: str, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``n`` pseudo-unknowns of ``domain``: (global [n, d] normalised, tokens [n, N, d])."""
+
+
+SourceFactory = Callable[[Features, Tensor], PseudoUnknownSource | None]
+PSEUDO_UNKNOWNS: Registry[SourceFactory] = Registry("pseudo-unknown source")
+
+
+@PSEUDO_UNKNOWNS.register("none")
+def no_pseudo_unknowns(features: Features, labels: Tensor) -> None:
+    """No pseudo-unknowns: the unknown prompt only sees what the losses do to it."""
+    return None
+
+
+class MixupUnknowns:
+    """Interpolations of two images of *different* known classes from the same domain.
+
+    The mix lies between two known classes and belongs to neither (Zhou et al., PROSER,
+    CVPR'21, "data placeholders"): a cheap CPU stand-in for semantic-guided diffusion.
+    Global features are re-normalised; patch tokens are mixed position by position.
+    """
+
+    def __init__(
+        self, features: Features, labels: Tensor, *, lam: tuple[float, float] = (0.3, 0.7)
+    ):
+        self.features = features
+        self.labels = labels
+        self.lam = lam
+        self.by_domain: dict[str, Tensor] = {}
+        for d in sorted(set(features.domains)):
+            idx = torch.tensor([i for i, x in enumerate(features.domains) if x == d])
+            if labels[idx].unique().numel() < 2:
+                raise ValueError(f"mixup pseudo-unknowns need two classes in domain {d!r}")
+            self.by_domain[d] = idx
+
+    def sample(self, domain: str, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = self.by_domain[domain]
+        a = idx[torch.randint(len(idx), (n,), generator=generator)]
+        b = idx[torch.randint(len(idx), (n,), generator=generator)]
+        same = self.labels[a] == self.labels[b]
+        while same.any():  # redraw partners of the same class
+            b[same] = idx[torch.randint(len(idx), (int(same.sum()),), generator=generator)]
+            same = self.labels[a] == self.labels[b]
+        lo, hi = self.lam
+        lam = lo + (hi - lo) * torch.rand(n, generator=generator)
+        g = self.features.global_[a].float(), self.features.global_[b].float()
+        t = self.features.tokens[a].float(), self.features.tokens[b].float()
+        glob = F.normalize(lam[:, None] * g[0] + (1 - lam[:, None]) * g[1], dim=-1)
+        tokens = lam[:, None, None] * t[0] + (1 - lam[:, None, None]) * t[1]
+        return glob, tokens
+
+
+@PSEUDO_UNKNOWNS.register("mixup")
+def mixup_unknowns(features: Features, labels: Tensor) -> MixupUnknowns:
+    """Feature-space mixes of two known classes of one source domain (label: unknown)."""
+    return MixupUnknowns(features, labels)

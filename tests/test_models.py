@@ -1,0 +1,184 @@
+"""Prompt models on the tiny random CLIP: shapes, prompts, the frozen backbone, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seeclip.backbone import build_backbone
+from seeclip.losses import seeclip_loss
+from seeclip.methods.models import CoCoOpModel, CoOpModel, SeeCLIPModel
+from seeclip.methods.prompts import PromptTemplate
+
+CLASSES = ("dog", "hot dog stand", "cat", "tree")  # different lengths -> different EOT slots
+B, C = 3, len(CLASSES)
+
+BUILDERS = {
+    "seeclip": lambda bb: SeeCLIPModel(bb, CLASSES, k=3, m=2),
+    "seeclip_plain": lambda bb: SeeCLIPModel(bb, CLASSES, semantic_tokens=False),
+    "coop": lambda bb: CoOpModel(bb, CLASSES),
+    "coop_unknown": lambda bb: CoOpModel(bb, CLASSES, unknown_prompt=True, m=2),
+    "cocoop": lambda bb: CoCoOpModel(bb, CLASSES),
+}
+WITH_UNKNOWN = {"seeclip", "seeclip_plain", "coop_unknown"}
+PER_IMAGE = {"seeclip", "seeclip_plain", "cocoop"}
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return build_backbone("tiny-vit", seed=0)
+
+
+@pytest.fixture(scope="module")
+def features(backbone):
+    images = torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return backbone.encode_image(images)
+
+
+def _build(name, backbone, seed=0):
+    torch.manual_seed(seed)
+    return BUILDERS[name](backbone)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_output_shapes(name, backbone, features):
+    model = _build(name, backbone)
+    out = model(*features)
+    p = C + 1 if name in WITH_UNKNOWN else C
+    assert model.num_known == C and model.has_unknown_prompt == (name in WITH_UNKNOWN)
+    assert out.logits.shape == (B, p)
+    assert out.text.shape == (B, p, backbone.embed_dim)
+    torch.testing.assert_close(out.text.norm(dim=-1), torch.ones(B, p))
+    cos = torch.einsum("bd,bpd->bp", features[0], out.text)
+    torch.testing.assert_close(out.logits, backbone.logit_scale * cos)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_one_text_encoder_call(name, backbone, features):
+    model = _build(name, backbone)
+    calls = []
+    original = backbone.encode_text_embeddings
+
+    def spy(embeds, eot_index, **kwargs):
+        calls.append(embeds.shape[0])
+        return original(embeds, eot_index, **kwargs)
+
+    backbone.encode_text_embeddings = spy  # an instance attribute shadows the method
+    try:
+        model(*features)
+    finally:
+        del backbone.encode_text_embeddings
+    p = C + 1 if name in WITH_UNKNOWN else C
+    assert calls == [B * p if name in PER_IMAGE else p]  # CoOp: encoded once, not per image
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_prompts_per_image_or_shared(name, backbone, features):
+    text = _build(name, backbone)(*features).text
+    if name in PER_IMAGE:
+        assert not torch.allclose(text[0], text[1])
+    else:
+        assert torch.equal(text[0], text[1]) and torch.equal(text[1], text[2])
+
+
+def test_semantic_attention(backbone, features):
+    model = _build("seeclip", backbone)
+    tokens = features[1]
+    a = model.semantic.attention(tokens)
+    assert a.shape == (B, 3, backbone.num_patches)
+    torch.testing.assert_close(a.sum(dim=-1), torch.ones(B, 3))
+    v = model.semantic.summaries(tokens)
+    torch.testing.assert_close(v, torch.einsum("bkn,bnd->bkd", a, tokens))
+    assert model.semantic(tokens).shape == (B, 3, backbone.text_width)
+    torch.testing.assert_close(model.semantic(tokens)[:, 1], model.semantic.f_key[1](v[:, 1]))
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_backbone_frozen_after_a_step(name, backbone, features):
+    model = _build(name, backbone)
+    model.train()
+    assert not backbone.model.training
+    before = copy.deepcopy(backbone.state_dict())
+    opt = torch.optim.AdamW(model.learnable_parameters(), lr=1e-2)
+    labels = torch.tensor([0, 3, C if name in WITH_UNKNOWN else 1])
+    out = model(*features)
+    if model.has_unknown_prompt:
+        loss = seeclip_loss(out, labels, f_key_weights=model.f_key_weights())["total"]
+    else:
+        loss = F.cross_entropy(out.logits, labels)
+    loss.backward()
+    opt.step()
+    after = backbone.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
+    learnable = model.named_learnable_parameters()
+    assert learnable and len(learnable) == len(list(model.parameters())) - len(
+        list(backbone.parameters())
+    )
+    for n, p in learnable:
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_learnable_state_round_trip(name, backbone, features):
+    model = _build(name, backbone, seed=0)
+    state = model.state_dict_learnable()
+    assert not any(k.startswith("backbone") for k in state)
+    assert set(state) == {n for n, _ in model.named_learnable_parameters()}
+    other = _build(name, backbone, seed=1)
+    assert not torch.equal(other(*features).logits, model(*features).logits)
+    other.load_state_dict_learnable(state)
+    assert torch.equal(other(*features).logits, model(*features).logits)
+    with pytest.raises(KeyError):
+        other.load_state_dict_learnable({k: v for k, v in list(state.items())[1:]})
+
+
+def test_seeclip_f_key_weights(backbone):
+    assert len(_build("seeclip", backbone).f_key_weights()) == 3
+    assert _build("seeclip_plain", backbone).f_key_weights() == []
+    assert not any("f_key" in k for k in _build("seeclip_plain", backbone).state_dict_learnable())
+
+
+@pytest.mark.parametrize(
+    ("shape", "per_image"),
+    [((2, 64), False), ((C, 2, 64), False), ((B, 2, 64), True), ((B, C, 2, 64), True)],
+)
+def test_assembled_prompt_keeps_the_class_text(shape, per_image, backbone):
+    template = PromptTemplate(backbone, CLASSES, 2)
+    ctx = torch.randn(*shape)
+    embeds = template.assemble(ctx, per_image=per_image)
+    lead = (B, C) if per_image else (C,)
+    assert embeds.shape == (*lead, template.length, backbone.text_width)
+    ids = backbone.tokenize(template.texts)
+    plain = backbone.embed_tokens(ids)[:, : template.length].expand(*lead, -1, -1)
+    keep = [0, *range(3, template.length)]
+    assert torch.equal(embeds[..., keep, :], plain[..., keep, :])
+    if per_image and ctx.dim() == 3:
+        ctx = ctx.unsqueeze(1)  # one set per image, the same for every class
+    assert torch.equal(embeds[..., 1:3, :], ctx.expand(*lead, 2, 64))
+
+
+def test_template_rejects_wrong_context(backbone):
+    template = PromptTemplate(backbone, CLASSES, 2)
+    with pytest.raises(ValueError):
+        template.assemble(torch.randn(B, 2, 64))  # 3-d shared context needs P = C rows
+    with pytest.raises(ValueError):
+        template.assemble(torch.randn(3, 64))
+
+
+def test_coop_with_placeholder_context_is_plain_clip(backbone):
+    model = CoOpModel(backbone, CLASSES, n_ctx=4, unknown_prompt=True, m=2)
+    x = backbone.embed_tokens(backbone.tokenize(["X"]))[0, 1]
+    with torch.no_grad():
+        model.ctx.copy_(x.expand_as(model.ctx))
+        model.unknown_ctx.copy_(x.expand_as(model.unknown_ctx))
+        got = F.normalize(model.text_features(), dim=-1)
+        texts = [*model.known_prompts.texts, *model.unknown_prompt.texts]
+        expected = backbone.encode_text(texts)
+    assert texts[1] == "X X X X hot dog stand." and texts[-1] == "X X unknown."
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
