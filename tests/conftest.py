@@ -10,7 +10,7 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 
 
 def pytest_configure(config):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny models: threads only add overhead
 
 
 def pytest_collection_modifyitems(config, items):

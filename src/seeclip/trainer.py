@@ -156,7 +156,7 @@ class PromptTrainer:
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 bar.update()
-                bar.set_postfix(epoch=epoch, loss=f"{float(terms['total']):.3f}")
+                bar.set_postfix(epoch=epoch, loss=f"{float(terms['total'].detach()):.3f}")
             log.losses.append({k: v / steps for k, v in sums.items()})
             if cfg.selection != "last":
                 crit = self._val_criteria(val, val_labels, val_pseudo)

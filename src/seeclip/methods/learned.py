@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
+
 from seeclip.losses import alignment_loss, seeclip_loss
 from seeclip.methods.base import METHODS, MethodContext
 from seeclip.methods.models import CoCoOpModel, CoOpModel, PromptModel, SeeCLIPModel
@@ -27,6 +29,13 @@ def _seeclip_terms(out, labels, *, model: PromptModel, loss):
     )
 
 
+def _seeded(seed: int, build):
+    """Build a model with its initial weights drawn from ``seed`` (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def _trainer(ctx: MethodContext, model: PromptModel, loss_fn) -> PromptTrainer:
     cfg = ctx.config
     return PromptTrainer(
@@ -43,8 +52,11 @@ def _trainer(ctx: MethodContext, model: PromptModel, loss_fn) -> PromptTrainer:
 def build_seeclip(ctx: MethodContext) -> PromptTrainer:
     """SeeCLIP: semantic tokens + domain token in known prompts, learned unknown prompt."""
     p = ctx.config.prompt
-    model = SeeCLIPModel(
-        ctx.backbone, ctx.class_texts, k=p.k, m=p.m, semantic_tokens=p.semantic_tokens
+    model = _seeded(
+        ctx.config.seed,
+        lambda: SeeCLIPModel(
+            ctx.backbone, ctx.class_texts, k=p.k, m=p.m, semantic_tokens=p.semantic_tokens
+        ),
     )
     return _trainer(ctx, model, partial(_seeclip_terms, model=model, loss=ctx.config.loss))
 
@@ -52,7 +64,10 @@ def build_seeclip(ctx: MethodContext) -> PromptTrainer:
 @METHODS.register("coop")
 def build_coop(ctx: MethodContext) -> PromptTrainer:
     """CoOp: shared learned context, unknown by max-softmax threshold on source val."""
-    model = CoOpModel(ctx.backbone, ctx.class_texts, n_ctx=ctx.config.prompt.n_ctx)
+    model = _seeded(
+        ctx.config.seed,
+        lambda: CoOpModel(ctx.backbone, ctx.class_texts, n_ctx=ctx.config.prompt.n_ctx),
+    )
     return _trainer(ctx, model, _ce_only)
 
 
@@ -60,12 +75,18 @@ def build_coop(ctx: MethodContext) -> PromptTrainer:
 def build_coop_unknown(ctx: MethodContext) -> PromptTrainer:
     """CoOp plus a learned (C+1)-th "unknown" prompt trained on pseudo-unknowns."""
     p = ctx.config.prompt
-    model = CoOpModel(ctx.backbone, ctx.class_texts, n_ctx=p.n_ctx, unknown_prompt=True, m=p.m)
+    model = _seeded(
+        ctx.config.seed,
+        lambda: CoOpModel(ctx.backbone, ctx.class_texts, n_ctx=p.n_ctx, unknown_prompt=True, m=p.m),
+    )
     return _trainer(ctx, model, _ce_only)
 
 
 @METHODS.register("cocoop")
 def build_cocoop(ctx: MethodContext) -> PromptTrainer:
     """CoCoOp: instance-conditional context, unknown by max-softmax threshold on source val."""
-    model = CoCoOpModel(ctx.backbone, ctx.class_texts, n_ctx=ctx.config.prompt.n_ctx)
+    model = _seeded(
+        ctx.config.seed,
+        lambda: CoCoOpModel(ctx.backbone, ctx.class_texts, n_ctx=ctx.config.prompt.n_ctx),
+    )
     return _trainer(ctx, model, _ce_only)
