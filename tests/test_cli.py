@@ -172,3 +172,28 @@ def test_eval_run_reevaluates_from_the_checkpoint(small_digits, tmp_path, monkey
     assert "was edited after training" in capsys.readouterr().err
     assert main(["eval", "--run", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_train_from_a_preset_then_report(small_digits, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(
+        "data: {benchmark: digits, protocol: daml, target: textured}\n"
+        "backbone: {name: tiny-vit}\n"
+        "method: seeclip\n"
+        "train: {epochs: 1, batch_size: 6, selection: val_h}\n"
+    )
+    runs = tmp_path / "runs"
+    argv = ["train", "--config", str(preset), "--runs-dir", str(runs), "--no-progress"]
+    assert main([*argv, "label=seeclip_no_rep", "loss.alpha=0", "--seed", "0", "1"]) == 0
+    run_dirs = sorted((runs / "digits_daml_textured_seeclip_no_rep").iterdir())
+    assert len(run_dirs) == 2  # one folder per seed
+    for run_dir in run_dirs:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert cfg["loss"]["alpha"] == 0 and cfg["method"] == "seeclip"
+    capsys.readouterr()
+    assert main(["report", "--runs-dir", str(runs)]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if "seeclip_no_rep" in line]
+    assert len(row) == 1 and "| textured | 2 |" in row[0] and " ± " in row[0]
+    with pytest.raises(SystemExit):
+        main(["train"])  # a preset is required

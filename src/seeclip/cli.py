@@ -1,4 +1,4 @@
-"""The ``seeclip`` command line: list, prepare, eval, demo."""
+"""The ``seeclip`` command line: list, prepare, eval, train, report, demo."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def _eval_configs(args: argparse.Namespace) -> list[RunConfig]:
     cfg = apply_overrides(cfg, overrides)
     targets = [args.target] if args.target not in (None, "all") else None
     if targets is None:
-        if args.target is None and args.config and cfg.data.target:
+        if args.target is None and cfg.data.target:
             targets = [cfg.data.target]
         else:
             from seeclip.datasets import get_benchmark
@@ -119,6 +119,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _num(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from seeclip.report import read_records, summarize
+
+    records = read_records(args.runs_dir)
+    if args.benchmark:
+        records = [r for r in records if r["benchmark"] == args.benchmark]
+    if not records:
+        raise FileNotFoundError(f"no finished runs under {args.runs_dir} (folders with `done`)")
+    print(summarize(records))
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -204,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in ("eval", "train"):
         _add_run_parser(sub, command)
+
+    rp = sub.add_parser("report", help="table of finished runs: mean ± std over seeds")
+    rp.add_argument("--runs-dir", default="runs")
+    rp.add_argument("--benchmark", help="only this benchmark's runs")
+    rp.set_defaults(func=_cmd_report)
 
     de = sub.add_parser("demo", help="prepare the embedded benchmark and evaluate zero-shot CLIP")
     de.add_argument("--backbone", default="tiny-vit")

@@ -26,7 +26,7 @@ T = TypeVar("T")
 class DataConfig:
     benchmark: str = "digits"  # a name from `seeclip list` (benchmarks)
     protocol: str = "full"  # split family: full | daml (| medic where defined)
-    target: str = "handwritten"  # held-out target domain
+    target: str | None = None  # held-out target domain; None = each target in turn
     data_root: str | None = None  # dataset folder; None = the embedded benchmark's own folder
     classes_file: str | None = None  # YAML naming known/unknown classes (benchmark `folder` only)
     val_fraction: float = 0.1  # held-out share of each source domain, for selection/thresholds
