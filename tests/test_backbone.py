@@ -65,6 +65,7 @@ def test_image_readings(backbone):
 def test_token_counts():
     assert build_backbone("tiny-vit").num_patches == 16  # (32 / 8) ** 2
     assert build_backbone("tiny-rn").num_patches == 4  # (64 / 32) ** 2
+    assert build_backbone("tiny-digits-random").num_patches == 16  # output stride 8 at 32 px
 
 
 def test_vit_tokens_match_manual(vit):

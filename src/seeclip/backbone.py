@@ -17,7 +17,7 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import Tensor, nn
 
-from seeclip import hub
+from seeclip import hub, tiny_clip
 from seeclip.hub import WeightsUnavailableError
 from seeclip.registry import Registry
 
@@ -52,6 +52,8 @@ class BackboneSpec:
     name: str  # what users type, e.g. "tiny-vit"
     arch: str  # open_clip architecture name
     description: str  # one line for `seeclip list`
+    surgery: Callable[[nn.Module], nn.Module] | None = None  # applied before weights load
+    weights: Path | None = None  # shipped checkpoint used when no --pretrained is given
 
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
@@ -64,6 +66,26 @@ BACKBONES.add(
 BACKBONES.add(
     "tiny-rn",
     BackboneSpec("tiny-rn", "tiny-rn", "ModifiedResNet, 64px (2x2=4 tokens), d=64; random weights"),
+)
+BACKBONES.add(
+    "tiny-digits",
+    BackboneSpec(
+        "tiny-digits",
+        tiny_clip.ARCH,
+        "CLIP pretrained by seeclip on its digits corpus (shipped; ResNet OS8, 32px, 16 tokens, "
+        "d=128); the default of the demo and the digits preset",
+        surgery=tiny_clip.output_stride8,
+        weights=tiny_clip.TINY_DIGITS_WEIGHTS,
+    ),
+)
+BACKBONES.add(
+    "tiny-digits-random",
+    BackboneSpec(
+        "tiny-digits-random",
+        tiny_clip.ARCH,
+        "the tiny-digits architecture with random weights (the no-pretraining reference)",
+        surgery=tiny_clip.output_stride8,
+    ),
 )
 
 
@@ -123,7 +145,7 @@ class Backbone(nn.Module):
             self.num_patches = visual.grid_size[0] * visual.grid_size[1]
         elif isinstance(visual, ModifiedResNet):
             size = visual.image_size
-            self.num_patches = (visual.image_size // 32) ** 2
+            self.num_patches = visual.attnpool.positional_embedding.shape[0] - 1  # H*W (+1 mean)
         else:
             raise TypeError(
                 f"{arch}: image tower {type(visual).__name__} has no spatial-token reading; "
@@ -309,7 +331,16 @@ def build_backbone(
         ValueError: unknown architecture or pretrained tag; checkpoint does not fit the arch.
     """
     _register_configs()
-    arch = BACKBONES.get(name).arch if name in BACKBONES else name
+    spec = BACKBONES.get(name) if name in BACKBONES else None
+    arch = spec.arch if spec else name
+    if spec is not None and spec.weights is not None and pretrained is None:
+        if not spec.weights.is_file():
+            raise WeightsUnavailableError(
+                f"{name}: shipped weights {spec.weights} are missing from this installation; "
+                f"reinstall seeclip or train them with `seeclip pretrain-clip --out DIR` and "
+                f"pass --pretrained DIR/tiny-digits.safetensors"
+            )
+        pretrained = str(spec.weights)
     source = arch  # what open_clip builds from: the arch, or a cached hf-hub snapshot
     kwargs: dict = {"device": device}
     checkpoint = None
@@ -343,6 +374,8 @@ def build_backbone(
             raise WeightsUnavailableError(
                 f"could not load pretrained weights {pretrained!r} for {arch}: {err}"
             ) from err
+        if spec is not None and spec.surgery is not None:
+            model = spec.surgery(model)
     if checkpoint is not None:
         _load_checkpoint(model, checkpoint, arch)
     tokenizer = open_clip.get_tokenizer(source)

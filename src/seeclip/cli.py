@@ -88,6 +88,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from seeclip.report import summarize
     from seeclip.runner import eval_run, run_eval
 
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     if getattr(args, "run", None):
         results = [eval_run(args.run, cache_dir=args.cache_dir, progress=not args.no_progress)]
     else:
@@ -188,6 +192,7 @@ def _add_run_parser(sub, command: str) -> None:
     p.add_argument("--cache-dir", help="feature cache folder (default: $SEECLIP_HOME/features)")
     p.add_argument("--force", action="store_true", help="recompute a finished run")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 suits tiny models)")
     p.add_argument(
         "overrides", nargs="*", help="config overrides key=value, e.g. zeroshot.score=mcm"
     )

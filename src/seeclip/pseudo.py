@@ -8,7 +8,8 @@ samples of one source domain at a time. Training mixes them into each batch with
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +24,25 @@ class PseudoUnknownSource(Protocol):
         """``n`` pseudo-unknowns of ``domain``: (global [n, d] normalised, tokens [n, N, d])."""
 
 
-SourceFactory = Callable[[Features, Tensor], PseudoUnknownSource | None]
+@dataclass(frozen=True)
+class PseudoContext:
+    """What a source may use: labelled source features and the frozen CLIP's text side."""
+
+    features: Features  # source-domain training features (never target data)
+    labels: Tensor  # their known-class labels 0..C-1
+    backbone: Any = None  # seeclip.backbone.Backbone, to encode class names / "unknown"
+    class_texts: tuple[str, ...] = ()  # prompt text of each known class, in label order
+    template: str = "a photo of a {}."  # the benchmark's prompt template
+    seed: int = 0  # seeds generation
+    options: Any = None  # the run config's generator section (e.g. sigma, guidance)
+
+
+SourceFactory = Callable[[PseudoContext], PseudoUnknownSource | None]
 PSEUDO_UNKNOWNS: Registry[SourceFactory] = Registry("pseudo-unknown source")
 
 
 @PSEUDO_UNKNOWNS.register("none")
-def no_pseudo_unknowns(features: Features, labels: Tensor) -> None:
+def no_pseudo_unknowns(ctx: PseudoContext) -> None:
     """No pseudo-unknowns: the unknown prompt only sees what the losses do to it."""
     return None
 
@@ -72,6 +86,6 @@ class MixupUnknowns:
 
 
 @PSEUDO_UNKNOWNS.register("mixup")
-def mixup_unknowns(features: Features, labels: Tensor) -> MixupUnknowns:
+def mixup_unknowns(ctx: PseudoContext) -> MixupUnknowns:
     """Feature-space mixes of two known classes of one source domain (label: unknown)."""
-    return MixupUnknowns(features, labels)
+    return MixupUnknowns(ctx.features, ctx.labels)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from seeclip.config import TrainConfig
 from seeclip.methods.base import Features, Prediction
-from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoUnknownSource
+from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoContext, PseudoUnknownSource
 
 SELECTIONS = ("last", "val_acc", "val_h")
 LossFn = Callable[[object, Tensor], dict[str, Tensor]]
@@ -100,6 +100,7 @@ class PromptTrainer:
         threshold_quantile: float = 0.05,
         seed: int = 0,
         progress: bool = True,
+        pseudo_context: dict | None = None,
     ) -> None:
         if train.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {train.selection!r}; choose one of {SELECTIONS}")
@@ -115,6 +116,7 @@ class PromptTrainer:
         self.threshold_quantile = threshold_quantile
         self.seed = seed
         self.progress = progress
+        self.pseudo_context = pseudo_context or {}  # backbone, class_texts, template, options
         self.num_known = model.num_known
         self.threshold: float | None = None
         self.log: TrainLog | None = None
@@ -127,7 +129,7 @@ class PromptTrainer:
         use_pseudo = model.has_unknown_prompt and cfg.pseudo_unknowns != "none"
         source: PseudoUnknownSource | None = None
         if use_pseudo:
-            source = PSEUDO_UNKNOWNS.get(cfg.pseudo_unknowns)(train, train_labels)
+            source = self._pseudo_source(train, train_labels)
         batches = BalancedBatches(
             train.domains,
             cfg.batch_size,
@@ -188,8 +190,7 @@ class PromptTrainer:
 
     def _val_pseudo(self, val: Features, train: Features, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Held-out pseudo-unknowns for selection: drawn with their own fixed generator."""
-        factory = PSEUDO_UNKNOWNS.get(self.cfg.pseudo_unknowns)
-        source = factory(train, labels)
+        source = self._pseudo_source(train, labels)
         if source is None:
             raise ValueError("selection=val_h needs pseudo-unknowns (train.pseudo_unknowns)")
         gen = torch.Generator().manual_seed(self.seed + 1_000_003)
@@ -197,6 +198,10 @@ class PromptTrainer:
         n = max(1, len(val) // (2 * len(domains)))
         parts = [source.sample(d, n, gen) for d in domains]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _pseudo_source(self, train: Features, labels: Tensor) -> PseudoUnknownSource | None:
+        ctx = PseudoContext(train, labels, seed=self.seed, **self.pseudo_context)
+        return PSEUDO_UNKNOWNS.get(self.cfg.pseudo_unknowns)(ctx)
 
     @torch.no_grad()
     def _val_criteria(self, val: Features, val_labels: Tensor, val_pseudo) -> dict[str, float]:

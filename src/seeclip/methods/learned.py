@@ -45,6 +45,11 @@ def _trainer(ctx: MethodContext, model: PromptModel, loss_fn) -> PromptTrainer:
         threshold_quantile=cfg.prompt.threshold_quantile,
         seed=cfg.seed,
         progress=ctx.progress,
+        pseudo_context={
+            "backbone": ctx.backbone,
+            "class_texts": ctx.class_texts,
+            "template": ctx.template,
+        },
     )
 
 
