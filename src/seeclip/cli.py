@@ -133,7 +133,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         records = [r for r in records if r["benchmark"] == args.benchmark]
     if not records:
         raise FileNotFoundError(f"no finished runs under {args.runs_dir} (folders with `done`)")
-    print(summarize(records))
+    print(summarize(records, per_target=not args.means_only))
     return 0
 
 
@@ -225,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="table of finished runs: mean ± std over seeds")
     rp.add_argument("--runs-dir", default="runs")
     rp.add_argument("--benchmark", help="only this benchmark's runs")
+    rp.add_argument("--means-only", action="store_true", help="only the mean-over-targets rows")
     rp.set_defaults(func=_cmd_report)
 
     de = sub.add_parser("demo", help="prepare the embedded benchmark and evaluate zero-shot CLIP")

@@ -33,12 +33,14 @@ def _fmt(values: Sequence[float | None]) -> str:
     vals = np.array([np.nan if v is None else v for v in values], dtype=float) * 100
     if np.all(np.isnan(vals)):
         return "n/a"
-    if len(vals) == 1:
-        return f"{vals[0]:.1f}"
+    if len(vals) == 1 or np.sum(~np.isnan(vals)) == 1:
+        return f"{np.nanmean(vals):.1f}"
     return f"{np.nanmean(vals):.1f} ± {np.nanstd(vals):.1f}"
 
 
-def summarize(records: Iterable[dict], *, metrics: Sequence[str] = METRICS) -> str:
+def summarize(
+    records: Iterable[dict], *, metrics: Sequence[str] = METRICS, per_target: bool = True
+) -> str:
     """A Markdown table: one row per (method, target) plus each method's mean over targets.
 
     With several seeds a cell is mean ± std over seeds; the "mean" row first averages over
@@ -60,13 +62,15 @@ def summarize(records: Iterable[dict], *, metrics: Sequence[str] = METRICS) -> s
     for key in sorted(groups):
         g = groups[key]
         by_method[key[:3]].append(g)
+        if not per_target:
+            continue
         lines.append(
             f"| {' | '.join(key)} | {len(g['seed'])} | "
             + " | ".join(_fmt(g[m]) for m in metrics)
             + " |"
         )
     for key, targets in sorted(by_method.items()):
-        if len(targets) < 2:
+        if len(targets) < 2 and per_target:
             continue
         cells = []
         for m in metrics:
@@ -74,7 +78,10 @@ def summarize(records: Iterable[dict], *, metrics: Sequence[str] = METRICS) -> s
             for g in targets:
                 for seed, v in zip(g["seed"], g[m], strict=True):
                     per_seed[seed].append(np.nan if v is None else v)
-            cells.append(_fmt([float(np.nanmean(v)) for v in per_seed.values()]))
+            means = [
+                np.nan if np.all(np.isnan(v)) else float(np.nanmean(v)) for v in per_seed.values()
+            ]
+            cells.append(_fmt(means))
         lines.append(
             f"| {' | '.join(key)} | **mean** | {len(per_seed)} | " + " | ".join(cells) + " |"
         )

@@ -1,0 +1,33 @@
+from seeclip.report import summarize
+
+
+def rec(method, target, seed, h, auroc=None):
+    return {
+        "benchmark": "b",
+        "protocol": "full",
+        "method": method,
+        "target": target,
+        "seed": seed,
+        "acc_known": 0.5,
+        "acc_unknown": 0.5,
+        "h_score": h,
+        "closed_set_acc": 0.5,
+        "auroc": auroc,
+        "oscr": 0.25,
+    }
+
+
+def test_cells_are_mean_and_std_over_seeds_and_mean_row_averages_targets_first():
+    records = [
+        rec("m", "t1", 0, 0.2),
+        rec("m", "t1", 1, 0.4),
+        rec("m", "t2", 0, 0.6),
+        rec("m", "t2", 1, 0.8),
+    ]
+    table = summarize(records, metrics=("h_score", "auroc"))
+    rows = {line.split("|")[4].strip(): line for line in table.splitlines()[2:]}
+    assert "| 30.0 ± 10.0 | n/a |" in rows["t1"]
+    # per-seed means over targets: seed 0 -> 0.4, seed 1 -> 0.6 => 50.0 ± 10.0
+    assert "| 50.0 ± 10.0 | n/a |" in rows["**mean**"]
+    means_only = summarize(records, metrics=("h_score",), per_target=False)
+    assert len(means_only.splitlines()) == 3 and "**mean**" in means_only
