@@ -1,4 +1,4 @@
-"""The ``seeclip`` command line: list, prepare, eval, train, report, demo."""
+"""The ``seeclip`` command line: list, prepare, eval, train, report, generate, pretrain-clip."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from seeclip.config import ConfigError, RunConfig, apply_overrides, load_config
+from seeclip.hub import WeightsUnavailableError
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -222,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     for command in ("eval", "train"):
         _add_run_parser(sub, command)
 
+    from seeclip.generate.command import add_generate_parser
+    from seeclip.pretrain import add_pretrain_parser
+
+    add_pretrain_parser(sub)
+    add_generate_parser(sub)
+
     rp = sub.add_parser("report", help="table of finished runs: mean ± std over seeds")
     rp.add_argument("--runs-dir", default="runs")
     rp.add_argument("--benchmark", help="only this benchmark's runs")
@@ -229,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=_cmd_report)
 
     de = sub.add_parser("demo", help="prepare the embedded benchmark and evaluate zero-shot CLIP")
-    de.add_argument("--backbone", default="tiny-vit")
+    de.add_argument("--backbone", default="tiny-digits")
     de.add_argument("--runs-dir", default="runs")
     de.add_argument("--no-progress", action="store_true")
     de.set_defaults(func=_cmd_demo)
@@ -240,7 +247,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+    except (
+        ConfigError,
+        FileNotFoundError,
+        FileExistsError,
+        KeyError,
+        ValueError,
+        WeightsUnavailableError,
+    ) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"seeclip: error: {msg}", file=sys.stderr)
         return 2

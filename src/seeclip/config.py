@@ -71,9 +71,44 @@ class TrainConfig:
     weight_decay: float = 1e-5  # AdamW weight decay
     batch_size: int = 16  # images per step, pseudo-unknowns included
     grad_clip: float = 1.0  # max gradient norm
-    pseudo_unknowns: str = "mixup"  # source of label-C samples: none | mixup | ...
+    pseudo_unknowns: str = "mixup"  # label-C samples: none | mixup | diffusion | images
     pseudo_fraction: float = 0.1  # share of each source domain's slots given to pseudo-unknowns
+    pseudo_pool: str | None = None  # pseudo_unknowns=images: manifest.csv of `seeclip generate`
     selection: str = "last"  # last | val_acc | val_h (known acc x held-out pseudo rejection)
+
+
+NEGATIVES = ("all", "own")  # negative text condition of the feature-space generator
+
+
+@dataclass(frozen=True)
+class FeatureDiffusionConfig:
+    """Settings of the feature-space generator (the run config's ``diffusion`` section)."""
+
+    # sampling (a change re-samples the pool from the same trained generator)
+    sigma: float = 0.2  # std of the noise on the semantic summaries, in source-std units
+    guidance: float = 15.0  # classifier-free guidance scale g
+    negative: str = "all"  # negative text: all = mean of the known classes' | own = sample's class
+    sample_steps: int = 20  # DDIM steps (eta = 0)
+    clip_x0: float = 4.0  # bound on the x0 estimate while sampling, in source-std units
+    detail: bool = True  # pooled grid only: add back the source image's within-cell token detail
+    pool_per_domain: int = 256  # pseudo-unknowns generated per source domain
+    # training (a change retrains the generator)
+    k: int = 4  # semantic summaries K (fixed queries: spherical k-means of source tokens)
+    grid: int | None = None  # token cells G x G; 0 = all tokens; None: 0 if (N+1)d <= 4096, else 2
+    width: int = 512  # hidden width of the denoiser MLP
+    depth: int = 3  # FiLM residual blocks
+    timesteps: int = 100  # DDPM steps T (cosine schedule)
+    train_steps: int = 1000  # AdamW steps (cosine learning-rate decay)
+    batch_size: int = 128  # source samples per training step
+    lr: float = 1e-3  # AdamW learning rate
+    cond_dropout: float = 0.1  # probability the text condition is replaced by the learned null
+    seed: int | None = None  # seeds training and sampling; None = the run's seed
+
+    def __post_init__(self) -> None:
+        if self.negative not in NEGATIVES:
+            raise ValueError(f"negative must be one of {NEGATIVES}, got {self.negative!r}")
+        if self.sigma < 0 or not 0 <= self.cond_dropout < 1:
+            raise ValueError("sigma must be >= 0 and cond_dropout in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -86,6 +121,7 @@ class RunConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    diffusion: FeatureDiffusionConfig = field(default_factory=FeatureDiffusionConfig)
     seed: int = 0  # seeds everything random in the run
     encode_batch_size: int = 64  # image-encoder batch size when the feature cache is built
 

@@ -208,7 +208,7 @@ def zero_shot_accuracy(
     classnames: Sequence[str] | None = None,
     batch_size: int = 500,
 ) -> dict[str, float]:
-    """10-way zero-shot accuracy per domain on uint8 [N, 32, 32, 3] images (CLIP-normalised)."""
+    """Zero-shot accuracy per domain on uint8 [N, 32, 32, 3] images (default: the 10 digits)."""
     if classnames is None:
         from seeclip.datasets.digits import DIGIT_WORDS as classnames
     was_training = model.training

@@ -7,15 +7,18 @@ samples of one source domain at a time. Training mixes them into each batch with
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from seeclip.methods.base import Features
+from seeclip.features import Features
 from seeclip.registry import Registry
 
 
@@ -35,6 +38,7 @@ class PseudoContext:
     template: str = "a photo of a {}."  # the benchmark's prompt template
     seed: int = 0  # seeds generation
     options: Any = None  # the run config's generator section (e.g. sigma, guidance)
+    pool: str | None = None  # a generated pool on disk (train.pseudo_pool)
 
 
 SourceFactory = Callable[[PseudoContext], PseudoUnknownSource | None]
@@ -89,3 +93,51 @@ class MixupUnknowns:
 def mixup_unknowns(ctx: PseudoContext) -> MixupUnknowns:
     """Feature-space mixes of two known classes of one source domain (label: unknown)."""
     return MixupUnknowns(ctx.features, ctx.labels)
+
+
+class DomainPool:
+    """Pseudo-unknowns already computed (e.g. generated images through the feature cache)."""
+
+    def __init__(self, features: Features) -> None:
+        self.features = features
+        self.by_domain = {
+            d: torch.tensor([i for i, x in enumerate(features.domains) if x == d])
+            for d in sorted(set(features.domains))
+        }
+
+    def sample(self, domain: str, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        if domain not in self.by_domain:
+            raise KeyError(f"the pseudo-unknown pool has no images of source domain {domain!r}")
+        idx = self.by_domain[domain]
+        pick = idx[torch.randint(len(idx), (n,), generator=generator)]
+        return self.features.global_[pick].float(), self.features.tokens[pick].float()
+
+
+def image_pool_features(backbone: Any, manifest: str | Path, *, progress: bool = True) -> Features:
+    """Encode a generated image pool once through the feature cache (like any dataset)."""
+    from seeclip.cache import encode_cached
+    from seeclip.generate.image_diffusion import load_image_pool
+    from seeclip.paths import seeclip_home
+
+    pool = load_image_pool(manifest)
+    tag = hashlib.sha1(str(pool.root.resolve()).encode()).hexdigest()[:10]
+    feats = encode_cached(
+        backbone,
+        pool.root,
+        list(pool.paths),
+        cache_dir=seeclip_home() / "features",
+        name=f"pools-{tag}/{backbone.name.replace('/', '_').replace(':', '_')}",
+        progress=progress,
+    )
+    g, t = feats.torch(np.arange(len(pool.paths)))
+    return Features(g, t, pool.domains)
+
+
+@PSEUDO_UNKNOWNS.register("images")
+def image_pool_unknowns(ctx: PseudoContext) -> DomainPool:
+    """Generated images (``seeclip generate --backend image``) through the feature cache."""
+    if not ctx.pool:
+        raise ValueError("train.pseudo_unknowns=images needs train.pseudo_pool=<manifest.csv>")
+    if ctx.backbone is None:
+        raise ValueError("image pseudo-unknowns need the backbone to encode the images")
+    return DomainPool(image_pool_features(ctx.backbone, ctx.pool))

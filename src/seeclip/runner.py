@@ -90,7 +90,8 @@ class _Loaded:
     data: object  # seeclip.datasets.SplitData
     backbone: object
     feats: object  # seeclip.cache.CachedFeatures
-    domains: tuple[str, ...]
+    domains: tuple[str, ...]  # per manifest sample
+    paths: tuple[str, ...]  # per manifest sample, relative to the data root
 
     def features(self, indices: np.ndarray):
         from seeclip.methods import Features
@@ -122,7 +123,8 @@ def _load(cfg: RunConfig, cache_dir: str | Path | None, progress: bool) -> _Load
         progress=progress,
     )
     domains = tuple(s.domain for s in manifest.samples)
-    return _Loaded(spec, split, data, backbone, feats, domains)
+    paths = tuple(s.path for s in manifest.samples)
+    return _Loaded(spec, split, data, backbone, feats, domains, paths)
 
 
 def _build_method(cfg: RunConfig, loaded: _Loaded, progress: bool):
@@ -178,9 +180,17 @@ def eval_run(
     run_dir: str | Path, *, cache_dir: str | Path | None = None, progress: bool = True
 ) -> RunResult:
     """Re-evaluate a trained run from its ``config.yaml`` and ``model.safetensors``."""
+    run_dir = Path(run_dir)
+    cfg, loaded, method = restore_run(run_dir, cache_dir=cache_dir, progress=progress)
+    (run_dir / "done").unlink(missing_ok=True)
+    record = _evaluate(cfg, loaded, method, run_dir, extra={})
+    return RunResult(run_dir, record, cached=False)
+
+
+def restore_run(run_dir: Path, *, cache_dir: str | Path | None = None, progress: bool = True):
+    """(config, loaded data, fitted method) of a run folder, from its config and checkpoint."""
     from seeclip.config import load_config
 
-    run_dir = Path(run_dir)
     for name in ("config.yaml", "model.safetensors"):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(
@@ -198,11 +208,9 @@ def eval_run(
     state = load_file(str(run_dir / "model.safetensors"))
     try:
         method.load_state(state)
-    except RuntimeError as err:
+    except (RuntimeError, KeyError) as err:
         raise ValueError(f"{run_dir}/model.safetensors does not fit its config: {err}") from err
-    (run_dir / "done").unlink(missing_ok=True)
-    record = _evaluate(cfg, loaded, method, run_dir, extra={})
-    return RunResult(run_dir, record, cached=False)
+    return cfg, loaded, method
 
 
 def _evaluate(cfg: RunConfig, loaded: _Loaded, method, run_dir: Path, *, extra: dict) -> dict:

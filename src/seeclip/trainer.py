@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from seeclip.config import TrainConfig
-from seeclip.methods.base import Features, Prediction
+from seeclip.features import Features, Prediction
+from seeclip.generate import feature_diffusion  # noqa: F401  (registers "diffusion")
 from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoContext, PseudoUnknownSource
 
 SELECTIONS = ("last", "val_acc", "val_h")

@@ -49,6 +49,8 @@ def _trainer(ctx: MethodContext, model: PromptModel, loss_fn) -> PromptTrainer:
             "backbone": ctx.backbone,
             "class_texts": ctx.class_texts,
             "template": ctx.template,
+            "options": cfg.diffusion,
+            "pool": cfg.train.pseudo_pool,
         },
     )
 

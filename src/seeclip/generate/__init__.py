@@ -1,0 +1,1 @@
+"""Pseudo-unknown generators: semantic-guided diffusion in feature space (and image space)."""

@@ -1,0 +1,174 @@
+"""``seeclip generate``: build a pseudo-unknown pool for one run config, and inspect it.
+
+Both backends start from the SOURCE training features of the config's split (never the target):
+``feature`` trains the feature-space diffusion generator and samples its pool (what
+``train.pseudo_unknowns=diffusion`` uses); ``image`` runs Stable Diffusion on the perturbed
+semantic tokens of source images and writes an image pool that ``train.pseudo_unknowns=images``
+reads through the feature cache. ``--inspect`` plots how close each group is to the known
+classes' text prototypes; target labels only split the plot's groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seeclip.paths import seeclip_home
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="build (and inspect) a pseudo-unknown pool for a config")
+    p.add_argument("--config", required=True, help="YAML preset, e.g. configs/digits.yaml")
+    p.add_argument("--target", help="target domain (the pool uses only its source domains)")
+    p.add_argument("--protocol", help="split family: full | daml")
+    p.add_argument("--backend", choices=["feature", "image"], default="feature")
+    p.add_argument("--n", type=int, help="pseudo-unknowns per source domain")
+    p.add_argument("--seed", type=int, help="generation seed (default: the config's)")
+    p.add_argument("--data-root")
+    p.add_argument("--inspect", action="store_true", help="similarity histograms + rejection rate")
+    p.add_argument("--run", help="inspect: rejection rate of this trained run (default: zeroshot)")
+    p.add_argument("--sd-model", help="image: Stable Diffusion model id or local folder")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="image: pool folder (default: $SEECLIP_HOME/pools/images/...)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. diffusion.sigma=0.3")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _config(args: argparse.Namespace):
+    from seeclip.config import load_config
+
+    flags = {"data.protocol": args.protocol, "data.data_root": args.data_root}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    if args.target:
+        overrides.append(f"data.target={args.target}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.n is not None:
+        overrides.append(f"diffusion.pool_per_domain={args.n}")
+    cfg = load_config(args.config, overrides)
+    if not cfg.data.target:
+        raise ValueError("generate needs one target domain: pass --target T")
+    return cfg
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from seeclip.runner import _load, set_seed
+
+    cfg = _config(args)
+    set_seed(cfg.seed)
+    progress = not args.no_progress
+    loaded = _load(cfg, None, progress)
+    data = loaded.data
+    train = loaded.features(data.source_train)
+    labels = torch.as_tensor(data.source_train_labels)
+    class_texts = tuple(loaded.spec.class_text(c) for c in loaded.split.known)
+    if args.backend == "feature":
+        from seeclip.generate.feature_diffusion import diffusion_unknowns
+        from seeclip.pseudo import PseudoContext
+
+        ctx = PseudoContext(
+            train,
+            labels,
+            loaded.backbone,
+            class_texts,
+            loaded.spec.template,
+            cfg.seed,
+            cfg.diffusion,
+        )
+        pool = diffusion_unknowns(ctx)
+        counts = {d: int(len(pool.rows(d))) for d in sorted(set(pool.domains))}
+        print(f"feature pool: {len(pool)} pseudo-unknowns {counts} -> {pool.path}")
+        pool_feats = pool.features()
+    else:
+        pool_feats = _image_pool(args, cfg, loaded, train, class_texts, progress)
+    if args.inspect:
+        _inspect(args, cfg, loaded, class_texts, pool_feats, progress)
+    return 0
+
+
+def _image_pool(args, cfg, loaded, train, class_texts, progress):
+    from seeclip.generate.denoiser import semantic_queries, semantic_summaries
+    from seeclip.generate.image_diffusion import (
+        ImageDiffusionConfig,
+        generate_image_pool,
+        load_pipeline,
+    )
+    from seeclip.pseudo import image_pool_features
+
+    icfg = ImageDiffusionConfig(sigma=cfg.diffusion.sigma, guidance=cfg.diffusion.guidance)
+    if args.sd_model:
+        icfg = dataclasses.replace(icfg, model=args.sd_model)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = cfg.diffusion.pool_per_domain
+    rows = []
+    for d in sorted(set(train.domains)):  # a seeded, per-domain balanced pick of sources
+        idx = [i for i, x in enumerate(train.domains) if x == d]
+        rows += [idx[j] for j in torch.randperm(len(idx), generator=gen)[:n].tolist()]
+    queries = semantic_queries(train.tokens, cfg.diffusion.k, gen)
+    tokens = semantic_summaries(train.tokens[rows], queries)
+    paths = [loaded.paths[i] for i in loaded.data.source_train[rows]]
+    out = Path(args.out) if args.out else _image_pool_dir(cfg)
+    pipe = load_pipeline(icfg.model, device=args.device, dtype=icfg.torch_dtype(args.device))
+    manifest = generate_image_pool(
+        pipe,
+        tokens,
+        [train.domains[i] for i in rows],
+        paths,
+        class_texts,
+        out_dir=out,
+        cfg=icfg,
+        seed=cfg.seed,
+        progress=progress,
+    )
+    print(f"image pool: {len(rows)} images -> {manifest}")
+    print(
+        f"train with it: seeclip train --config {args.config} train.pseudo_unknowns=images "
+        f"train.pseudo_pool={manifest}"
+    )
+    return image_pool_features(loaded.backbone, manifest, progress=progress)
+
+
+def _image_pool_dir(cfg) -> Path:
+    d = cfg.data
+    return (
+        seeclip_home() / "pools" / "images" / f"{d.benchmark}-{d.protocol}-{d.target}-s{cfg.seed}"
+    )
+
+
+def _inspect(args, cfg, loaded, class_texts, pool_feats, progress) -> None:
+    from seeclip.generate.inspect import rejection_rate, similarity_report
+    from seeclip.runner import _build_method, restore_run
+
+    data = loaded.data
+    target = loaded.features(data.target)
+    y = np.asarray(data.target_labels)  # only to split the plot's groups; no selection uses it
+    groups = {
+        "known (target)": target.global_[torch.as_tensor(y >= 0)],
+        "unknown (target)": target.global_[torch.as_tensor(y < 0)],
+        "pseudo-unknown": pool_feats.global_,
+    }
+    d = cfg.data
+    out_png = Path(args.run or ".") / f"pseudo_unknowns_{d.benchmark}_{d.protocol}_{d.target}.png"
+    report = similarity_report(
+        loaded.backbone, class_texts, loaded.spec.template, groups, out_png=out_png
+    )
+    print(f"max cosine to a known-class text prototype -> {report['png']}")
+    for name, stats in report["groups"].items():
+        print(
+            f"  {name:<18} n={stats['n']:<5} mean {stats['mean']:.3f}  "
+            f"q05 {stats['q05']:.3f}  q50 {stats['q50']:.3f}  q95 {stats['q95']:.3f}"
+        )
+    if args.run:
+        _, _, method = restore_run(Path(args.run), progress=progress)
+        who = f"run {args.run}"
+    else:
+        zs = dataclasses.replace(cfg, method="zeroshot")
+        method = _build_method(zs, loaded, progress)
+        method.fit(None, None, loaded.features(data.source_val), None)
+        who = "zero-shot CLIP (source-val threshold)"
+    print(f"{who} already rejects {rejection_rate(method, pool_feats):.1%} of the pool")

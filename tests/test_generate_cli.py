@@ -1,0 +1,146 @@
+"""`seeclip generate` end to end on a reduced digits benchmark with tiny models (no download)."""
+
+import pytest
+
+from seeclip.cli import main
+
+TINY_DIFFUSION = [
+    "diffusion.train_steps=20",
+    "diffusion.width=64",
+    "diffusion.depth=1",
+    "diffusion.batch_size=32",
+    "diffusion.sample_steps=4",
+]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SEECLIP_HOME", str(home))
+    assert main(["prepare", "digits", "--n-per-class", "4", "--no-progress"]) == 0
+    mp.undo()
+    return home
+
+
+@pytest.fixture()
+def preset(tmp_path, home, monkeypatch):
+    monkeypatch.setenv("SEECLIP_HOME", str(home))
+    path = tmp_path / "preset.yaml"
+    path.write_text(
+        "data: {benchmark: digits, protocol: full, target: outline}\n"
+        "backbone: {name: tiny-vit}\nmethod: seeclip\n"
+        "train: {epochs: 1, batch_size: 6}\n"
+    )
+    return path
+
+
+def test_feature_pool_is_built_once_and_inspected(preset, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "generate",
+        "--config",
+        str(preset),
+        "--backend",
+        "feature",
+        "--n",
+        "8",
+        "--no-progress",
+        *TINY_DIFFUSION,
+    ]
+    assert main([*argv, "--inspect"]) == 0
+    out = capsys.readouterr().out
+    assert "feature pool: 24 pseudo-unknowns" in out  # 8 per source domain, 3 sources
+    assert "pseudo-unknown" in out and "already rejects" in out
+    assert (tmp_path / "pseudo_unknowns_digits_full_outline.png").stat().st_size > 0
+    pool_line = next(line for line in out.splitlines() if line.startswith("feature pool"))
+    assert main(argv) == 0  # same key: loaded, not regenerated
+    assert pool_line in capsys.readouterr().out
+
+
+def test_training_uses_the_diffusion_pool(preset, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(preset),
+                "--runs-dir",
+                str(runs),
+                "--no-progress",
+                "train.pseudo_unknowns=diffusion",
+                "diffusion.pool_per_domain=8",
+                *TINY_DIFFUSION,
+            ]
+        )
+        == 0
+    )
+    assert len(list(runs.glob("*/*/done"))) == 1
+
+
+def test_image_backend_offline_error_names_the_fix(preset, capsys):
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                str(preset),
+                "--backend",
+                "image",
+                "--n",
+                "2",
+                "--sd-model",
+                "/nonexistent/sd",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "SD weights not found locally" in err and "--sd-model" in err
+
+
+def test_image_pool_goes_through_the_cache_into_training(preset, tmp_path, capsys, monkeypatch):
+    from seeclip.generate import image_diffusion
+
+    monkeypatch.setattr(
+        image_diffusion, "load_pipeline", lambda *a, **k: image_diffusion.build_tiny_pipeline(0)
+    )
+    out = tmp_path / "pool"
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                str(preset),
+                "--backend",
+                "image",
+                "--n",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+                "diffusion.guidance=2",
+            ]
+        )
+        == 0
+    )
+    assert "image pool: 6 images" in capsys.readouterr().out
+    runs = tmp_path / "runs"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(preset),
+                "--runs-dir",
+                str(runs),
+                "--no-progress",
+                "train.pseudo_unknowns=images",
+                f"train.pseudo_pool={out / 'manifest.csv'}",
+            ]
+        )
+        == 0
+    )
+    assert len(list(runs.glob("*/*/done"))) == 1
