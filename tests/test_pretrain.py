@@ -151,7 +151,6 @@ def test_reduced_budget_run_learns(tmp_path):
     assert style_accuracy(random_init, tokenizer) < 0.3
 
 
-@pytest.mark.skipif(not TINY_DIGITS_WEIGHTS.exists(), reason="tiny-digits weights not shipped yet")
 def test_shipped_weights_rebuild_exactly():
     assert TINY_DIGITS_WEIGHTS.stat().st_size <= 30 * 2**20
     model, _, tokenizer = build_tiny_digits(TINY_DIGITS_WEIGHTS)  # strict load
@@ -168,7 +167,6 @@ def test_shipped_weights_rebuild_exactly():
     assert cos[~torch.eye(10, dtype=torch.bool)].max() < 0.95
 
 
-@pytest.mark.skipif(not TINY_DIGITS_WEIGHTS.exists(), reason="tiny-digits weights not shipped yet")
 def test_shipped_card_meets_the_quality_bar():
     """The issue's bar: zero-shot >= 70% on average over domains and no domain below 55%."""
     zs = json.loads(TINY_DIGITS_CARD.read_text())["zero_shot"]["ensemble"]
@@ -176,11 +174,12 @@ def test_shipped_card_meets_the_quality_bar():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TINY_DIGITS_WEIGHTS.exists(), reason="tiny-digits weights not shipped yet")
 def test_shipped_weights_zero_shot_on_a_benchmark_subset():
     model, _, tokenizer = build_tiny_digits(TINY_DIGITS_WEIGHTS)
     card = json.loads(TINY_DIGITS_CARD.read_text())
     bench = load_benchmark_arrays(n_per_class=20)  # the first 20 images of each full-size class
     acc = zero_shot_accuracy(model, tokenizer, bench, templates=card["zero_shot"]["templates"])
     card_acc = json.loads(TINY_DIGITS_CARD.read_text())["zero_shot"]["ensemble"]["mean"]
-    assert np.mean(list(acc.values())) > max(0.2, card_acc - 0.15)  # 800 images vs the card's 8000
+    # 800 images vs the card's 8,000: the shipped file really has the card's quality
+    assert np.mean(list(acc.values())) >= max(0.70, card_acc - 0.08), acc
+    assert min(acc.values()) >= 0.55, acc
