@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from seeclip.cli import main
+
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
@@ -20,3 +22,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def small_digits(tmp_path_factory):
+    """A SEECLIP_HOME with the digits benchmark at 6 images per class and domain, prepared once."""
+    home = tmp_path_factory.mktemp("digits_home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SEECLIP_HOME", str(home))
+    assert main(["prepare", "digits", "--n-per-class", "6", "--no-progress"]) == 0
+    mp.undo()
+    return home

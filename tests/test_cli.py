@@ -12,17 +12,6 @@ from seeclip.datasets import BENCHMARKS
 from seeclip.methods import METHODS
 
 
-@pytest.fixture(scope="module")
-def small_digits(tmp_path_factory):
-    """A 4-domain x 10-class digits tree with 6 images per class, prepared once."""
-    home = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SEECLIP_HOME", str(home))
-    assert main(["prepare", "digits", "--n-per-class", "6", "--no-progress"]) == 0
-    mp.undo()
-    return home
-
-
 def test_help_and_list(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])

@@ -13,19 +13,9 @@ TINY_DIFFUSION = [
 ]
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SEECLIP_HOME", str(home))
-    assert main(["prepare", "digits", "--n-per-class", "4", "--no-progress"]) == 0
-    mp.undo()
-    return home
-
-
 @pytest.fixture()
-def preset(tmp_path, home, monkeypatch):
-    monkeypatch.setenv("SEECLIP_HOME", str(home))
+def preset(tmp_path, small_digits, monkeypatch):
+    monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
     path = tmp_path / "preset.yaml"
     path.write_text(
         "data: {benchmark: digits, protocol: full, target: outline}\n"
