@@ -39,6 +39,7 @@ class PseudoContext:
     seed: int = 0  # seeds generation
     options: Any = None  # the run config's generator section (e.g. sigma, guidance)
     pool: str | None = None  # a generated pool on disk (train.pseudo_pool)
+    progress: bool = True  # progress bars while a source generates
 
 
 SourceFactory = Callable[[PseudoContext], PseudoUnknownSource | None]
@@ -140,4 +141,4 @@ def image_pool_unknowns(ctx: PseudoContext) -> DomainPool:
         raise ValueError("train.pseudo_unknowns=images needs train.pseudo_pool=<manifest.csv>")
     if ctx.backbone is None:
         raise ValueError("image pseudo-unknowns need the backbone to encode the images")
-    return DomainPool(image_pool_features(ctx.backbone, ctx.pool))
+    return DomainPool(image_pool_features(ctx.backbone, ctx.pool, progress=ctx.progress))

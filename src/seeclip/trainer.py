@@ -201,7 +201,9 @@ class PromptTrainer:
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _pseudo_source(self, train: Features, labels: Tensor) -> PseudoUnknownSource | None:
-        ctx = PseudoContext(train, labels, seed=self.seed, **self.pseudo_context)
+        ctx = PseudoContext(
+            train, labels, seed=self.seed, progress=self.progress, **self.pseudo_context
+        )
         return PSEUDO_UNKNOWNS.get(self.cfg.pseudo_unknowns)(ctx)
 
     @torch.no_grad()

@@ -79,6 +79,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             loaded.spec.template,
             cfg.seed,
             cfg.diffusion,
+            progress=progress,
         )
         pool = diffusion_unknowns(ctx)
         counts = {d: int(len(pool.rows(d))) for d in sorted(set(pool.domains))}

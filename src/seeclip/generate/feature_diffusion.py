@@ -353,6 +353,7 @@ def diffusion_unknowns(ctx: PseudoContext) -> FeaturePool:
         unknown_text=unknown.cpu(),
         config=config,
         seed=ctx.seed,
+        progress=ctx.progress,
     )
 
 
