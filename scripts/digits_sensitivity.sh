@@ -13,5 +13,5 @@ printf '%s\n' \
   "label=sigma_0.1 diffusion.sigma=0.1" "label=sigma_0.2 diffusion.sigma=0.2" \
   "label=sigma_0.3 diffusion.sigma=0.3" "label=sigma_0.4 diffusion.sigma=0.4" \
   "label=g_5 diffusion.guidance=5" "label=g_25 diffusion.guidance=25" |
-  xargs -P 2 -I{} sh -c "$SEECLIP train $common --runs-dir $RUNS {} > /dev/null"
+  xargs -P "${JOBS:-2}" -I{} sh -c "$SEECLIP train $common --runs-dir $RUNS {} > /dev/null"
 "$SEECLIP" report --runs-dir "$RUNS" --benchmark digits --means-only

@@ -90,7 +90,8 @@ class DomainToken(nn.Module):
 class PromptModel(nn.Module):
     """Shared plumbing: the frozen backbone, logits, learnable parameters and their state.
 
-    Learnable parameters are created on the backbone's device.
+    Subclasses define ``forward(global_, tokens) -> PromptOutput``. Learnable parameters are
+    created on the backbone's device.
     """
 
     num_known: int
@@ -143,9 +144,6 @@ class PromptModel(nn.Module):
     def f_key_weights(self) -> list[Tensor]:
         """Weights that L_reg penalises (none for the baselines)."""
         return []
-
-    def forward(self, global_: Tensor, tokens: Tensor) -> PromptOutput:
-        raise NotImplementedError
 
 
 class SeeCLIPModel(PromptModel):
