@@ -7,12 +7,14 @@ and C for pseudo-unknowns.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seeclip.methods.models import PromptOutput
+if TYPE_CHECKING:
+    from seeclip.methods.models import PromptOutput
 
 __all__ = ["alignment_loss", "cohesion_loss", "l1_penalty", "repulsion_loss", "seeclip_loss"]
 
