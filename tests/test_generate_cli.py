@@ -13,6 +13,12 @@ TINY_DIFFUSION = [
 ]
 
 
+def _train_one_run(preset, runs, *overrides) -> bool:
+    """`seeclip train` with the preset; True when it exits 0 and leaves one finished run."""
+    argv = ["train", "--config", str(preset), "--runs-dir", str(runs), "--no-progress"]
+    return main([*argv, *overrides]) == 0 and len(list(runs.glob("*/*/done"))) == 1
+
+
 @pytest.fixture()
 def preset(tmp_path, small_digits, monkeypatch):
     monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
@@ -49,24 +55,8 @@ def test_feature_pool_is_built_once_and_inspected(preset, tmp_path, capsys, monk
 
 
 def test_training_uses_the_diffusion_pool(preset, tmp_path, capsys):
-    runs = tmp_path / "runs"
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(preset),
-                "--runs-dir",
-                str(runs),
-                "--no-progress",
-                "train.pseudo_unknowns=diffusion",
-                "diffusion.pool_per_domain=8",
-                *TINY_DIFFUSION,
-            ]
-        )
-        == 0
-    )
-    assert len(list(runs.glob("*/*/done"))) == 1
+    overrides = ["train.pseudo_unknowns=diffusion", "diffusion.pool_per_domain=8"]
+    assert _train_one_run(preset, tmp_path / "runs", *overrides, *TINY_DIFFUSION)
 
 
 def test_image_backend_offline_error_names_the_fix(preset, capsys):
@@ -117,20 +107,5 @@ def test_image_pool_goes_through_the_cache_into_training(preset, tmp_path, capsy
         == 0
     )
     assert "image pool: 6 images" in capsys.readouterr().out
-    runs = tmp_path / "runs"
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(preset),
-                "--runs-dir",
-                str(runs),
-                "--no-progress",
-                "train.pseudo_unknowns=images",
-                f"train.pseudo_pool={out / 'manifest.csv'}",
-            ]
-        )
-        == 0
-    )
-    assert len(list(runs.glob("*/*/done"))) == 1
+    pool = f"train.pseudo_pool={out / 'manifest.csv'}"
+    assert _train_one_run(preset, tmp_path / "runs", "train.pseudo_unknowns=images", pool)
