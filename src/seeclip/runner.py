@@ -7,6 +7,7 @@ record per evaluation), ``predictions.npz`` (everything needed to recompute the 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -101,8 +102,18 @@ class _Loaded:
         return Features(g, t, tuple(self.domains[i] for i in indices))  # fp16 until used
 
 
-def _load(cfg: RunConfig, cache_dir: str | Path | None, progress: bool) -> _Loaded:
+_FEATURES: dict[tuple, object] = {}  # cached features already opened by this process
+
+
+@functools.lru_cache(maxsize=2)
+def _backbone(name: str, pretrained: str | None):
+    """The frozen backbone, built once per process (runs over targets and seeds share it)."""
     from seeclip.backbone import build_backbone
+
+    return build_backbone(name, pretrained=pretrained, seed=0)
+
+
+def _load(cfg: RunConfig, cache_dir: str | Path | None, progress: bool) -> _Loaded:
     from seeclip.cache import encode_cached
     from seeclip.datasets import get_benchmark, load_manifest, make_split, select
 
@@ -111,19 +122,22 @@ def _load(cfg: RunConfig, cache_dir: str | Path | None, progress: bool) -> _Load
     split = make_split(spec, cfg.data.protocol, cfg.data.target)
     manifest = load_manifest(spec, root)
     data = select(manifest, split, val_fraction=cfg.data.val_fraction, val_seed=cfg.data.val_seed)
-    backbone = build_backbone(cfg.backbone.name, pretrained=cfg.backbone.pretrained, seed=0)
+    backbone = _backbone(cfg.backbone.name, cfg.backbone.pretrained)
     cache_root = Path(cache_dir) if cache_dir else seeclip_home() / "features"
-    feats = encode_cached(
-        backbone,
-        manifest.root,
-        [s.path for s in manifest.samples],
-        cache_dir=cache_root,
-        name=f"{spec.name}-{_root_tag(manifest.root)}/{_safe(backbone.name)}",
-        batch_size=cfg.encode_batch_size,
-        progress=progress,
-    )
-    domains = tuple(s.domain for s in manifest.samples)
     paths = tuple(s.path for s in manifest.samples)
+    memo_key = (id(backbone), str(manifest.root), str(cache_root), hash(paths))
+    if memo_key not in _FEATURES:  # one staleness check per process, not per target and seed
+        _FEATURES[memo_key] = encode_cached(
+            backbone,
+            manifest.root,
+            list(paths),
+            cache_dir=cache_root,
+            name=f"{spec.name}-{_root_tag(manifest.root)}/{_safe(backbone.name)}",
+            batch_size=cfg.encode_batch_size,
+            progress=progress,
+        )
+    feats = _FEATURES[memo_key]
+    domains = tuple(s.domain for s in manifest.samples)
     return _Loaded(spec, split, data, backbone, feats, domains, paths)
 
 
