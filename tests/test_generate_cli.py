@@ -19,6 +19,12 @@ def _train_one_run(preset, runs, *overrides) -> bool:
     return main([*argv, *overrides]) == 0 and len(list(runs.glob("*/*/done"))) == 1
 
 
+def _image_argv(preset, *extra) -> list[str]:
+    """`seeclip generate` with the image backend, 2 pseudo-unknowns per source domain."""
+    argv = ["generate", "--config", str(preset), "--backend", "image", "--n", "2"]
+    return [*argv, "--no-progress", *extra]
+
+
 @pytest.fixture()
 def preset(tmp_path, small_digits, monkeypatch):
     monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
@@ -60,23 +66,7 @@ def test_training_uses_the_diffusion_pool(preset, tmp_path, capsys):
 
 
 def test_image_backend_offline_error_names_the_fix(preset, capsys):
-    assert (
-        main(
-            [
-                "generate",
-                "--config",
-                str(preset),
-                "--backend",
-                "image",
-                "--n",
-                "2",
-                "--sd-model",
-                "/nonexistent/sd",
-                "--no-progress",
-            ]
-        )
-        == 2
-    )
+    assert main(_image_argv(preset, "--sd-model", "/nonexistent/sd")) == 2
     err = capsys.readouterr().err
     assert "SD weights not found locally" in err and "--sd-model" in err
 
@@ -88,24 +78,7 @@ def test_image_pool_goes_through_the_cache_into_training(preset, tmp_path, capsy
         image_diffusion, "load_pipeline", lambda *a, **k: image_diffusion.build_tiny_pipeline(0)
     )
     out = tmp_path / "pool"
-    assert (
-        main(
-            [
-                "generate",
-                "--config",
-                str(preset),
-                "--backend",
-                "image",
-                "--n",
-                "2",
-                "--out",
-                str(out),
-                "--no-progress",
-                "diffusion.guidance=2",
-            ]
-        )
-        == 0
-    )
+    assert main(_image_argv(preset, "--out", str(out), "diffusion.guidance=2")) == 0
     assert "image pool: 6 images" in capsys.readouterr().out
     pool = f"train.pseudo_pool={out / 'manifest.csv'}"
     assert _train_one_run(preset, tmp_path / "runs", "train.pseudo_unknowns=images", pool)
