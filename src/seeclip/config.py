@@ -15,11 +15,27 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 
+from seeclip.generate.feature_config import FeatureDiffusionConfig
+
 T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the config dataclasses."""
+
+
+def _check_min(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value}")
+
+
+def _check_unit(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1), got {value}")
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,10 @@ class DataConfig:
     val_fraction: float = 0.1  # held-out share of each source domain, for selection/thresholds
     val_seed: int = 0  # which images form that held-out share
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -41,10 +61,17 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class ZeroShotConfig:
-    score: str = "msp"  # unknown score: msp (max softmax prob.) | mcm (max concept matching)
+    score: Literal["msp", "mcm"] = "msp"  # msp (max softmax prob.) | mcm (max concept matching)
     mcm_temperature: float = 1.0  # softmax temperature on cosines for mcm (Ming et al. 2022)
     threshold_quantile: float = 0.05  # share of source-val known images allowed to be rejected
     template: str | None = None  # prompt template with one {}; None = the benchmark's
+
+    def __post_init__(self) -> None:
+        _check_unit("zeroshot.threshold_quantile", self.threshold_quantile)
+        if self.mcm_temperature <= 0:
+            raise ConfigError(f"zeroshot.mcm_temperature must be > 0, got {self.mcm_temperature}")
+        if self.template is not None and self.template.count("{}") != 1:
+            raise ConfigError(f"zeroshot.template needs exactly one {{}}, got {self.template!r}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +82,11 @@ class PromptConfig:
     semantic_tokens: bool = True  # False = ablation: plain learned context instead
     threshold_quantile: float = 0.05  # methods without an unknown prompt: MSP threshold on val
 
+    def __post_init__(self) -> None:
+        for name in ("n_ctx", "k", "m"):
+            _check_min(f"prompt.{name}", getattr(self, name), 1)
+        _check_unit("prompt.threshold_quantile", self.threshold_quantile)
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -62,6 +94,11 @@ class LossConfig:
     beta: float = 0.5  # weight of L_coh (cohesion of unknown and known prompts)
     gamma: float = 0.01  # weight of L_reg (L1 on F_key)
     margin: float = 0.5  # L_rep hinge margin on cos(t_u, t_y)
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "gamma"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -71,44 +108,30 @@ class TrainConfig:
     weight_decay: float = 1e-5  # AdamW weight decay
     batch_size: int = 16  # images per step, pseudo-unknowns included
     grad_clip: float = 1.0  # max gradient norm
-    pseudo_unknowns: str = "mixup"  # label-C samples: none | mixup | diffusion | images
+    # label-C samples: none | mixup | pool | diffusion | images (`seeclip list pseudo`)
+    pseudo_unknowns: Literal["none", "mixup", "pool", "diffusion", "images"] = "mixup"
     pseudo_fraction: float = 0.1  # share of each source domain's slots given to pseudo-unknowns
-    pseudo_pool: str | None = None  # pseudo_unknowns=images: manifest.csv of `seeclip generate`
-    selection: str = "last"  # last | val_acc | val_h (known acc x held-out pseudo rejection)
-
-
-NEGATIVES = ("all", "own")  # negative text condition of the feature-space generator
-
-
-@dataclass(frozen=True)
-class FeatureDiffusionConfig:
-    """Settings of the feature-space generator (the run config's ``diffusion`` section)."""
-
-    # sampling (a change re-samples the pool from the same trained generator)
-    sigma: float = 0.2  # std of the noise on the semantic summaries, in source-std units
-    guidance: float = 15.0  # classifier-free guidance scale g
-    negative: str = "all"  # negative text: all = mean of the known classes' | own = sample's class
-    sample_steps: int = 20  # DDIM steps (eta = 0)
-    clip_x0: float = 4.0  # bound on the x0 estimate while sampling, in source-std units
-    detail: bool = True  # pooled grid only: add back the source image's within-cell token detail
-    pool_per_domain: int = 256  # pseudo-unknowns generated per source domain
-    # training (a change retrains the generator)
-    k: int = 4  # semantic summaries K (fixed queries: spherical k-means of source tokens)
-    grid: int | None = None  # token cells G x G; 0 = all tokens; None: 0 if (N+1)d <= 4096, else 2
-    width: int = 512  # hidden width of the denoiser MLP
-    depth: int = 3  # FiLM residual blocks
-    timesteps: int = 100  # DDPM steps T (cosine schedule)
-    train_steps: int = 1000  # AdamW steps (cosine learning-rate decay)
-    batch_size: int = 128  # source samples per training step
-    lr: float = 1e-3  # AdamW learning rate
-    cond_dropout: float = 0.1  # probability the text condition is replaced by the learned null
-    seed: int | None = None  # seeds training and sampling; None = the run's seed
+    pseudo_pool: str | None = None  # images: a manifest.csv; pool: a feature pool folder
+    # val_h with pseudo_unknowns=images: a second image pool made from source-val images only
+    val_pseudo_pool: str | None = None
+    # model selection (seeclip.selection): last | val_acc (source-val closed-set accuracy) |
+    # val_h (H of source-val knowns and pseudo-unknowns made from source-val images)
+    selection: Literal["last", "val_acc", "val_h"] = "last"
 
     def __post_init__(self) -> None:
-        if self.negative not in NEGATIVES:
-            raise ValueError(f"negative must be one of {NEGATIVES}, got {self.negative!r}")
-        if self.sigma < 0 or not 0 <= self.cond_dropout < 1:
-            raise ValueError("sigma must be >= 0 and cond_dropout in [0, 1)")
+        _check_min("train.epochs", self.epochs, 1)
+        _check_min("train.batch_size", self.batch_size, 1)
+        for name in ("lr", "grad_clip"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check_unit("train.pseudo_fraction", self.pseudo_fraction)
+        if self.pseudo_unknowns in ("images", "pool") and not self.pseudo_pool:
+            raise ConfigError(
+                f"train.pseudo_unknowns={self.pseudo_unknowns} needs train.pseudo_pool=PATH "
+                f"(a manifest.csv or pool folder written by `seeclip generate`)"
+            )
 
 
 @dataclass(frozen=True)
@@ -125,18 +148,24 @@ class RunConfig:
     seed: int = 0  # seeds everything random in the run
     encode_batch_size: int = 64  # image-encoder batch size when the feature cache is built
 
+    def __post_init__(self) -> None:
+        _check_min("encode_batch_size", self.encode_batch_size, 1)
+
     def hash(self) -> str:
         """A short stable hash of every field: the run folder's name."""
         blob = json.dumps(to_dict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
+    def setting_hash(self) -> str:
+        """The hash of every field but the seed and the target: what seeds of one row share."""
+        data = to_dict(self)
+        data["seed"] = None
+        data["data"]["target"] = None
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
     def run_name(self) -> str:
         d = self.data
         return f"{d.benchmark}_{d.protocol}_{d.target}_{self.label or self.method}"
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not match the config dataclasses."""
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -167,6 +196,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where=where)
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"{where}: expected one of {', '.join(map(str, choices))}, got {value!r}"
+            )
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

@@ -1,4 +1,4 @@
-"""What the frozen encoder gives a method, and what a method gives back.
+"""What the frozen encoder gives a method, what a method gives back, and pseudo-unknown sources.
 
 Leaf module (no seeclip imports), so that methods, trainers and pseudo-unknown sources can all
 use these types without import cycles.
@@ -6,10 +6,13 @@ use these types without import cycles.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -31,3 +34,38 @@ class Prediction:
     y_pred: np.ndarray  # [n] 0..C-1 known class, C = unknown
     y_pred_closed: np.ndarray  # [n] argmax over the C known classes only
     unknown_score: np.ndarray  # [n] higher = more likely unknown
+
+
+class PseudoUnknownSource(Protocol):
+    def sample(self, domain: str, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``n`` pseudo-unknowns of ``domain``: (global [n, d] normalised, tokens [n, N, d])."""
+
+
+class PseudoSources:
+    """A run's pseudo-unknowns, built on first use: a training source and a validation one.
+
+    The training source is built from the training features; the validation source from the
+    source-*validation* features only, so the held-out pseudo-unknowns that model selection
+    scores never derive from an image the model trained on.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        train: Callable[[], PseudoUnknownSource | None],
+        val: Callable[[], PseudoUnknownSource | None],
+    ) -> None:
+        self.name = name
+        self._build = {"train": train, "val": val}
+        self._built: dict[str, PseudoUnknownSource | None] = {}
+
+    def _get(self, which: str) -> PseudoUnknownSource | None:
+        if which not in self._built:
+            self._built[which] = self._build[which]()
+        return self._built[which]
+
+    def train(self) -> PseudoUnknownSource | None:
+        return self._get("train")
+
+    def val(self) -> PseudoUnknownSource | None:
+        return self._get("val")

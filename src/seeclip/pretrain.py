@@ -9,7 +9,6 @@ so a run resumed from ``last.pt`` ends with the same weights as an uninterrupted
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,7 +29,6 @@ from seeclip.tiny_clip import ARCH, SURGERY, build_tiny_digits
 
 __all__ = [
     "PretrainConfig",
-    "add_pretrain_parser",
     "augment",
     "load_benchmark_arrays",
     "pretrain_clip",
@@ -421,46 +419,3 @@ def _card(cfg, model, tokenizer, corpus, losses, train_seconds, command, benchma
             },
         },
     }
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def add_pretrain_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``seeclip pretrain-clip`` on an argparse ``subparsers`` object."""
-    p = subparsers.add_parser(
-        "pretrain-clip", help="pretrain the tiny-digits CLIP on the embedded digits corpus (CPU)"
-    )
-    p.add_argument("--out", required=True, type=Path, help="output folder (resumes if last.pt)")
-    p.add_argument("--config", type=Path, help="YAML file with PretrainConfig keys")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. steps=200 lr=5e-4")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_pretrain)
-    return p
-
-
-def config_from_args(config: Path | None, overrides: Sequence[str]) -> PretrainConfig:
-    """PretrainConfig from an optional YAML file and ``key=value`` overrides (unknown keys fail)."""
-    import yaml
-
-    from seeclip.config import ConfigError, apply_overrides, from_dict
-
-    raw = {}
-    if config is not None:
-        if not Path(config).is_file():
-            raise ConfigError(f"config file {config} does not exist")
-        raw = yaml.safe_load(Path(config).read_text()) or {}
-    return apply_overrides(from_dict(PretrainConfig, raw), overrides)
-
-
-def _cmd_pretrain(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args.config, args.overrides)
-    parts = ["seeclip", "pretrain-clip", "--out", str(args.out)]
-    if args.config is not None:
-        parts += ["--config", str(args.config)]
-    command = " ".join(parts + list(args.overrides))
-    card = pretrain_clip(cfg, args.out, progress=not args.no_progress, command=command)
-    zs = card["zero_shot"]["ensemble"]
-    print(json.dumps({"mean": zs["mean"], **zs["per_domain"]}, indent=1))
-    print(f"wrote {args.out / 'tiny-digits.safetensors'} and {args.out / 'card.json'}")
-    return 0

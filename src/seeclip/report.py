@@ -1,13 +1,20 @@
-"""Tables from run records (``results.jsonl``), never from logs: mean ± std over seeds."""
+"""Tables from run records (``results.jsonl``), never from logs: mean ± std over seeds.
+
+DomainBed's ``collect_results`` discipline: a table is built from final records only, one per
+run (config and seed); a row is one setting (config without seed and target) and its cells
+count distinct seeds. A label that stands for two different settings is an error, never an
+average of the two.
+"""
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from seeclip.records import FINAL, final_record
 
 METRICS = ("acc_known", "acc_unknown", "h_score", "closed_set_acc", "auroc", "oscr")
 HEADERS = {
@@ -20,13 +27,70 @@ HEADERS = {
 }
 
 
-def read_records(runs_dir: str | Path) -> list[dict]:
-    """Every record of every finished run (folders with a ``done`` marker) under ``runs_dir``."""
+class ReportError(ValueError):
+    """Records that cannot form one honest table (e.g. one label for two settings)."""
+
+
+def read_records(runs_dir: str | Path, *, kind: str = FINAL) -> list[dict]:
+    """The final record of every finished run (folders with ``done``) under ``runs_dir``."""
+    if kind != FINAL:
+        raise ValueError("tables are built from final records only")
     records = []
     for done in sorted(Path(runs_dir).glob("*/*/done")):
-        lines = (done.parent / "results.jsonl").read_text().splitlines()
-        records.extend(json.loads(line) for line in lines if line.strip())
+        record = final_record(done.parent)
+        if record is not None:
+            records.append(record)
     return records
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differing_keys(a: Mapping, b: Mapping) -> list[str]:
+    """Dotted config keys whose values differ between two configs (seed and target left out)."""
+    fa, fb = _flatten(a), _flatten(b)
+    skip = {"seed", "data.target"}
+    return sorted(k for k in set(fa) | set(fb) if k not in skip and fa.get(k) != fb.get(k))
+
+
+def dedupe(records: Iterable[dict]) -> list[dict]:
+    """One record per run (config hash): the last one wins. Evaluating a run again adds none."""
+    by_run: dict[str, dict] = {}
+    for r in records:
+        if r.get("kind", FINAL) != FINAL:
+            continue
+        by_run[r.get("config_hash") or f"{id(r)}"] = r
+    return list(by_run.values())
+
+
+def check_labels(records: Iterable[dict]) -> None:
+    """Raise :class:`ReportError` when one (benchmark, protocol, label) has two settings."""
+    seen: dict[tuple, dict] = {}
+    for r in records:
+        key = (r["benchmark"], r["protocol"], r["method"])
+        if "setting_hash" not in r:
+            continue  # a hand-made or old record: nothing to compare
+        first = seen.setdefault(key, r)
+        if first["setting_hash"] != r["setting_hash"]:
+            keys = differing_keys(first.get("config", {}), r.get("config", {}))
+            shown = ", ".join(
+                f"{k} ({_flatten(first.get('config', {})).get(k)!r} vs "
+                f"{_flatten(r.get('config', {})).get(k)!r})"
+                for k in keys
+            )
+            raise ReportError(
+                f"label {r['method']!r} ({r['benchmark']}/{r['protocol']}) stands for two "
+                f"configs, {first['setting_hash']} and {r['setting_hash']}, which differ in "
+                f"{shown or 'fields the records do not show'}; give one a different "
+                f"label=... or report one runs folder at a time"
+            )
 
 
 def _fmt(values: Sequence[float | None]) -> str:
@@ -44,8 +108,11 @@ def summarize(
     """A Markdown table: one row per (method, target) plus each method's mean over targets.
 
     With several seeds a cell is mean ± std over seeds; the "mean" row first averages over
-    targets within each seed, then reports mean ± std of those per-seed averages.
+    targets within each seed, then reports mean ± std of those per-seed averages. Each run
+    counts once (:func:`dedupe`), and a label with two settings raises :class:`ReportError`.
     """
+    records = dedupe(records)
+    check_labels(records)
     groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         key = (r["benchmark"], r["protocol"], r["method"], r["target"])
@@ -65,7 +132,7 @@ def summarize(
         if not per_target:
             continue
         lines.append(
-            f"| {' | '.join(key)} | {len(g['seed'])} | "
+            f"| {' | '.join(key)} | {len(set(g['seed']))} | "
             + " | ".join(_fmt(g[m]) for m in metrics)
             + " |"
         )

@@ -1,15 +1,15 @@
 """One evaluation run, top to bottom: data -> cached features -> method -> metrics -> run folder.
 
-A run folder ``runs/<name>/<config-hash>/`` holds ``config.yaml``, ``results.jsonl`` (one JSON
-record per evaluation), ``predictions.npz`` (everything needed to recompute the metrics) and a
-``done`` marker written last. A folder with ``done`` is complete and is reused, not recomputed.
+The runner is the only place that sees a whole :class:`~seeclip.config.RunConfig`; below it
+every function takes explicit arguments. A run folder ``runs/<name>/<config-hash>/`` holds
+``config.yaml``, ``results.jsonl`` (:mod:`seeclip.records`: one final record and one record per
+epoch), ``predictions.npz`` (everything needed to recompute the metrics), ``model.safetensors``
+and a ``done`` marker written last. A folder with ``done`` is complete and is reused.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import os
+import hashlib
 import random
 import time
 from dataclasses import dataclass
@@ -20,10 +20,32 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from seeclip import metrics
-from seeclip.config import RunConfig, save_config
+from seeclip.backbone import Backbone, build_backbone
+from seeclip.builders import METHODS, build_method
+from seeclip.cache import CachedFeatures, encode_cached
+from seeclip.config import RunConfig, load_config, save_config, to_dict
+from seeclip.datasets import (
+    BenchmarkSpec,
+    Manifest,
+    OSDGSplit,
+    SplitData,
+    get_benchmark,
+    load_manifest,
+    make_split,
+    prepare,
+    select,
+)
+from seeclip.datasets.digits import generate_benchmark, installed_versions, read_meta
+from seeclip.features import Features, Prediction, PseudoSources
+from seeclip.io import atomic_path, write_text
+from seeclip.methods import Method, MethodEnv
 from seeclip.paths import seeclip_home
+from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoContext
+from seeclip.records import FINAL, final_record, write_records
 
 EMBEDDED = "digits"
+# the install a record names: what computes features, trains and scores
+RECORD_PACKAGES = ("seeclip", "torch", "open_clip_torch", "numpy", "scikit-learn", "pillow")
 
 
 def set_seed(seed: int) -> None:
@@ -42,6 +64,11 @@ def default_data_root(benchmark: str) -> Path:
     return seeclip_home() / "data" / EMBEDDED
 
 
+def cache_root(cache_dir: str | Path | None) -> Path:
+    """Root of the feature cache (``features/``) and of pseudo-unknown pools (``pools/``)."""
+    return Path(cache_dir) if cache_dir else seeclip_home()
+
+
 def prepare_benchmark(
     benchmark: str,
     data_root: str | Path | None = None,
@@ -51,13 +78,9 @@ def prepare_benchmark(
     n_per_class: int | None = None,
     seed: int = 0,
     progress: bool = True,
-):
+) -> Manifest:
     """Validate a dataset tree (generating the embedded one first) and write its manifest."""
-    from seeclip.datasets import get_benchmark, prepare
-
     if benchmark == EMBEDDED:
-        from seeclip.datasets.digits import generate_benchmark
-
         root = Path(data_root) if data_root else default_data_root(benchmark)
         kwargs = {} if n_per_class is None else {"n_per_class": n_per_class}
         generate_benchmark(root, seed=seed, progress=progress, **kwargs)
@@ -69,89 +92,188 @@ def prepare_benchmark(
     return prepare(spec, root, skip_corrupt=skip_corrupt)
 
 
+def data_hash(manifest: Manifest) -> tuple[str, str]:
+    """(hash, kind) naming the data a run used.
+
+    ``content``: the generated tree's SHA-256 from its ``meta.json`` (every byte of every
+    image). ``listing``: for a real dataset, SHA-256 of the manifest rows and file sizes.
+    """
+    meta = read_meta(manifest.root)
+    if meta and meta.get("content_hash"):
+        return meta["content_hash"], "content"
+    digest = hashlib.sha256()
+    for s in manifest.samples:
+        size = (manifest.root / s.path).stat().st_size
+        digest.update(f"{s.path}|{s.class_name}|{s.domain}|{s.split}|{size}\n".encode())
+    return digest.hexdigest(), "listing"
+
+
+class FeatureMemo:
+    """Feature caches already opened by this process, keyed by the backbone's weights.
+
+    Runs over targets and seeds share one staleness check. The key is the backbone's weights
+    fingerprint (not its ``id``, which a new object can reuse), the data root, the cache root
+    and the image list.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, CachedFeatures] = {}
+
+    def get(
+        self,
+        backbone: Backbone,
+        manifest: Manifest,
+        *,
+        cache_dir: Path,
+        name: str,
+        batch_size: int,
+        progress: bool,
+    ) -> CachedFeatures:
+        paths = [s.path for s in manifest.samples]
+        key = (backbone.fingerprint, str(manifest.root), str(cache_dir), hash(tuple(paths)))
+        if key not in self._entries:
+            self._entries[key] = encode_cached(
+                backbone,
+                manifest.root,
+                paths,
+                cache_dir=cache_dir / "features",
+                name=name,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        return self._entries[key]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class BackboneMemo:
+    """Frozen backbones built by this process, by (name, pretrained): built once, shared."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str | None], Backbone] = {}
+
+    def get(self, name: str, pretrained: str | None) -> Backbone:
+        if (name, pretrained) not in self._entries:
+            self._entries[(name, pretrained)] = build_backbone(name, pretrained=pretrained, seed=0)
+        return self._entries[(name, pretrained)]
+
+
+FEATURES = FeatureMemo()
+BACKBONES = BackboneMemo()
+
+
+@dataclass(frozen=True)
+class RunData:
+    """Everything a run needs before its method: split, labels and cached features."""
+
+    spec: BenchmarkSpec
+    split: OSDGSplit
+    data: SplitData
+    backbone: Backbone
+    feats: CachedFeatures
+    domains: tuple[str, ...]  # per manifest sample
+    data_hash: str  # see :func:`data_hash`
+    data_hash_kind: str
+
+    def features(self, indices: np.ndarray) -> Features:
+        g = torch.from_numpy(np.ascontiguousarray(self.feats.global_[indices]))
+        t = torch.from_numpy(np.ascontiguousarray(self.feats.tokens[indices]))
+        return Features(g, t, tuple(self.domains[i] for i in indices))  # fp16 until used
+
+    @property
+    def class_texts(self) -> tuple[str, ...]:
+        return tuple(self.spec.class_text(c) for c in self.split.known)
+
+
+def load_run_data(
+    cfg: RunConfig, *, cache_dir: str | Path | None = None, progress: bool = True
+) -> RunData:
+    """The split, source/target indices and cached features of ``cfg``'s benchmark and target."""
+    d = cfg.data
+    root = Path(d.data_root) if d.data_root else default_data_root(d.benchmark)
+    spec = get_benchmark(d.benchmark, classes_file=d.classes_file, data_root=root)
+    split = make_split(spec, d.protocol, d.target)
+    manifest = load_manifest(spec, root)
+    data = select(manifest, split, val_fraction=d.val_fraction, val_seed=d.val_seed)
+    backbone = BACKBONES.get(cfg.backbone.name, cfg.backbone.pretrained)
+    feats = FEATURES.get(
+        backbone,
+        manifest,
+        cache_dir=cache_root(cache_dir),
+        name=f"{spec.name}-{_root_tag(manifest.root)}/{_safe(backbone.name)}",
+        batch_size=cfg.encode_batch_size,
+        progress=progress,
+    )
+    domains = tuple(s.domain for s in manifest.samples)
+    digest, kind = data_hash(manifest)
+    return RunData(spec, split, data, backbone, feats, domains, digest, kind)
+
+
+def pseudo_sources(
+    cfg: RunConfig, run: RunData, *, cache_dir: str | Path | None = None, progress: bool = True
+) -> PseudoSources:
+    """The run's pseudo-unknown sources: training ones from the training features, the
+    held-out ones of model selection from source-validation features only (built on use)."""
+    name = cfg.train.pseudo_unknowns
+    factory = PSEUDO_UNKNOWNS.get(name)
+    data = run.data
+
+    def context(indices: np.ndarray, labels: np.ndarray, pool: str | None) -> PseudoContext:
+        return PseudoContext(
+            run.features(indices),
+            torch.as_tensor(labels),
+            backbone=run.backbone,
+            class_texts=run.class_texts,
+            template=run.spec.template,
+            seed=cfg.seed,
+            diffusion=cfg.diffusion,
+            pool=pool,
+            cache_dir=cache_root(cache_dir),
+            progress=progress,
+        )
+
+    def val_source():
+        if name == "images" and not cfg.train.val_pseudo_pool:
+            raise ValueError(
+                "selection=val_h with train.pseudo_unknowns=images needs "
+                "train.val_pseudo_pool=<manifest.csv>, a pool generated from source-val images "
+                "(the training pool would score the model on what it trained on)"
+            )
+        pool = cfg.train.val_pseudo_pool if name == "images" else cfg.train.pseudo_pool
+        return factory(context(data.source_val, data.source_val_labels, pool))
+
+    return PseudoSources(
+        name,
+        lambda: factory(
+            context(data.source_train, data.source_train_labels, cfg.train.pseudo_pool)
+        ),
+        val_source,
+    )
+
+
+def make_method(
+    cfg: RunConfig, run: RunData, *, cache_dir: str | Path | None = None, progress: bool = True
+) -> Method:
+    """Build ``cfg.method`` on the run's backbone, with the config sections it asks for."""
+    env = MethodEnv(
+        backbone=run.backbone,
+        class_texts=run.class_texts,
+        template=run.spec.template,
+        seed=cfg.seed,
+        pseudo=pseudo_sources(cfg, run, cache_dir=cache_dir, progress=progress),
+        progress=progress,
+    )
+    sections = {"zeroshot": cfg.zeroshot, "prompt": cfg.prompt, "loss": cfg.loss,
+                "train": cfg.train, "diffusion": cfg.diffusion}  # fmt: skip
+    return build_method(cfg.method, env, sections)
+
+
 @dataclass(frozen=True)
 class RunResult:
     run_dir: Path
     record: dict
     cached: bool  # True when a finished run folder was reused
-
-
-def _data_root(cfg: RunConfig) -> Path:
-    if cfg.data.data_root:
-        return Path(cfg.data.data_root)
-    return default_data_root(cfg.data.benchmark)
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    """Everything a run needs before its method: split, labels and cached features."""
-
-    spec: object
-    split: object
-    data: object  # seeclip.datasets.SplitData
-    backbone: object
-    feats: object  # seeclip.cache.CachedFeatures
-    domains: tuple[str, ...]  # per manifest sample
-    paths: tuple[str, ...]  # per manifest sample, relative to the data root
-
-    def features(self, indices: np.ndarray):
-        from seeclip.methods import Features
-
-        g = torch.from_numpy(np.ascontiguousarray(self.feats.global_[indices]))
-        t = torch.from_numpy(np.ascontiguousarray(self.feats.tokens[indices]))
-        return Features(g, t, tuple(self.domains[i] for i in indices))  # fp16 until used
-
-
-_FEATURES: dict[tuple, object] = {}  # cached features already opened by this process
-
-
-@functools.lru_cache(maxsize=2)
-def _backbone(name: str, pretrained: str | None):
-    """The frozen backbone, built once per process (runs over targets and seeds share it)."""
-    from seeclip.backbone import build_backbone
-
-    return build_backbone(name, pretrained=pretrained, seed=0)
-
-
-def _load(cfg: RunConfig, cache_dir: str | Path | None, progress: bool) -> _Loaded:
-    from seeclip.cache import encode_cached
-    from seeclip.datasets import get_benchmark, load_manifest, make_split, select
-
-    root = _data_root(cfg)
-    spec = get_benchmark(cfg.data.benchmark, classes_file=cfg.data.classes_file, data_root=root)
-    split = make_split(spec, cfg.data.protocol, cfg.data.target)
-    manifest = load_manifest(spec, root)
-    data = select(manifest, split, val_fraction=cfg.data.val_fraction, val_seed=cfg.data.val_seed)
-    backbone = _backbone(cfg.backbone.name, cfg.backbone.pretrained)
-    cache_root = Path(cache_dir) if cache_dir else seeclip_home() / "features"
-    paths = tuple(s.path for s in manifest.samples)
-    memo_key = (id(backbone), str(manifest.root), str(cache_root), hash(paths))
-    if memo_key not in _FEATURES:  # one staleness check per process, not per target and seed
-        _FEATURES[memo_key] = encode_cached(
-            backbone,
-            manifest.root,
-            list(paths),
-            cache_dir=cache_root,
-            name=f"{spec.name}-{_root_tag(manifest.root)}/{_safe(backbone.name)}",
-            batch_size=cfg.encode_batch_size,
-            progress=progress,
-        )
-    feats = _FEATURES[memo_key]
-    domains = tuple(s.domain for s in manifest.samples)
-    return _Loaded(spec, split, data, backbone, feats, domains, paths)
-
-
-def _build_method(cfg: RunConfig, loaded: _Loaded, progress: bool):
-    from seeclip.methods import METHODS, MethodContext
-
-    ctx = MethodContext(
-        backbone=loaded.backbone,
-        class_texts=tuple(loaded.spec.class_text(c) for c in loaded.split.known),
-        template=loaded.spec.template,
-        config=cfg,
-        progress=progress,
-    )
-    return METHODS.get(cfg.method)(ctx)
 
 
 def run_eval(
@@ -163,48 +285,56 @@ def run_eval(
     progress: bool = True,
 ) -> RunResult:
     """Fit ``cfg.method`` on the sources, evaluate it on ``cfg.data.target``, write the run."""
-    from seeclip.methods import METHODS
-
     run_dir = Path(runs_dir) / cfg.run_name() / cfg.hash()
     if (run_dir / "done").exists() and not force:
-        record = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
-        return RunResult(run_dir, record, cached=True)
+        record = final_record(run_dir)
+        if record is not None:
+            return RunResult(run_dir, record, cached=True)
     METHODS.get(cfg.method)  # fail on a bad method name before any work
     set_seed(cfg.seed)
-    loaded = _load(cfg, cache_dir, progress)
-    method = _build_method(cfg, loaded, progress)
-    data = loaded.data
+    run = load_run_data(cfg, cache_dir=cache_dir, progress=progress)
+    method = make_method(cfg, run, cache_dir=cache_dir, progress=progress)
+    data = run.data
     start = time.perf_counter()
     method.fit(
-        loaded.features(data.source_train),
+        run.features(data.source_train),
         torch.as_tensor(data.source_train_labels),
-        loaded.features(data.source_val),
+        run.features(data.source_val),
         torch.as_tensor(data.source_val_labels),
     )
     fit_seconds = time.perf_counter() - start
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "done").unlink(missing_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    save_file(method.state(), str(run_dir / "model.safetensors"))
-    record = _evaluate(cfg, loaded, method, run_dir, extra={"fit_seconds": round(fit_seconds, 3)})
+    with atomic_path(run_dir / "model.safetensors") as tmp:
+        save_file(method.state(), str(tmp))
+    epochs = [{**r, "config_hash": cfg.hash(), "seed": cfg.seed} for r in method.history()]
+    chosen = [r["epoch"] for r in epochs if r.get("selected")]
+    trained = {"selection": cfg.train.selection, "selected_epoch": chosen[0]} if epochs else {}
+    extra = {"selection": None, "selected_epoch": None, **trained}
+    extra["fit_seconds"] = round(fit_seconds, 3)
+    record = _evaluate(cfg, run, method, run_dir, epochs=epochs, extra=extra)
     return RunResult(run_dir, record, cached=False)
 
 
 def eval_run(
     run_dir: str | Path, *, cache_dir: str | Path | None = None, progress: bool = True
 ) -> RunResult:
-    """Re-evaluate a trained run from its ``config.yaml`` and ``model.safetensors``."""
+    """Re-evaluate a trained run from its checkpoint; the new record replaces the old one."""
     run_dir = Path(run_dir)
-    cfg, loaded, method = restore_run(run_dir, cache_dir=cache_dir, progress=progress)
+    cfg, run, method = restore_run(run_dir, cache_dir=cache_dir, progress=progress)
+    old = final_record(run_dir) or {}
     (run_dir / "done").unlink(missing_ok=True)
-    record = _evaluate(cfg, loaded, method, run_dir, extra={})
+    extra = {k: old.get(k) for k in ("selection", "selected_epoch", "fit_seconds")}
+    extra["evaluations"] = int(old.get("evaluations", 1)) + 1
+    record = _evaluate(cfg, run, method, run_dir, epochs=None, extra=extra)
     return RunResult(run_dir, record, cached=False)
 
 
-def restore_run(run_dir: Path, *, cache_dir: str | Path | None = None, progress: bool = True):
-    """(config, loaded data, fitted method) of a run folder, from its config and checkpoint."""
-    from seeclip.config import load_config
-
+def restore_run(
+    run_dir: Path, *, cache_dir: str | Path | None = None, progress: bool = True
+) -> tuple[RunConfig, RunData, Method]:
+    """(config, run data, fitted method) of a run folder, from its config and checkpoint."""
     for name in ("config.yaml", "model.safetensors"):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(
@@ -217,64 +347,73 @@ def restore_run(run_dir: Path, *, cache_dir: str | Path | None = None, progress:
             f"{run_dir}/config.yaml hashes to {cfg.hash()}, not to the folder name: it was edited "
             f"after training; train a new run instead"
         )
-    loaded = _load(cfg, cache_dir, progress)
-    method = _build_method(cfg, loaded, progress)
+    run = load_run_data(cfg, cache_dir=cache_dir, progress=progress)
+    method = make_method(cfg, run, cache_dir=cache_dir, progress=progress)
     state = load_file(str(run_dir / "model.safetensors"))
     try:
         method.load_state(state)
     except (RuntimeError, KeyError) as err:
         raise ValueError(f"{run_dir}/model.safetensors does not fit its config: {err}") from err
-    return cfg, loaded, method
+    return cfg, run, method
 
 
-def _evaluate(cfg: RunConfig, loaded: _Loaded, method, run_dir: Path, *, extra: dict) -> dict:
-    from seeclip.methods import Prediction
-
-    split, data = loaded.split, loaded.data
-    target = loaded.features(data.target)
+def _evaluate(
+    cfg: RunConfig,
+    run: RunData,
+    method: Method,
+    run_dir: Path,
+    *,
+    epochs: list[dict] | None,
+    extra: dict,
+) -> dict:
+    """Predict the target (no label goes in), score it, write predictions and records."""
+    split, data = run.split, run.data
+    target = run.features(data.target)
     pred: Prediction = method.predict(target)  # no label goes in
     y_true = np.asarray(data.target_labels)
     record = {
-        "benchmark": loaded.spec.name,
+        "kind": FINAL,
+        "benchmark": run.spec.name,
         "protocol": split.protocol,
         "target": split.target,
         "method": cfg.label or cfg.method,
         "seed": cfg.seed,
-        "backbone": loaded.backbone.name,
-        "pretrained": loaded.backbone.pretrained,
+        "backbone": run.backbone.name,
+        "pretrained": run.backbone.pretrained,
         "n_known": int((y_true >= 0).sum()),
         "n_unknown": int((y_true < 0).sum()),
         **metrics.open_set_report(
             y_true, pred.y_pred, pred.y_pred_closed, pred.unknown_score, num_known=len(split.known)
         ),
+        "data_hash": run.data_hash,
+        "data_hash_kind": run.data_hash_kind,
+        "install": installed_versions(RECORD_PACKAGES),
         **extra,
         "config_hash": cfg.hash(),
+        "setting_hash": cfg.setting_hash(),
+        "config": to_dict(cfg),
     }
     record = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in record.items()}
-    _write_run(run_dir, cfg, record, pred, y_true, target.domains, split.known)
+    _write_predictions(run_dir, pred, y_true, target.domains, split.known)
+    write_records(run_dir, record, epochs)
+    write_text(run_dir / "done", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     return record
 
 
-def _write_run(run_dir, cfg, record, pred, y_true, domains, known) -> None:
-    tmp = run_dir / "predictions.tmp.npz"
-    np.savez(
-        tmp,
-        y_true=y_true.astype(np.int64),
-        y_pred=pred.y_pred.astype(np.int64),
-        y_pred_closed=pred.y_pred_closed.astype(np.int64),
-        unknown_score=pred.unknown_score.astype(np.float64),
-        domain=np.asarray(domains),
-        known_classes=np.asarray(known),
-    )
-    os.replace(tmp, run_dir / "predictions.npz")
-    with open(run_dir / "results.jsonl", "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-    (run_dir / "done").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+def _write_predictions(run_dir: Path, pred: Prediction, y_true, domains, known) -> None:
+    with atomic_path(run_dir / "predictions.npz") as tmp:
+        np.savez(
+            tmp,
+            y_true=y_true.astype(np.int64),
+            y_pred=pred.y_pred.astype(np.int64),
+            y_pred_closed=pred.y_pred_closed.astype(np.int64),
+            unknown_score=pred.unknown_score.astype(np.float64),
+            domain=np.asarray(domains),
+            known_classes=np.asarray(known),
+        )
 
 
 def _root_tag(root: Path) -> str:
-    import hashlib
-
     return hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:10]
 
 

@@ -2,7 +2,8 @@
 
 Batches are balanced over source domains; in each domain's share of a batch about
 ``pseudo_fraction`` of the slots hold pseudo-unknowns (label C). AdamW, gradient clipping,
-model selection on source validation only (never the target).
+model selection by a named rule of :mod:`seeclip.selection` on source validation only (never
+the target). The trainer is handed its pseudo-unknown sources; it builds none and reads no file.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from seeclip import metrics
 from seeclip.config import TrainConfig
-from seeclip.features import Features, Prediction
-from seeclip.generate import feature_diffusion  # noqa: F401  (registers "diffusion")
-from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoContext, PseudoUnknownSource
+from seeclip.features import Features, Prediction, PseudoSources, PseudoUnknownSource
+from seeclip.methods.base import confidence_threshold
+from seeclip.pseudo.base import draw
+from seeclip.selection import Selection
 
-SELECTIONS = ("last", "val_acc", "val_h")
+VAL_PSEUDO_SEED_OFFSET = 1_000_003  # the held-out pseudo-unknowns' own generator seed
 LossFn = Callable[[object, Tensor], dict[str, Tensor]]
 
 
@@ -80,8 +83,19 @@ class BalancedBatches:
 @dataclass
 class TrainLog:
     losses: list[dict[str, float]]  # per epoch, mean of each loss term
-    val: list[dict[str, float]]  # per epoch, source-validation criteria
+    val: list[dict[str, float]]  # per epoch, source-validation criteria (empty for "last")
     selected_epoch: int
+
+    def records(self) -> list[dict]:
+        """One ``kind="epoch"`` record per epoch: loss terms and source-val criteria."""
+        out = []
+        for i, losses in enumerate(self.losses):
+            rec: dict = {"kind": "epoch", "epoch": i + 1, "selected": i + 1 == self.selected_epoch}
+            rec.update({f"loss_{k}": round(v, 6) for k, v in losses.items()})
+            if i < len(self.val):
+                rec.update({f"val_{k}": round(v, 6) for k, v in self.val[i].items()})
+            out.append(rec)
+        return out
 
 
 class PromptTrainer:
@@ -98,48 +112,52 @@ class PromptTrainer:
         loss_fn: LossFn,
         *,
         train: TrainConfig,
+        selection: Selection,
+        pseudo: PseudoSources | None = None,
         threshold_quantile: float = 0.05,
         seed: int = 0,
         progress: bool = True,
-        pseudo_context: dict | None = None,
     ) -> None:
-        if train.selection not in SELECTIONS:
-            raise ValueError(f"unknown selection {train.selection!r}; choose one of {SELECTIONS}")
-        PSEUDO_UNKNOWNS.get(train.pseudo_unknowns)  # fail early on a bad name
-        if train.selection == "val_h" and not model.has_unknown_prompt:
+        if selection.needs_val_pseudo and not model.has_unknown_prompt:
             raise ValueError(
-                "selection=val_h scores rejection by the unknown prompt; this model has none "
-                "(use train.selection=val_acc or last)"
+                f"selection={selection.name} scores rejection by the unknown prompt; this model "
+                f"has none (use train.selection=val_acc or last)"
+            )
+        if selection.needs_val_pseudo and pseudo is None:
+            raise ValueError(
+                f"selection={selection.name} needs pseudo-unknowns (train.pseudo_unknowns)"
             )
         self.model = model
         self.loss_fn = loss_fn
         self.cfg = train
+        self.selection = selection
+        self.pseudo = pseudo
         self.threshold_quantile = threshold_quantile
         self.seed = seed
         self.progress = progress
-        self.pseudo_context = pseudo_context or {}  # backbone, class_texts, template, options
         self.num_known = model.num_known
         self.threshold: float | None = None
         self.log: TrainLog | None = None
 
+    def history(self) -> list[dict]:
+        """Per-epoch records of the last :meth:`fit` (empty before it)."""
+        return self.log.records() if self.log else []
+
     # ------------------------------------------------------------------ training
     def fit(self, train: Features, train_labels: Tensor, val: Features, val_labels: Tensor) -> None:
-        cfg, model = self.cfg, self.model
+        cfg, model, rule = self.cfg, self.model, self.selection
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
-        use_pseudo = model.has_unknown_prompt and cfg.pseudo_unknowns != "none"
         source: PseudoUnknownSource | None = None
-        if use_pseudo:
-            source = self._pseudo_source(train, train_labels)
+        if model.has_unknown_prompt and self.pseudo is not None:
+            source = self.pseudo.train()
         batches = BalancedBatches(
             train.domains,
             cfg.batch_size,
             pseudo_fraction=cfg.pseudo_fraction if source else 0.0,
             generator=gen,
         )
-        val_pseudo = (
-            self._val_pseudo(val, train, train_labels) if cfg.selection == "val_h" else None
-        )
+        val_pseudo = self._val_pseudo(val) if rule.needs_val_pseudo else None
         params = [p for p in model.learnable_parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = math.ceil(len(train) / cfg.batch_size)
@@ -161,10 +179,10 @@ class PromptTrainer:
                 bar.update()
                 bar.set_postfix(epoch=epoch, loss=f"{float(terms['total'].detach()):.3f}")
             log.losses.append({k: v / steps for k, v in sums.items()})
-            if cfg.selection != "last":
+            if rule.criterion is not None:
                 crit = self._val_criteria(val, val_labels, val_pseudo)
                 log.val.append(crit)
-                score = crit["acc_known"] if cfg.selection == "val_acc" else crit["h_score"]
+                score = rule.score(crit)
                 if best is None or score > best[0]:
                     best = (score, epoch, copy.deepcopy(model.state_dict_learnable()))
         bar.close()
@@ -174,8 +192,9 @@ class PromptTrainer:
         self.log = log
         model.eval()
         if not model.has_unknown_prompt:
-            conf = 1.0 - self._scores(val)[2]
-            self.threshold = float(np.quantile(conf, self.threshold_quantile))
+            self.threshold = confidence_threshold(
+                1.0 - self._scores(val)[2], self.threshold_quantile
+            )
 
     def _batch(self, batches, train, labels, source, gen) -> tuple[Tensor, Tensor, Tensor]:
         real, pseudo = batches.next()
@@ -189,33 +208,32 @@ class PromptTrainer:
                 y.append(torch.full((n,), self.num_known, dtype=torch.long))
         return torch.cat(g), torch.cat(t), torch.cat(y)
 
-    def _val_pseudo(self, val: Features, train: Features, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Held-out pseudo-unknowns for selection: drawn with their own fixed generator."""
-        source = self._pseudo_source(train, labels)
+    def _val_pseudo(self, val: Features) -> tuple[Tensor, Tensor]:
+        """Held-out pseudo-unknowns for selection, from the source-val source, own generator."""
+        source = self.pseudo.val() if self.pseudo is not None else None
         if source is None:
-            raise ValueError("selection=val_h needs pseudo-unknowns (train.pseudo_unknowns)")
-        gen = torch.Generator().manual_seed(self.seed + 1_000_003)
-        domains = sorted(set(val.domains))
-        n = max(1, len(val) // (2 * len(domains)))
-        parts = [source.sample(d, n, gen) for d in domains]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-    def _pseudo_source(self, train: Features, labels: Tensor) -> PseudoUnknownSource | None:
-        ctx = PseudoContext(
-            train, labels, seed=self.seed, progress=self.progress, **self.pseudo_context
-        )
-        return PSEUDO_UNKNOWNS.get(self.cfg.pseudo_unknowns)(ctx)
+            raise ValueError(
+                f"selection={self.selection.name} needs pseudo-unknowns (train.pseudo_unknowns)"
+            )
+        gen = torch.Generator().manual_seed(self.seed + VAL_PSEUDO_SEED_OFFSET)
+        n = max(1, len(val) // (2 * len(set(val.domains))))
+        return draw(source, val.domains, n, gen)
 
     @torch.no_grad()
     def _val_criteria(self, val: Features, val_labels: Tensor, val_pseudo) -> dict[str, float]:
-        """Source-val known accuracy (C+1 decision) and, for val_h, held-out pseudo rejection."""
-        y_pred, _, _ = self._scores(val)
-        out = {"acc_known": float(np.mean(y_pred == val_labels.numpy()))}
+        """Source-val criteria of :mod:`seeclip.selection`: closed-set accuracy, and with
+        held-out pseudo-unknowns the (C+1)-way known accuracy, rejection rate and H."""
+        y_pred, closed, _ = self._scores(val)
+        y_val = val_labels.numpy()
+        out = {"closed_acc": metrics.closed_set_acc(y_val, closed)}
         if val_pseudo is not None:
             pred_u = self._logits(*val_pseudo).argmax(-1).numpy()
-            out["acc_unknown"] = float(np.mean(pred_u == self.num_known))
-            a, u = out["acc_known"], out["acc_unknown"]
-            out["h_score"] = 0.0 if a + u == 0 else 2 * a * u / (a + u)
+            y_true = np.concatenate([y_val, np.full(len(pred_u), -1)])
+            y_all = np.concatenate([y_pred, pred_u])
+            c = self.num_known
+            out["acc_known"] = metrics.acc_known(y_true, y_all, num_known=c)
+            out["acc_unknown"] = metrics.acc_unknown(y_true, y_all, num_known=c)
+            out["h_score"] = metrics.h_score(y_true, y_all, num_known=c)
         return out
 
     # ---------------------------------------------------------------- prediction

@@ -36,14 +36,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from seeclip.features import Features
+from seeclip.generate.feature_config import FeatureDiffusionConfig
 from seeclip.generate.feature_generator import (
     CHUNK,
     TRAIN_FIELDS,
-    FeatureDiffusionConfig,
     FeatureGenerator,
 )
 from seeclip.paths import seeclip_home
-from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoContext
 
 log = logging.getLogger(__name__)
 
@@ -335,34 +334,11 @@ def load_pool(entry: Path) -> FeaturePool:
     return FeaturePool(t["global"], t["tokens"], tuple(meta["domains"]), t["source_index"], entry)
 
 
-@PSEUDO_UNKNOWNS.register("diffusion")
-def diffusion_unknowns(ctx: PseudoContext) -> FeaturePool:
-    """Semantic-guided feature diffusion: a seeded pool, generated once per source set."""
-    config = ctx.options if ctx.options is not None else FeatureDiffusionConfig()
-    if not isinstance(config, FeatureDiffusionConfig):
-        raise TypeError(f"diffusion options must be a FeatureDiffusionConfig, got {config!r}")
-    if ctx.backbone is None or not ctx.class_texts:
-        raise ValueError("diffusion pseudo-unknowns need the backbone and the class texts")
-    with torch.no_grad():
-        class_text = ctx.backbone.encode_text([ctx.template.format(c) for c in ctx.class_texts])
-        unknown = ctx.backbone.encode_text([ctx.template.format(UNKNOWN_WORD)])[0]
-    return build_pool(
-        ctx.features,
-        ctx.labels,
-        class_text=class_text.cpu(),
-        unknown_text=unknown.cpu(),
-        config=config,
-        seed=ctx.seed,
-        progress=ctx.progress,
-    )
-
-
 __all__ = [
     "FeatureDiffusionConfig",
     "FeatureGenerator",
     "FeaturePool",
     "build_pool",
-    "diffusion_unknowns",
     "load_pool",
     "sample_pool",
     "source_fingerprint",

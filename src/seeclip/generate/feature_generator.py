@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from seeclip.config import FeatureDiffusionConfig
 from seeclip.features import Features
 from seeclip.generate.denoiser import (
     Denoiser,
@@ -26,6 +25,7 @@ from seeclip.generate.denoiser import (
     semantic_queries,
     semantic_summaries,
 )
+from seeclip.generate.feature_config import FeatureDiffusionConfig
 
 _AUTO_GRID_MAX_DIM = 4096  # grid=None keeps every token while (N + 1) * d stays below this
 CHUNK = 512  # rows per DDIM batch (the summary noise and x_T are drawn per chunk)

@@ -1,6 +1,15 @@
-"""Methods: each module registers its factories in :data:`METHODS`."""
+"""Methods on a frozen CLIP: the two-call interface, zero-shot CLIP and the prompt models.
 
-from seeclip.methods import learned, zeroshot  # noqa: F401  (fill the registry)
-from seeclip.methods.base import METHODS, Features, Method, MethodContext, Prediction
+The registry of buildable methods is :data:`seeclip.builders.METHODS` (it needs the trainer,
+which sits above this package).
+"""
 
-__all__ = ["METHODS", "Features", "Method", "MethodContext", "Prediction"]
+from seeclip.methods.base import (
+    Features,
+    Method,
+    MethodEnv,
+    Prediction,
+    confidence_threshold,
+)
+
+__all__ = ["Features", "Method", "MethodEnv", "Prediction", "confidence_threshold"]

@@ -5,14 +5,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from seeclip.features import Features, Prediction
-from seeclip.registry import Registry
+from seeclip.features import Features, Prediction, PseudoSources
 
 
 class Method(Protocol):
@@ -32,17 +31,37 @@ class Method(Protocol):
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state` returned."""
 
+    def history(self) -> list[dict]:
+        """Per-epoch records of the last fit (loss terms, source-val criteria); [] if none."""
+
 
 @dataclass(frozen=True)
-class MethodContext:
-    """What a method factory may use: the backbone, the class texts and the run config."""
+class MethodEnv:
+    """What every method factory gets besides its own config sections: the frozen CLIP side.
+
+    A factory is ``build(env, *, <section>: <SectionConfig>, ...)``: it names the run-config
+    sections it needs as keyword arguments (e.g. ``prompt: PromptConfig``), and the runner
+    passes exactly those. Nothing else of the run config reaches a method.
+    """
 
     backbone: Any  # seeclip.backbone.Backbone
     class_texts: tuple[str, ...]  # prompt text of each known class, in label order
     template: str  # the benchmark's default prompt template with one {}
-    config: Any  # seeclip.config.RunConfig
+    seed: int = 0  # seeds the method's initial weights and training
+    pseudo: PseudoSources | None = None  # pseudo-unknown sources the runner built (learners)
     progress: bool = True  # show progress bars while fitting
 
 
-MethodFactory = Callable[[MethodContext], Method]
-METHODS: Registry[MethodFactory] = Registry("method")
+def confidence_threshold(confidence: Any, quantile: float) -> float:
+    """The max-softmax rejection threshold: the ``quantile`` of source-val known confidences.
+
+    About that share of known source-validation images falls below it and would be rejected;
+    it is the one threshold rule of seeclip (zero-shot CLIP and the prompt learners without
+    an unknown prompt).
+    """
+    if not 0.0 <= quantile < 1.0:
+        raise ValueError(f"threshold_quantile must be in [0, 1), got {quantile}")
+    conf = np.asarray(confidence.detach().cpu() if hasattr(confidence, "detach") else confidence)
+    if conf.size == 0:
+        raise ValueError("the threshold needs source-validation images; the split has none")
+    return float(np.quantile(conf.astype(np.float64), quantile))

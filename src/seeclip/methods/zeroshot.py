@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import open_clip
 import torch
 
-from seeclip.methods.base import METHODS, Features, MethodContext, Prediction
+from seeclip.config import ZeroShotConfig
+from seeclip.methods.base import Features, MethodEnv, Prediction, confidence_threshold
 
 SCORES = ("msp", "mcm")
 
@@ -29,8 +31,7 @@ class ZeroShot:
     ) -> None:
         if score not in SCORES:
             raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-        if not 0.0 <= threshold_quantile < 1.0:
-            raise ValueError(f"threshold_quantile must be in [0, 1), got {threshold_quantile}")
+        confidence_threshold([1.0], threshold_quantile)  # checks the quantile
         self.text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
         self.num_known = text_features.shape[0]
         self.scale = logit_scale if score == "msp" else 1.0 / mcm_temperature
@@ -48,13 +49,16 @@ class ZeroShot:
         if len(val) == 0:
             raise ValueError("zeroshot needs source-validation images to choose its threshold")
         _, conf = self._confidence(val)
-        self.threshold = float(torch.quantile(conf, self.threshold_quantile))
+        self.threshold = confidence_threshold(conf, self.threshold_quantile)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"__threshold__": torch.tensor(self.threshold, dtype=torch.float64)}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.threshold = float(state["__threshold__"])
+
+    def history(self) -> list[dict]:
+        return []  # nothing is trained
 
     @torch.no_grad()
     def predict(self, images: Features) -> Prediction:
@@ -65,19 +69,22 @@ class ZeroShot:
         return Prediction(y_pred.numpy(), closed.numpy(), (1.0 - conf).numpy())
 
 
-@METHODS.register("zeroshot")
-def build_zeroshot(ctx: MethodContext) -> ZeroShot:
+def build_zeroshot(env: MethodEnv, *, zeroshot: ZeroShotConfig) -> ZeroShot:
     """Zero-shot CLIP, max-softmax (or MCM) unknown score, threshold from source val."""
-    opts = ctx.config.zeroshot
-    template = opts.template or ctx.template
-    with torch.no_grad():
-        text = ctx.backbone.encode_text([template.format(t) for t in ctx.class_texts])
+    template = zeroshot.template or env.template
+    weights = open_clip.build_zero_shot_classifier(  # [d, C]
+        env.backbone.model,
+        env.backbone.tokenizer,
+        classnames=env.class_texts,
+        templates=(template,),
+        device=env.backbone.device,
+    )
     return ZeroShot(
-        text,
-        logit_scale=ctx.backbone.logit_scale,
-        score=opts.score,
-        mcm_temperature=opts.mcm_temperature,
-        threshold_quantile=opts.threshold_quantile,
+        weights.T.cpu(),
+        logit_scale=env.backbone.logit_scale,
+        score=zeroshot.score,
+        mcm_temperature=zeroshot.mcm_temperature,
+        threshold_quantile=zeroshot.threshold_quantile,
     )
 
 

@@ -17,10 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seeclip.paths import seeclip_home
 
-
-def add_generate_parser(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="build (and inspect) a pseudo-unknown pool for a config")
     p.add_argument("--config", required=True, help="YAML preset, e.g. configs/digits.yaml")
     p.add_argument("--target", help="target domain (the pool uses only its source domains)")
@@ -33,10 +31,14 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--run", help="inspect: rejection rate of this trained run (default: zeroshot)")
     p.add_argument("--sd-model", help="image: Stable Diffusion model id or local folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="image: pool folder (default: $SEECLIP_HOME/pools/images/...)")
+    p.add_argument("--out", help="image: pool folder (default: <cache root>/pools/images/...)")
+    p.add_argument(
+        "--cache-dir",
+        help="root of the feature cache and pseudo-unknown pools (default: $SEECLIP_HOME)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. diffusion.sigma=0.3")
-    p.set_defaults(func=_cmd_generate)
+    p.set_defaults(func=run)
 
 
 def _config(args: argparse.Namespace):
@@ -56,34 +58,38 @@ def _config(args: argparse.Namespace):
     return cfg
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from seeclip.runner import _load, set_seed
+def run(args: argparse.Namespace) -> int:
+    from seeclip.runner import cache_root, load_run_data, set_seed
 
     cfg = _config(args)
     set_seed(cfg.seed)
     progress = not args.no_progress
-    loaded = _load(cfg, None, progress)
+    loaded = load_run_data(cfg, cache_dir=args.cache_dir, progress=progress)
     data = loaded.data
     train = loaded.features(data.source_train)
     labels = torch.as_tensor(data.source_train_labels)
-    class_texts = tuple(loaded.spec.class_text(c) for c in loaded.split.known)
+    class_texts = loaded.class_texts
     if args.backend == "feature":
-        from seeclip.generate.feature_diffusion import diffusion_unknowns
-        from seeclip.pseudo import PseudoContext
+        from seeclip.pseudo import PseudoContext, diffusion_unknowns
 
         ctx = PseudoContext(
             train,
             labels,
-            loaded.backbone,
-            class_texts,
-            loaded.spec.template,
-            cfg.seed,
-            cfg.diffusion,
+            backbone=loaded.backbone,
+            class_texts=class_texts,
+            template=loaded.spec.template,
+            seed=cfg.seed,
+            diffusion=cfg.diffusion,
+            cache_dir=cache_root(args.cache_dir),
             progress=progress,
         )
         pool = diffusion_unknowns(ctx)
         counts = {d: int(len(pool.rows(d))) for d in sorted(set(pool.domains))}
         print(f"feature pool: {len(pool)} pseudo-unknowns {counts} -> {pool.path}")
+        print(
+            f"train with it: seeclip train --config {args.config} train.pseudo_unknowns=pool "
+            f"train.pseudo_pool={pool.path}"
+        )
         pool_feats = pool.features()
     else:
         pool_feats = _image_pool(args, cfg, loaded, train, class_texts, progress)
@@ -112,8 +118,9 @@ def _image_pool(args, cfg, loaded, train, class_texts, progress):
         rows += [idx[j] for j in torch.randperm(len(idx), generator=gen)[:n].tolist()]
     queries = semantic_queries(train.tokens, cfg.diffusion.k, gen)
     tokens = semantic_summaries(train.tokens[rows], queries)
-    paths = [loaded.paths[i] for i in loaded.data.source_train[rows]]
-    out = Path(args.out) if args.out else _image_pool_dir(cfg)
+    manifest_paths = loaded.feats.paths
+    paths = [manifest_paths[i] for i in loaded.data.source_train[rows]]
+    out = Path(args.out) if args.out else _image_pool_dir(cfg, args.cache_dir)
     pipe = load_pipeline(icfg.model, device=args.device, dtype=icfg.torch_dtype(args.device))
     manifest = generate_image_pool(
         pipe,
@@ -131,19 +138,22 @@ def _image_pool(args, cfg, loaded, train, class_texts, progress):
         f"train with it: seeclip train --config {args.config} train.pseudo_unknowns=images "
         f"train.pseudo_pool={manifest}"
     )
-    return image_pool_features(loaded.backbone, manifest, progress=progress)
-
-
-def _image_pool_dir(cfg) -> Path:
-    d = cfg.data
-    return (
-        seeclip_home() / "pools" / "images" / f"{d.benchmark}-{d.protocol}-{d.target}-s{cfg.seed}"
+    return image_pool_features(
+        loaded.backbone, manifest, cache_dir=args.cache_dir, progress=progress
     )
+
+
+def _image_pool_dir(cfg, cache_dir: str | None) -> Path:
+    from seeclip.runner import cache_root
+
+    d = cfg.data
+    name = f"{d.benchmark}-{d.protocol}-{d.target}-s{cfg.seed}"
+    return cache_root(cache_dir) / "pools" / "images" / name
 
 
 def _inspect(args, cfg, loaded, class_texts, pool_feats, progress) -> None:
     from seeclip.generate.inspect import rejection_rate, similarity_report
-    from seeclip.runner import _build_method, restore_run
+    from seeclip.runner import make_method, restore_run
 
     data = loaded.data
     target = loaded.features(data.target)
@@ -165,11 +175,11 @@ def _inspect(args, cfg, loaded, class_texts, pool_feats, progress) -> None:
             f"q05 {stats['q05']:.3f}  q50 {stats['q50']:.3f}  q95 {stats['q95']:.3f}"
         )
     if args.run:
-        _, _, method = restore_run(Path(args.run), progress=progress)
+        _, _, method = restore_run(Path(args.run), cache_dir=args.cache_dir, progress=progress)
         who = f"run {args.run}"
     else:
         zs = dataclasses.replace(cfg, method="zeroshot")
-        method = _build_method(zs, loaded, progress)
+        method = make_method(zs, loaded, cache_dir=args.cache_dir, progress=progress)
         method.fit(None, None, loaded.features(data.source_val), None)
         who = "zero-shot CLIP (source-val threshold)"
     print(f"{who} already rejects {rejection_rate(method, pool_feats):.1%} of the pool")

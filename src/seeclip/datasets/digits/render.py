@@ -1,4 +1,4 @@
-"""The embedded ``digits`` benchmark and its captioned pretraining corpus, built offline.
+"""Rendering of one digit image in one of the four styles of the embedded ``digits`` world.
 
 Four visibly different domains of the ten digits, all from data that pip packages ship:
 
@@ -9,44 +9,38 @@ Four visibly different domains of the ten digits, all from data that pip package
   sample photographs.
 - ``outline``: hollow glyphs (dilated glyph minus glyph) on a plain or gradient background.
 
-Fonts, photographs and handwritten scans are split into two disjoint pools: the ``benchmark``
-pool is never used by the ``corpus`` pool, so a CLIP pretrained on the corpus still meets new
-fonts, photos and writers in the benchmark. Every image comes from its own generator seeded by
-``(seed, role, domain, digit, index)``, so output does not depend on generation order.
-
-Layout written by :func:`generate_benchmark` (DomainBed style)::
-
-    <root>/meta.json
-    <root>/<domain>/<class word>/<index:05d>.png
-
-and by :func:`generate_corpus`: ``images.npy`` (uint8 [N, S, S, 3]), ``captions.json``,
-``labels.npy``, ``domains.npy`` (index into ``DOMAINS``) and ``meta.json``.
+Fonts, photographs and handwritten scans are split into two disjoint pools by name (``ROLES``):
+the ``benchmark`` pool is never used by the ``corpus`` pool, so a CLIP pretrained on the corpus
+still meets new fonts, photos and writers in the benchmark. The fonts are listed by name, not
+discovered, so every install renders from the same ones (a missing one is an error).
 """
 
 from __future__ import annotations
 
 import functools
 import glob
-import json
 import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-GENERATOR_VERSION = "1"
 DIGIT_WORDS: tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
 )  # fmt: skip
 DOMAINS: tuple[str, ...] = ("handwritten", "printed", "textured", "outline")
 ROLES: tuple[str, ...] = ("benchmark", "corpus")
 
-# Fonts (file stems) and photos reserved for the benchmark; every other usable one is corpus-only.
+# Fonts by file stem: every one draws the ten digits with matplotlib 3.8 to 3.11 (cmti10 only
+# does from 3.11 on, so it is left out: the corpus must not depend on the matplotlib version).
+FONTS: tuple[str, ...] = (
+    "DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-BoldOblique", "DejaVuSans-Oblique",
+    "DejaVuSansMono", "DejaVuSansMono-Bold", "DejaVuSansMono-BoldOblique",
+    "DejaVuSansMono-Oblique", "DejaVuSerif", "DejaVuSerif-Bold", "DejaVuSerif-BoldItalic",
+    "DejaVuSerif-Italic", "STIXGeneral", "STIXGeneralBol", "STIXGeneralBolIta",
+    "STIXGeneralItalic", "cmb10", "cmmi10", "cmr10", "cmss10", "cmtt10",
+)  # fmt: skip
+# Fonts reserved for the benchmark; the others are corpus-only.
 BENCHMARK_FONTS: tuple[str, ...] = (
     "DejaVuSans-BoldOblique", "DejaVuSansMono", "DejaVuSerif-Italic", "STIXGeneralBol",
     "cmss10", "cmtt10",
@@ -68,42 +62,6 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }  # fmt: skip
 _PALETTE_NAMES = tuple(PALETTE)
 _PALETTE_RGB = np.array([PALETTE[n] for n in _PALETTE_NAMES], dtype=np.float32)
-
-# Adjectives and trailing phrases naming each style; STYLE_KEYWORDS finds the style in a caption.
-STYLE_ADJECTIVES: dict[str, tuple[str, ...]] = {
-    "handwritten": ("handwritten", "hand-drawn"),
-    "printed": ("printed", "typeset"),
-    "textured": ("textured",),
-    "outline": ("outline", "hollow", "outlined"),
-}
-STYLE_PHRASES: dict[str, tuple[str, ...]] = {
-    "handwritten": ("written by hand", "drawn by hand"),
-    "printed": ("in a printed font", "typeset in {font}"),
-    "textured": ("on a photo background", "on a textured photo background"),
-    "outline": ("drawn in outline", "with a hollow outline"),
-}
-STYLE_KEYWORDS: dict[str, tuple[str, ...]] = {
-    "handwritten": ("handwritten", "hand-drawn", "by hand"),
-    "printed": ("printed", "typeset"),
-    "textured": ("textured", "photo background"),
-    "outline": ("outline", "hollow"),
-}
-CAPTION_TEMPLATES: tuple[str, ...] = (
-    "a {adj} digit {word}",
-    "a {adj} {word}",
-    "the number {num} in {colour}, {adj}",
-    "a photo of the {adj} digit {word}",
-    "a photo of the number {num}, {adj}",
-    "the digit {word} ({num}), {adj}",
-    "a {colour} {adj} {num}",
-    "{word}: a {adj} numeral",
-    "an image of a {colour} {word} {phrase}",
-    "the numeral {num} {phrase}",
-    "a {colour} digit {word} {phrase}",
-    "the number {word}, {phrase}",
-    "a {adj} number {num} on {background}",
-    "{num}, a {adj} {word} in {colour}",
-)
 
 _AFFINE = {  # (max rotation in degrees, scale range, max shift as a fraction of the size, shear)
     "handwritten": (12.0, (0.85, 1.1), 0.08, 0.15),
@@ -165,6 +123,8 @@ def _descriptor(masks: np.ndarray) -> np.ndarray:
 def usable_fonts() -> dict[str, str]:
     """Matplotlib's bundled fonts whose '0'..'9' really draw the ten digits: stem -> path.
 
+    The check that chose :data:`FONTS` (a test keeps it true); rendering uses the list.
+
     A font passes when every digit draws something, no two digits look alike and most glyphs
     are nearest (among the ten) to the same digit of DejaVu Sans; symbol fonts and fonts
     without digit glyphs fail.
@@ -192,9 +152,25 @@ def usable_fonts() -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=1)
+def font_paths() -> dict[str, str]:
+    """Stem -> path of every font in :data:`FONTS`, from matplotlib's bundled fonts."""
+    import matplotlib
+
+    ttf_dir = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
+    paths = {stem: os.path.join(ttf_dir, f"{stem}.ttf") for stem in FONTS}
+    missing = sorted(stem for stem, path in paths.items() if not os.path.isfile(path))
+    if missing:
+        raise FileNotFoundError(
+            f"matplotlib {matplotlib.__version__} lacks the font(s) {', '.join(missing)} that "
+            f"the digits world draws with; install matplotlib>=3.8"
+        )
+    return paths
+
+
+@functools.lru_cache(maxsize=1)
 def font_pools() -> dict[str, tuple[str, ...]]:
-    """Usable font stems per role; the two pools are disjoint."""
-    fonts = usable_fonts()
+    """Font stems per role, in file-name order; the two pools are disjoint."""
+    fonts = sorted(FONTS, key=lambda stem: f"{stem}.ttf")
     bench = tuple(f for f in fonts if f in BENCHMARK_FONTS)
     return {"benchmark": bench, "corpus": tuple(f for f in fonts if f not in BENCHMARK_FONTS)}
 
@@ -244,7 +220,7 @@ def _font_bank(font: str, size: int) -> tuple[list[Image.Image], list[list[Image
     """(10 glyph masks, 2 ring widths x 10 hollow-ring masks) of one font, PIL 'L' images."""
     from scipy.ndimage import grey_dilation
 
-    glyphs = _render_font(usable_fonts()[font], size)
+    glyphs = _render_font(font_paths()[font], size)
     rings = []
     for radius in (max(1, size // 24), max(2, size // 14)):
         yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
@@ -388,165 +364,3 @@ def render_digit(
             img = img + rng.normal(0, 6, size=img.shape[:2])[..., None]
     attrs["colour"] = colour_name(fg)
     return np.clip(np.round(img), 0, 255).astype(np.uint8), attrs
-
-
-def _article(text: str) -> str:
-    """Fix 'a' before vowel sounds ('an outline', 'an eight'; 'a one' stays)."""
-    return re.sub(r"\b([Aa]) (?=(?!one\b)[aeiou])", r"\1n ", text)
-
-
-_CM_NAMES = {"cmr10": "Roman", "cmb10": "Bold", "cmti10": "Italic", "cmss10": "Sans",
-              "cmtt10": "Typewriter", "cmmi10": "Math Italic"}  # fmt: skip
-
-
-def font_label(stem: str) -> str:
-    """A readable font name without digits ('cmr10' -> 'Computer Modern Roman')."""
-    if stem in _CM_NAMES:
-        return f"Computer Modern {_CM_NAMES[stem]}"
-    words = re.sub(r"(?<=[a-z])(?=[A-Z])|-", " ", stem.replace("DejaVu", "Dejavu")).split()
-    names = {"Dejavu": "DejaVu", "STIXGeneral": "STIX", "Bol": "Bold", "Ita": "Italic"}
-    return " ".join(names.get(w, w) for w in words) or "a plain font"
-
-
-def make_caption(attrs: dict, rng: np.random.Generator) -> str:
-    """A random caption naming the digit (word and/or numeral), its style and often its colour."""
-    domain = attrs["domain"]
-    template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
-    adjs, phrases = STYLE_ADJECTIVES[domain], STYLE_PHRASES[domain]
-    word = DIGIT_WORDS[attrs["digit"]]
-    fields = {
-        "adj": adjs[int(rng.integers(len(adjs)))],
-        "phrase": phrases[int(rng.integers(len(phrases)))],
-        "word": word,
-        "num": str(attrs["digit"]),
-        "colour": attrs["colour"],
-    }
-    background = attrs.get("background")
-    fields["background"] = {"photo": "a photo", "gradient": "a gradient background"}.get(
-        background, f"a {background} background"
-    )
-    fields["phrase"] = fields["phrase"].format(font=font_label(attrs.get("font") or ""))
-    return _article(template.format(**fields))
-
-
-def _meta_matches(path: Path, expected: dict) -> bool:
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return all(meta.get(k) == v for k, v in expected.items())
-
-
-@contextmanager
-def _atomic_dir(root: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``root``; on success it replaces ``root`` in one rename."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    if root.exists() and not (root / "meta.json").exists():
-        raise FileExistsError(f"{root} exists and was not written by seeclip; remove it first")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        yield tmp
-        if root.exists():  # an older generation with other parameters
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.replace(root, old / "x")
-            os.replace(tmp, root)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pools_meta() -> dict:
-    hw = handwritten_pools()
-    return {
-        "fonts": font_pools(),
-        "photos": photo_pools(),
-        "handwritten_indices": {r: sorted(int(i) for p in hw[r] for i in p) for r in ROLES},
-    }
-
-
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc)
-
-
-def generate_benchmark(
-    root: Path,
-    *,
-    n_per_class: int = 200,
-    seed: int = 0,
-    image_size: int = 32,
-    progress: bool = True,
-) -> Path:
-    """Write the benchmark tree under ``root`` (or return it if already generated alike)."""
-    root = Path(root)
-    expected = {"kind": "benchmark", "version": GENERATOR_VERSION, "seed": seed,
-                "image_size": image_size, "n_per_class": n_per_class}  # fmt: skip
-    if _meta_matches(root, expected):
-        return root
-    role_id = ROLES.index("benchmark")
-    jobs = [(d, c, i) for d in range(len(DOMAINS)) for c in range(10) for i in range(n_per_class)]
-    used_fonts, used_photos = set(), set()
-    with _atomic_dir(root) as tmp:
-        for d, c, i in _progress(jobs, len(jobs), "digits benchmark", progress):
-            rng = np.random.default_rng([seed, role_id, d, c, i])
-            img, attrs = render_digit(c, DOMAINS[d], rng, image_size=image_size, role="benchmark")
-            used_fonts.add(attrs["font"])
-            used_photos.add(attrs["photo"])
-            folder = tmp / DOMAINS[d] / DIGIT_WORDS[c]
-            if i == 0:
-                folder.mkdir(parents=True)
-            Image.fromarray(img).save(folder / f"{i:05d}.png", optimize=False, compress_level=1)
-        meta = {**expected, "domains": list(DOMAINS), "classes": list(DIGIT_WORDS),
-                "fonts_used": sorted(used_fonts - {None}),
-                "photos_used": sorted(used_photos - {None}), **_pools_meta()}  # fmt: skip
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    return root
-
-
-def generate_corpus(
-    root: Path,
-    *,
-    n: int = 60000,
-    seed: int = 1,
-    image_size: int = 32,
-    progress: bool = True,
-) -> Path:
-    """Write ``n`` captioned images (all domains and digits, corpus pools only) under ``root``.
-
-    Sample ``k`` has domain ``k % 4`` and digit ``(k // 4) % 10``, so any prefix is balanced.
-    """
-    root = Path(root)
-    expected = {"kind": "corpus", "version": GENERATOR_VERSION, "seed": seed,
-                "image_size": image_size, "n": n}  # fmt: skip
-    if _meta_matches(root, expected):
-        return root
-    role_id = ROLES.index("corpus")
-    images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
-    labels = np.empty(n, dtype=np.int64)
-    domains = np.empty(n, dtype=np.int64)
-    captions: list[str] = []
-    used_fonts, used_photos = set(), set()
-    for k in _progress(range(n), n, "digits corpus", progress):
-        d, c = k % len(DOMAINS), (k // len(DOMAINS)) % 10
-        rng = np.random.default_rng([seed, role_id, d, c, k])
-        images[k], attrs = render_digit(c, DOMAINS[d], rng, image_size=image_size, role="corpus")
-        captions.append(make_caption(attrs, rng))
-        labels[k], domains[k] = c, d
-        used_fonts.add(attrs["font"])
-        used_photos.add(attrs["photo"])
-    with _atomic_dir(root) as tmp:
-        np.save(tmp / "images.npy", images)
-        np.save(tmp / "labels.npy", labels)
-        np.save(tmp / "domains.npy", domains)
-        (tmp / "captions.json").write_text(json.dumps(captions))
-        meta = {**expected, "domains": list(DOMAINS), "classes": list(DIGIT_WORDS),
-                "fonts_used": sorted(used_fonts - {None}),
-                "photos_used": sorted(used_photos - {None}), **_pools_meta()}  # fmt: skip
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    return root

@@ -1,0 +1,5 @@
+import sys
+
+from seeclip.cli import main
+
+sys.exit(main())

@@ -1,0 +1,147 @@
+"""``seeclip eval`` and ``seeclip train``: fit and evaluate methods; ``eval --run`` re-evaluates."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+from seeclip.config import RunConfig, apply_overrides, load_config
+
+HELP = {
+    "eval": "fit (if needed) and evaluate a method on target domain(s); --run re-evaluates",
+    "train": "train a method from a preset on cached features, then evaluate it",
+}
+
+
+def add_parser(sub) -> None:
+    for command in ("eval", "train"):
+        _add(sub, command)
+
+
+def _add(sub, command: str) -> None:
+    p = sub.add_parser(command, help=HELP[command])
+    p.add_argument(
+        "--config", required=command == "train", help="YAML preset, e.g. configs/digits.yaml"
+    )
+    if command == "eval":
+        p.add_argument("--run", help="a finished run folder to evaluate again from its checkpoint")
+    p.add_argument("--benchmark")
+    p.add_argument("--protocol", help="split family: full | daml")
+    p.add_argument("--target", help="target domain, or `all` (default) for each in turn")
+    p.add_argument("--method")
+    p.add_argument("--backbone", help="tiny-vit, an open_clip architecture, or hf-hub:org/repo")
+    p.add_argument("--pretrained", help="open_clip pretrained tag, or a local checkpoint path")
+    p.add_argument("--data-root")
+    p.add_argument("--classes", help="YAML naming known/unknown classes (benchmark `folder`)")
+    p.add_argument("--seed", type=int, nargs="+", help="one or more seeds")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument(
+        "--cache-dir",
+        help="root of the feature cache and pseudo-unknown pools (default: $SEECLIP_HOME)",
+    )
+    p.add_argument("--force", action="store_true", help="recompute a finished run")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 suits tiny models)")
+    p.add_argument(
+        "overrides", nargs="*", help="config overrides key=value, e.g. zeroshot.score=mcm"
+    )
+    p.set_defaults(func=run)
+
+
+def expand_configs(
+    cfg: RunConfig, targets: Sequence[str] | None, seeds: Sequence[int] | None
+) -> list[RunConfig]:
+    """One config per (seed, target): ``targets=None`` means every target of the benchmark."""
+    if targets is None:
+        from seeclip.datasets import get_benchmark
+
+        spec = get_benchmark(cfg.data.benchmark, classes_file=cfg.data.classes_file)
+        targets = list(spec.targets)
+    return [
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, target=t), seed=s)
+        for s in (seeds or [cfg.seed])
+        for t in targets
+    ]
+
+
+def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
+    cfg = load_config(args.config) if args.config else RunConfig()
+    flags = {
+        "data.benchmark": args.benchmark,
+        "data.protocol": args.protocol,
+        "data.data_root": args.data_root,
+        "data.classes_file": args.classes,
+        "method": args.method,
+        "backbone.name": args.backbone,
+        "backbone.pretrained": args.pretrained,
+    }
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    cfg = apply_overrides(cfg, overrides)
+    if args.target not in (None, "all"):
+        targets = [args.target]
+    elif args.target is None and cfg.data.target:
+        targets = [cfg.data.target]
+    else:
+        targets = None
+    return expand_configs(cfg, targets, args.seed)
+
+
+def evaluate_all(
+    configs: Iterable[RunConfig],
+    *,
+    runs_dir: str = "runs",
+    cache_dir: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> int:
+    """Run every config, print a line per run and the table of this invocation's runs."""
+    from seeclip.runner import run_eval
+
+    results = (
+        run_eval(cfg, runs_dir=runs_dir, cache_dir=cache_dir, force=force, progress=progress)
+        for cfg in configs
+    )
+    return print_results(results)
+
+
+def print_results(results) -> int:
+    from seeclip.report import summarize
+
+    records = []
+    for result in results:
+        r = result.record
+        tag = " (finished earlier, reused)" if result.cached else ""
+        print(
+            f"{r['target']:<14} seed {r['seed']}: Acc {r['acc_known']:.3f}  "
+            f"H {_num(r['h_score'])}  AUROC {_num(r['auroc'])}  -> {result.run_dir}{tag}"
+        )
+        if r.get("pretrained") is None:
+            print(f"  note: backbone {r['backbone']} has RANDOM weights (no --pretrained given)")
+        records.append(r)
+    print()
+    print(summarize(records))
+    return 0
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from seeclip.runner import eval_run
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+    if getattr(args, "run", None):
+        return print_results([eval_run(args.run, cache_dir=args.cache_dir, progress=progress)])
+    return evaluate_all(
+        configs_from_args(args),
+        runs_dir=args.runs_dir,
+        cache_dir=args.cache_dir,
+        force=args.force,
+        progress=progress,
+    )

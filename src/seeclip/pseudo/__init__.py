@@ -1,0 +1,61 @@
+"""Pluggable sources of pseudo-unknowns (label-C samples in the cache's feature format).
+
+Every source is registered here, in one place (``seeclip list pseudo`` shows them):
+
+- ``none``: no pseudo-unknowns; the unknown prompt only sees what the losses do to it.
+- ``mixup``: feature mixes of two known classes of one source domain.
+- ``pool``: a stored feature pool (``seeclip generate --backend feature``).
+- ``diffusion``: the feature-space semantic-guided diffusion generator, run on demand.
+- ``images``: a Stable Diffusion image pool through the feature cache.
+"""
+
+from seeclip.pseudo.base import (
+    PSEUDO_UNKNOWNS,
+    PseudoContext,
+    PseudoSources,
+    PseudoUnknownSource,
+    SourceFactory,
+    by_domain,
+    draw,
+)
+from seeclip.pseudo.diffusion import diffusion_unknowns
+from seeclip.pseudo.mixup import MixupUnknowns, mixup_unknowns
+from seeclip.pseudo.pools import (
+    DomainPool,
+    feature_pool_unknowns,
+    image_pool_features,
+    image_pool_unknowns,
+)
+
+
+def no_pseudo_unknowns(ctx: PseudoContext) -> None:
+    """No pseudo-unknowns: the unknown prompt only sees what the losses do to it."""
+    return None
+
+
+for _name, _factory in (
+    ("none", no_pseudo_unknowns),
+    ("mixup", mixup_unknowns),
+    ("pool", feature_pool_unknowns),
+    ("diffusion", diffusion_unknowns),
+    ("images", image_pool_unknowns),
+):
+    PSEUDO_UNKNOWNS.add(_name, _factory)
+
+__all__ = [
+    "PSEUDO_UNKNOWNS",
+    "DomainPool",
+    "MixupUnknowns",
+    "PseudoContext",
+    "PseudoSources",
+    "PseudoUnknownSource",
+    "SourceFactory",
+    "by_domain",
+    "diffusion_unknowns",
+    "draw",
+    "feature_pool_unknowns",
+    "image_pool_features",
+    "image_pool_unknowns",
+    "mixup_unknowns",
+    "no_pseudo_unknowns",
+]

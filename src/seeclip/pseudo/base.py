@@ -1,0 +1,66 @@
+"""What a pseudo-unknown source may be built from, and the registry of sources.
+
+A source is built from labelled source-domain features (training images for training, the
+source-validation images for model selection) and then asked for ``n`` samples of one source
+domain at a time, in the cache's feature format. They get label C ("unknown").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from seeclip.features import Features, PseudoSources, PseudoUnknownSource
+from seeclip.generate.feature_config import FeatureDiffusionConfig
+from seeclip.registry import Registry
+
+
+@dataclass(frozen=True)
+class PseudoContext:
+    """What a source may use: labelled source features and the frozen CLIP's text side."""
+
+    features: Features  # source-domain features it is built from (never target data)
+    labels: Tensor  # their known-class labels 0..C-1
+    backbone: Any = None  # seeclip.backbone.Backbone, to encode class names / "unknown"
+    class_texts: tuple[str, ...] = ()  # prompt text of each known class, in label order
+    template: str = "a photo of a {}."  # the benchmark's prompt template
+    seed: int = 0  # seeds generation
+    diffusion: FeatureDiffusionConfig | None = None  # the feature generator's settings
+    pool: str | None = None  # a generated pool on disk (manifest.csv or a feature pool folder)
+    cache_dir: Path | None = None  # feature cache and pool folder root (None: SEECLIP_HOME)
+    progress: bool = True  # progress bars while a source generates
+
+
+SourceFactory = Callable[[PseudoContext], PseudoUnknownSource | None]
+PSEUDO_UNKNOWNS: Registry[SourceFactory] = Registry("pseudo-unknown source")
+
+
+def by_domain(domains: tuple[str, ...]) -> dict[str, Tensor]:
+    """Row indices of each domain, in sorted domain order."""
+    return {
+        d: torch.tensor([i for i, x in enumerate(domains) if x == d]) for d in sorted(set(domains))
+    }
+
+
+def draw(
+    source: PseudoUnknownSource, domains: tuple[str, ...], n: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """``n`` samples of each of ``domains`` (sorted) from ``source``, concatenated."""
+    parts = [source.sample(d, n, generator) for d in sorted(set(domains))]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+__all__ = [
+    "PSEUDO_UNKNOWNS",
+    "PseudoContext",
+    "PseudoSources",
+    "PseudoUnknownSource",
+    "SourceFactory",
+    "by_domain",
+    "draw",
+]

@@ -1,0 +1,51 @@
+"""Run records (``results.jsonl``): what a run folder says about itself, one JSON per line.
+
+A run folder holds one record of ``kind="final"`` (the evaluation on the target, with the
+model-selection rule and epoch it used) and one ``kind="epoch"`` record per training epoch
+(loss terms, source-validation criteria). Re-evaluating a run *replaces* its final record, so
+a folder is always one (config, seed) and a report counts runs, not evaluations.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from seeclip.io import write_text
+
+RESULTS = "results.jsonl"
+FINAL = "final"
+EPOCH = "epoch"
+KINDS = (FINAL, EPOCH)
+
+
+def read_records(run_dir: str | Path) -> list[dict]:
+    """Every record of one run folder, in file order ([] when it has none)."""
+    path = Path(run_dir) / RESULTS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def final_record(run_dir: str | Path) -> dict | None:
+    """The run's final record (the last one, should an old folder hold several)."""
+    finals = [r for r in read_records(run_dir) if r.get("kind", FINAL) == FINAL]
+    return finals[-1] if finals else None
+
+
+def write_records(run_dir: str | Path, final: dict, epochs: Iterable[dict] | None = None) -> None:
+    """Write the run's records atomically: ``epochs`` (kept from before when None), then final.
+
+    Concurrent writers of one folder each write a whole file; the last one wins, and the folder
+    still holds exactly one final record.
+    """
+    if final.get("kind") != FINAL:
+        raise ValueError(f"the final record must have kind={FINAL!r}")
+    if epochs is None:
+        epochs = [r for r in read_records(run_dir) if r.get("kind") == EPOCH]
+    lines = [json.dumps(r) for r in epochs] + [json.dumps(final)]
+    write_text(Path(run_dir) / RESULTS, "\n".join(lines) + "\n")
+
+
+__all__ = ["EPOCH", "FINAL", "KINDS", "RESULTS", "final_record", "read_records", "write_records"]
