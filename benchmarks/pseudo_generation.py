@@ -23,11 +23,9 @@ from seeclip.config import FeatureDiffusionConfig
 from seeclip.features import Features
 from seeclip.generate.feature_diffusion import sample_pool
 from seeclip.generate.feature_generator import FeatureGenerator
-from seeclip.generate.image_diffusion import (
-    ImageDiffusionConfig,
-    build_tiny_pipeline,
-    generate_image_pool,
-)
+from seeclip.generate.image_pool import generate_image_pool
+from seeclip.generate.sd_pipeline import ImageDiffusionConfig
+from seeclip.testing import build_tiny_pipeline
 
 DOMAINS = ("handwritten", "printed", "textured")
 

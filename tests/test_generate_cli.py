@@ -72,11 +72,10 @@ def test_image_backend_offline_error_names_the_fix(preset, capsys):
 
 
 def test_image_pool_goes_through_the_cache_into_training(preset, tmp_path, capsys, monkeypatch):
-    from seeclip.generate import image_diffusion
+    from seeclip.generate import sd_pipeline
+    from seeclip.testing import build_tiny_pipeline
 
-    monkeypatch.setattr(
-        image_diffusion, "load_pipeline", lambda *a, **k: image_diffusion.build_tiny_pipeline(0)
-    )
+    monkeypatch.setattr(sd_pipeline, "load_pipeline", lambda *a, **k: build_tiny_pipeline(0))
     out = tmp_path / "pool"
     assert main(_image_argv(preset, "--out", str(out), "diffusion.guidance=2")) == 0
     assert "image pool: 6 images" in capsys.readouterr().out

@@ -12,18 +12,19 @@ from PIL import Image
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from seeclip.generate.image_diffusion import (  # noqa: E402
+from seeclip.generate.image_pool import (  # noqa: E402
     MANIFEST_FIELDS,
-    ImageDiffusionConfig,
-    build_conditioning,
-    build_tiny_pipeline,
-    encode_prompts,
     generate_image_pool,
     load_image_pool,
+)
+from seeclip.generate.sd_conditioning import build_conditioning, token_projection  # noqa: E402
+from seeclip.generate.sd_pipeline import (  # noqa: E402
+    ImageDiffusionConfig,
+    encode_prompts,
     load_pipeline,
-    token_projection,
 )
 from seeclip.hub import WeightsUnavailableError  # noqa: E402
+from seeclip.testing import build_tiny_pipeline  # noqa: E402
 
 DOMAINS = ["photo", "art_painting", "photo"]
 SOURCES = ["photo/dog/1.jpg", "art_painting/giraffe/2.jpg", "photo/elephant/3.jpg"]
@@ -89,7 +90,7 @@ def test_pool_layout_and_manifest(pipe, tokens, tmp_path):
     assert meta["conditioning_width"] == 32
     pool = load_image_pool(manifest.parent)
     assert pool.root == manifest.parent and pool.domains == tuple(DOMAINS)
-    assert not list(manifest.parent.rglob("*.tmp"))
+    assert not list(manifest.parent.rglob(".*"))  # no temporary file of seeclip.io left
 
 
 def test_image_size_option(pipe, tokens, tmp_path):

@@ -100,11 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _image_pool(args, cfg, loaded, train, class_texts, progress):
     from seeclip.generate.denoiser import semantic_queries, semantic_summaries
-    from seeclip.generate.image_diffusion import (
-        ImageDiffusionConfig,
-        generate_image_pool,
-        load_pipeline,
-    )
+    from seeclip.generate.image_pool import generate_image_pool
+    from seeclip.generate.sd_pipeline import ImageDiffusionConfig, load_pipeline
     from seeclip.pseudo import image_pool_features
 
     icfg = ImageDiffusionConfig(sigma=cfg.diffusion.sigma, guidance=cfg.diffusion.guidance)

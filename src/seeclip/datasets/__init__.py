@@ -3,20 +3,6 @@
 Importing this package reads the packaged spec files (``specs/*.yaml``) into ``BENCHMARKS``.
 """
 
-from seeclip.datasets.benchmarks import (
-    BENCHMARKS,
-    PACKAGED_SPECS,
-    BenchmarkEntry,
-    BenchmarkSpec,
-    OSDGSplit,
-    ProtocolSpec,
-    describe_benchmark,
-    get_benchmark,
-    load_folder_spec,
-    load_spec,
-    make_split,
-    spec_from_dict,
-)
 from seeclip.datasets.layouts import (
     IMAGE_EXTENSIONS,
     LAYOUTS,
@@ -29,14 +15,25 @@ from seeclip.datasets.layouts import (
 from seeclip.datasets.manifest import (
     CorruptImagesError,
     Manifest,
-    SplitData,
     default_manifest_path,
     find_corrupt,
     load_manifest,
     prepare,
-    select,
-    source_val_mask,
 )
+from seeclip.datasets.specs import (
+    BENCHMARKS,
+    PACKAGED_SPECS,
+    BenchmarkEntry,
+    BenchmarkSpec,
+    ProtocolSpec,
+    describe_benchmark,
+    get_benchmark,
+    load_folder_spec,
+    load_spec,
+    spec_from_dict,
+)
+from seeclip.datasets.split_data import SplitData, select, source_val_mask
+from seeclip.datasets.splits import OSDGSplit, make_split
 
 __all__ = [
     "BENCHMARKS",

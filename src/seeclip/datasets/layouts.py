@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
-from seeclip.datasets.benchmarks import BenchmarkSpec
+from seeclip.datasets.specs import BenchmarkSpec
 from seeclip.registry import Registry
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})

@@ -1,24 +1,6 @@
-"""Manifests (the validated list of a benchmark's images) and the samples of one OSDG split.
+"""Manifests: the validated list of a benchmark's images, written once by ``prepare`` and read back.
 
-``prepare`` scans a dataset tree with its layout loader, validates it, and writes the manifest
-once: ``<name>.csv`` (``path,class_name,domain,split``) and a ``<name>.json`` sidecar (benchmark,
-root, spec fingerprint, counts, skipped images), each atomically (temporary file +
-``os.replace``). Later runs only read it (``load_manifest``); they never rescan the tree.
-
-Corrupt images: with ``check_images`` every image is opened and verified with PIL. Unreadable
-images FAIL ``prepare`` by default (listing up to 10 and the total), because silently dropping
-images changes the benchmark; with ``skip_corrupt=True`` they are left out and their count and
-paths are recorded in the sidecar and in ``Manifest.skipped``.
-
-Which samples a split uses (``select``):
-
-- source: images of each source domain whose class is in that domain's source class set (so an
-  unknown class never reaches training), from split "train", "val" or "all" (never "test"). A
-  deterministic ``val_fraction`` of each (domain, class) is held out as source validation data,
-  used only for model selection and thresholds.
-- target: images of the target domain whose class is in ``target_known`` or unknown, from split
-  "test" when the domain has any "test" image (VLCS, miniDomainNet), else all of the domain's
-  images (PACS, Office-Home, Digits-DG: the usual DG convention of testing on the whole domain).
+Also the corrupt-image check (:func:`find_corrupt`) and the CSV format.
 """
 
 from __future__ import annotations
@@ -26,18 +8,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
-from seeclip.datasets.benchmarks import BenchmarkSpec, OSDGSplit
-from seeclip.datasets.layouts import SPLITS, DataLayoutError, Sample, load_samples
+from seeclip.datasets.layouts import DataLayoutError, Sample, load_samples
+from seeclip.datasets.specs import BenchmarkSpec
+from seeclip.io import write_json, write_text
 from seeclip.paths import seeclip_home
 
 MANIFEST_FORMAT = 1
@@ -97,18 +77,6 @@ def find_corrupt(root: Path, samples: Sequence[Sample], *, workers: int = 4) -> 
         return [s.path for s, b in zip(samples, bad, strict=True) if b]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _csv_text(samples: Sequence[Sample]) -> str:
     import io
 
@@ -127,7 +95,17 @@ def prepare(
     skip_corrupt: bool = False,
     check_images: bool = True,
 ) -> Manifest:
-    """Scan and validate ``data_root`` for ``spec`` and write its manifest (CSV + JSON sidecar)."""
+    """Scan and validate ``data_root`` for ``spec`` and write its manifest (CSV + JSON sidecar).
+
+    The manifest is written once: ``<name>.csv`` (``path,class_name,domain,split``) and a
+    ``<name>.json`` sidecar (benchmark, root, spec fingerprint, counts, skipped images), each
+    atomically. Later runs only read it (:func:`load_manifest`); they never rescan the tree.
+
+    Corrupt images: with ``check_images`` every image is opened and verified with PIL.
+    Unreadable images FAIL ``prepare`` by default (listing up to 10 and the total), because
+    silently dropping images changes the benchmark; with ``skip_corrupt=True`` they are left out
+    and their count and paths are recorded in the sidecar and in ``Manifest.skipped``.
+    """
     root = Path(data_root).expanduser().absolute()
     samples = load_samples(spec, root)
     skipped: list[str] = []
@@ -156,8 +134,8 @@ def prepare(
         "n_skipped": len(skipped),
         "skipped": skipped,
     }
-    _write_atomic(path, _csv_text(samples))
-    _write_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=1) + "\n")
+    write_text(path, _csv_text(samples))
+    write_json(path.with_suffix(".json"), sidecar, indent=1)
     return manifest
 
 
@@ -195,95 +173,4 @@ def load_manifest(
         int(meta.get("n_skipped", 0)),
         tuple(meta.get("skipped", ())),
         path,
-    )
-
-
-def _hash_key(seed: int, path: str) -> bytes:
-    return hashlib.sha1(f"{seed}\0{path}".encode()).digest()
-
-
-def source_val_mask(
-    samples: Sequence[Sample], *, fraction: float = 0.1, seed: int = 0
-) -> np.ndarray:
-    """Deterministic held-out mask: ``fraction`` of each (domain, class), picked by path hash.
-
-    Within each group the samples are ranked by sha1(seed, path); the first
-    ``round(fraction * n)`` (at most n - 1, so training keeps one image) are held out. The result
-    does not depend on the order of ``samples``.
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-    groups: dict[tuple[str, str], list[int]] = {}
-    for i, s in enumerate(samples):
-        groups.setdefault((s.domain, s.class_name), []).append(i)
-    mask = np.zeros(len(samples), dtype=bool)
-    for idx in groups.values():
-        n_val = min(int(np.floor(fraction * len(idx) + 0.5)), len(idx) - 1)
-        ranked = sorted(idx, key=lambda i: (_hash_key(seed, samples[i].path), samples[i].path))
-        mask[ranked[:n_val]] = True
-    return mask
-
-
-@dataclass(frozen=True)
-class SplitData:
-    """Indices into ``manifest.samples`` and labels (index in ``split.known``; -1 = unknown)."""
-
-    split: OSDGSplit
-    source_train: np.ndarray
-    source_train_labels: np.ndarray
-    source_val: np.ndarray
-    source_val_labels: np.ndarray
-    target: np.ndarray
-    target_labels: np.ndarray
-    target_split: str  # "test" or "all": which images of the target domain are evaluated
-
-
-def select(
-    manifest: Manifest, split: OSDGSplit, *, val_fraction: float = 0.1, val_seed: int = 0
-) -> SplitData:
-    """The source train/val and target samples of ``split`` (rules in the module docstring)."""
-    if manifest.benchmark != split.benchmark:
-        raise ValueError(f"manifest is for {manifest.benchmark!r}, split for {split.benchmark!r}")
-    samples = manifest.samples
-    if bad := {s.split for s in samples} - set(SPLITS):
-        raise ValueError(f"manifest has unknown split values {sorted(bad)}; re-prepare it")
-    source = [
-        i
-        for i, s in enumerate(samples)
-        if s.domain in split.source_classes
-        and s.class_name in split.source_classes[s.domain]
-        and s.split != "test"
-    ]
-    target_all = [i for i, s in enumerate(samples) if s.domain == split.target]
-    has_test = any(samples[i].split == "test" for i in target_all)
-    wanted = set(split.target_known) | set(split.target_unknown)
-    target = [
-        i
-        for i in target_all
-        if samples[i].class_name in wanted and (not has_test or samples[i].split == "test")
-    ]
-    for domain in split.source_domains:
-        if not any(samples[i].domain == domain for i in source):
-            raise ValueError(f"no {split.benchmark} images of source domain {domain!r}; re-prepare")
-    if not target:
-        raise ValueError(
-            f"no {split.benchmark} images of target domain {split.target!r} in the manifest "
-            f"(is the domain on disk? run `seeclip prepare {split.benchmark} --data-root DIR`)"
-        )
-    val = source_val_mask([samples[i] for i in source], fraction=val_fraction, seed=val_seed)
-    src = np.asarray(source, dtype=np.int64)
-    tgt = np.asarray(target, dtype=np.int64)
-
-    def labels(idx: np.ndarray) -> np.ndarray:
-        return np.asarray([split.label(samples[i].class_name) for i in idx], dtype=np.int64)
-
-    return SplitData(
-        split=split,
-        source_train=src[~val],
-        source_train_labels=labels(src[~val]),
-        source_val=src[val],
-        source_val_labels=labels(src[val]),
-        target=tgt,
-        target_labels=labels(tgt),
-        target_split="test" if has_test else "all",
     )

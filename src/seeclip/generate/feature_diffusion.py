@@ -120,7 +120,13 @@ def pool_key(gen_key: str, unknown_text: Tensor, config: FeatureDiffusionConfig,
 
 # -------------------------------------------------------------------- storage
 def _write_atomically(entry: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename ``tmp`` to ``entry``; a finished entry is never replaced."""
+    """``write(tmp)`` then rename ``tmp`` to ``entry``; a finished entry is never replaced.
+
+    Not :func:`seeclip.io.atomic_dir`, which moves an existing folder aside and replaces it:
+    here two runs may build the same content-addressed entry at once, and the first one to
+    finish must stay. The rename fails on a non-empty ``entry``, and the loser's copy is then
+    dropped if ``entry`` holds a finished ``manifest.json``.
+    """
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

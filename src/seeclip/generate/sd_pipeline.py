@@ -1,0 +1,148 @@
+"""Stable Diffusion pipelines for the image-space generator: settings, loading, prompt encoding.
+
+diffusers and transformers are imported lazily: they come with the ``diffusion`` extra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from seeclip.hub import WeightsUnavailableError
+
+__all__ = [
+    "DEFAULT_SD_MODEL",
+    "ImageDiffusionConfig",
+    "encode_prompts",
+    "load_pipeline",
+    "pipeline_device",
+    "pipeline_name",
+    "prompt_lengths",
+]
+
+DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+_PLACEMENTS = ("append", "replace_padding")
+
+
+@dataclass(frozen=True)
+class ImageDiffusionConfig:
+    """How the image-space generator samples (defaults: the paper's SD-1.5 setting)."""
+
+    model: str = DEFAULT_SD_MODEL  # diffusers repo id (in the local HF cache) or local folder
+    prompt: str = "a {domain} of an unknown object"  # positive prompt; {domain} = source domain
+    guidance: float = 15.0  # classifier-free guidance scale g
+    steps: int = 20  # denoising steps
+    sigma: float = 0.2  # std of the Gaussian perturbation of the semantic tokens
+    image_size: int | None = None  # output side in px; None = pipeline default (512 for SD-1.5)
+    fp16: bool = True  # half precision on CUDA (CPU always runs float32)
+    projection_seed: int = 0  # seeds the fixed token projection P
+    placement: str = "append"  # "append": 77 + K positions; "replace_padding": last K padding
+    batch_size: int = 4  # images per pipeline call (does not change the images)
+
+    def __post_init__(self) -> None:
+        if "{domain}" not in self.prompt:
+            raise ValueError(f"prompt must contain '{{domain}}', got {self.prompt!r}")
+        if self.guidance < 0 or self.steps < 1 or self.sigma < 0 or self.batch_size < 1:
+            raise ValueError(
+                "need guidance >= 0, steps >= 1, sigma >= 0, batch_size >= 1; got "
+                f"{self.guidance}, {self.steps}, {self.sigma}, {self.batch_size}"
+            )
+        if self.image_size is not None and (self.image_size < 8 or self.image_size % 8):
+            raise ValueError(f"image_size must be a multiple of 8, got {self.image_size}")
+        if self.placement not in _PLACEMENTS:
+            raise ValueError(f"placement must be one of {_PLACEMENTS}, got {self.placement!r}")
+
+    def torch_dtype(self, device: str | torch.device) -> torch.dtype:
+        """float16 on CUDA when ``fp16`` is set, else float32."""
+        cuda = torch.device(device).type == "cuda"
+        return torch.float16 if self.fp16 and cuda else torch.float32
+
+
+def _diffusers():
+    try:
+        import diffusers
+        import transformers  # noqa: F401  (StableDiffusionPipeline's text side)
+    except ImportError as err:
+        raise ImportError(
+            f"the image-space generator needs diffusers and transformers ({err}); "
+            "install them with `pip install 'seeclip[diffusion]'`"
+        ) from err
+    return diffusers
+
+
+def load_pipeline(
+    model: str = DEFAULT_SD_MODEL,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+):
+    """A ``StableDiffusionPipeline`` from local files only (no download, no safety checker).
+
+    Args:
+        model: a diffusers repo id already in the Hugging Face cache, or a local pipeline folder
+            (holding ``model_index.json``).
+        device: where the pipeline runs.
+        dtype: parameter dtype; None means float16 on CUDA, float32 elsewhere.
+
+    Raises:
+        WeightsUnavailableError: the weights are not on this machine (fails without network).
+    """
+    diffusers = _diffusers()
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    hint = (
+        f"SD weights not found locally: download {model} on a connected machine "
+        f"(e.g. `hf download {model}`) or pass --sd-model /path"
+    )
+    local = Path(model).expanduser()
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise WeightsUnavailableError(f"{hint} ({local} holds no model_index.json)")
+    try:
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            str(local) if local.exists() else model,
+            local_files_only=True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as err:  # HF's LocalEntryNotFoundError is an OSError
+        raise WeightsUnavailableError(f"{hint} ({type(err).__name__}: {err})") from err
+    pipe.set_progress_bar_config(disable=True)
+    # dtype through .to(): from_pretrained's keyword changed name (torch_dtype -> dtype)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def pipeline_device(pipe) -> torch.device:
+    """The device the pipeline executes on."""
+    return torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
+
+
+def pipeline_name(pipe) -> str:
+    """The pipeline's model name (repo id or folder), recorded in a pool's files."""
+    return str(getattr(pipe, "name_or_path", None) or "unnamed")
+
+
+def encode_prompts(pipe, texts: Sequence[str]) -> Tensor:
+    """Prompt embeddings [n, 77, D] exactly as the pipeline makes them (last hidden states)."""
+    tok = pipe.tokenizer
+    ids = tok(
+        list(texts),
+        padding="max_length",
+        max_length=tok.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    device = pipeline_device(pipe)
+    with torch.no_grad():
+        return pipe.text_encoder(ids.to(device))[0]
+
+
+def prompt_lengths(pipe, texts: Sequence[str]) -> list[int]:
+    """Number of tokens (BOS and EOS included) of each prompt, before padding."""
+    ids = pipe.tokenizer(list(texts), truncation=True).input_ids
+    return [len(x) for x in ids]
