@@ -7,9 +7,11 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
+from seeclip.builders import METHODS
 from seeclip.cli import main
 from seeclip.datasets import BENCHMARKS
-from seeclip.methods import METHODS
+from seeclip.pseudo import PSEUDO_UNKNOWNS
+from seeclip.selection import SELECTIONS
 
 
 def test_help_and_list(capsys):
@@ -20,9 +22,12 @@ def test_help_and_list(capsys):
     out = capsys.readouterr().out
     for name in BENCHMARKS:
         assert f"  {name}" in out
-    for name in METHODS:
-        assert name in out
+    for name in [*METHODS, *PSEUDO_UNKNOWNS, *SELECTIONS]:
+        assert f"  {name} " in out
     assert "tiny-vit" in out and "ViT-B-16" in out
+    assert main(["list", "pseudo"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert listed == ["diffusion", "images", "mixup", "none", "pool"]
 
 
 def test_eval_writes_run_folder_whose_metrics_recompute(
@@ -63,7 +68,11 @@ def test_eval_writes_run_folder_whose_metrics_recompute(
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["data"]["target"] == "printed" and cfg["seed"] == 3
     (record,) = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert record["kind"] == "final" and record["selection"] is None  # zero-shot trains nothing
     assert record["benchmark"] == "digits" and record["method"] == "zeroshot"
+    meta = json.loads((small_digits / "data" / "digits" / "meta.json").read_text())
+    assert record["data_hash"] == meta["content_hash"] and record["data_hash_kind"] == "content"
+    assert record["install"]["torch"] and record["config"]["seed"] == 3
     assert record["protocol"] == "full" and record["target"] == "printed" and record["seed"] == 3
 
     # independent recomputation from predictions.npz: 6 known (zero..five), 4 unknown classes
@@ -150,9 +159,15 @@ def test_eval_run_reevaluates_from_the_checkpoint(small_digits, tmp_path, monkey
     assert main(["eval", *base, "--method", "zeroshot", "--runs-dir", str(tmp_path)]) == 0
     (run_dir,) = (tmp_path / "digits_full_outline_zeroshot").iterdir()
     first = np.load(run_dir / "predictions.npz")["y_pred"]
-    assert main(["eval", "--run", str(run_dir), "--no-progress"]) == 0
+    for _ in range(3):
+        assert main(["eval", "--run", str(run_dir), "--no-progress"]) == 0
     np.testing.assert_array_equal(np.load(run_dir / "predictions.npz")["y_pred"], first)
-    assert len((run_dir / "results.jsonl").read_text().splitlines()) == 2
+    (record,) = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert record["evaluations"] == 4  # the re-evaluations replaced the record
+    capsys.readouterr()
+    assert main(["report", "--runs-dir", str(tmp_path)]) == 0
+    (row,) = [x for x in capsys.readouterr().out.splitlines() if "| outline |" in x]
+    assert "| zeroshot | outline | 1 |" in row  # one run evaluated four times is one seed
 
     (run_dir / "config.yaml").write_text(
         (run_dir / "config.yaml").read_text().replace("seed: 0", "seed: 5")
@@ -186,3 +201,36 @@ def test_train_from_a_preset_then_report(small_digits, tmp_path, monkeypatch, ca
     assert len(row) == 1 and "| textured | 2 |" in row[0] and " ± " in row[0]
     with pytest.raises(SystemExit):
         main(["train"])  # a preset is required
+
+
+def test_report_refuses_one_label_for_two_configs(small_digits, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
+    base = ["eval", "--benchmark", "digits", "--target", "printed", "--method", "zeroshot"]
+    base += ["--runs-dir", str(tmp_path), "--no-progress", "label=zs"]
+    assert main(base) == 0
+    assert main([*base, "zeroshot.threshold_quantile=0.1"]) == 0
+    capsys.readouterr()
+    assert main(["report", "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    hashes = sorted(
+        json.loads(p.read_text())["setting_hash"] for p in tmp_path.glob("*/*/results.jsonl")
+    )
+    assert "label 'zs'" in err and all(h in err for h in hashes)
+    assert "zeroshot.threshold_quantile (0.05 vs 0.1)" in err or "(0.1 vs 0.05)" in err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=-1", "train.epochs must be >= 1, got -1"),
+        ("train.selection=best", "train.selection: expected one of last, val_acc, val_h"),
+        ("train.pseudo_unknowns=gan", "train.pseudo_unknowns: expected one of none, mixup"),
+        ("zeroshot.score=odin", "zeroshot.score: expected one of msp, mcm"),
+        ("train.pseudo_unknowns=pool", "needs train.pseudo_pool=PATH"),
+    ],
+)
+def test_bad_choices_fail_when_the_config_is_parsed(override, message, tmp_path, capsys):
+    argv = ["train", "--config", "configs/digits.yaml", "--runs-dir", str(tmp_path), override]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing was written

@@ -32,10 +32,37 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
 
 
-def test_constants():
-    assert D.DIGIT_WORDS == ("zero", "one", "two", "three", "four", "five", "six", "seven",
-                             "eight", "nine")  # fmt: skip
-    assert D.DOMAINS == ("handwritten", "printed", "textured", "outline")
+# SHA-256 of every byte of the trees the fixtures write. They were measured with numpy 2.4.6,
+# pillow 13.0.0, matplotlib 3.11.2, scikit-image 0.26.0, scipy 1.17.1, scikit-learn 1.9.1 and
+# match pillow 10.4-13, matplotlib 3.8-3.11, scikit-image 0.23-0.26 too (docs/results.md). A
+# failure here means this install draws other pixels than the one the docs' tables came from.
+BENCH_HASH = "7e8a5231a58faa10db4c667804bd97c735b3feb927d5a330029af149d70bc656"
+CORPUS_HASH = "68e9f879f3b46eba008ebf5bcbdc6122aecd8d68855d4e2cbc9c8c5f48d1e9d4"
+
+
+def test_generated_bytes_are_the_pinned_ones(bench, corpus):
+    meta = D.read_meta(bench)
+    assert meta["content_hash"] == D.content_hash(bench, "benchmark") == BENCH_HASH, meta["install"]
+    assert D.read_meta(corpus)["content_hash"] == D.content_hash(corpus, "corpus") == CORPUS_HASH
+
+
+def test_a_tree_is_reused_only_if_its_bytes_and_renderer_match(tmp_path, monkeypatch):
+    root = D.generate_benchmark(tmp_path / "d", n_per_class=1, progress=False)
+    png = root / "printed" / "two" / "00000.png"
+    good = png.read_bytes()
+    png.write_bytes(good[:-8])  # a damaged or hand-edited image
+    D.generate_benchmark(root, n_per_class=1, progress=False)
+    assert png.read_bytes() == good
+    meta = D.read_meta(root)
+    meta["renderer"] = "0" * 12  # written by other rendering code (same version number)
+    (root / "meta.json").write_text(json.dumps(meta))
+    D.generate_benchmark(root, n_per_class=1, progress=False)
+    assert D.read_meta(root)["renderer"] == D.renderer_hash()
+
+
+def test_every_listed_font_draws_the_ten_digits():
+    assert set(D.FONTS) <= set(D.usable_fonts())
+    assert set(D.BENCHMARK_FONTS) <= set(D.FONTS)
 
 
 def test_benchmark_layout(bench):

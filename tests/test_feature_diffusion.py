@@ -221,7 +221,7 @@ def test_diffusion_is_a_registered_pseudo_unknown_source(data):
         class_texts=("zero", "one", "two"),
         template="a photo of the digit {}.",
         seed=0,
-        options=dataclasses.replace(TINY, train_steps=10),
+        diffusion=dataclasses.replace(TINY, train_steps=10),
     )
     source = PSEUDO_UNKNOWNS.get("diffusion")(ctx)
     g, t = source.sample("c", 5, torch.Generator().manual_seed(1))
@@ -232,11 +232,12 @@ def test_diffusion_is_a_registered_pseudo_unknown_source(data):
 
 def test_prompt_trainer_trains_on_a_diffusion_pool_and_reuses_it(monkeypatch):
     from seeclip.backbone import build_backbone
-    from seeclip.config import TrainConfig
-    from seeclip.methods.learned import _ce_only
-    from seeclip.methods.models import CoOpModel
+    from seeclip.builders import build_method
+    from seeclip.config import PromptConfig, TrainConfig
+    from seeclip.features import PseudoSources
+    from seeclip.methods import MethodEnv
     from seeclip.paths import seeclip_home
-    from seeclip.trainer import PromptTrainer
+    from seeclip.pseudo import diffusion_unknowns
 
     backbone = build_backbone("tiny-vit")  # d = 64, 16 tokens
     g = torch.Generator().manual_seed(0)
@@ -246,18 +247,22 @@ def test_prompt_trainer_trains_on_a_diffusion_pool_and_reuses_it(monkeypatch):
     feats = Features(F.normalize(tokens.mean(1), dim=-1).half(), tokens.half(), domains)
     options = dataclasses.replace(TINY, train_steps=20)
     cfg = TrainConfig(epochs=2, batch_size=12, pseudo_unknowns="diffusion", selection="val_h")
+    texts = ("zero", "one", "two")
+
+    def source():
+        ctx = PseudoContext(feats, labels, backbone=backbone, class_texts=texts,
+                            diffusion=options, progress=False)  # fmt: skip
+        return diffusion_unknowns(ctx)
 
     def trainer():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = CoOpModel(backbone, ["zero", "one", "two"], n_ctx=2, unknown_prompt=True)
-        context = {"backbone": backbone, "class_texts": ("zero", "one", "two"), "options": options}
-        return PromptTrainer(model, _ce_only, train=cfg, progress=False, pseudo_context=context)
+        env = MethodEnv(backbone, texts, "a photo of a {}.", pseudo=PseudoSources(
+            "diffusion", source, source), progress=False)  # fmt: skip
+        return build_method("coop_unknown", env, {"prompt": PromptConfig(n_ctx=2), "train": cfg})
 
     first = trainer()
     first.fit(feats, labels, feats, labels)
     assert len(list((seeclip_home() / "pools").glob("*/manifest.json"))) == 1
-    assert "acc_unknown" in first.log.val[0]  # held-out pseudo-unknowns from the same pool
+    assert "acc_unknown" in first.log.val[0]  # held-out pseudo-unknowns were scored
     monkeypatch.setattr(FeatureGenerator, "fit", lambda *a, **k: pytest.fail("retrained"))
     second = trainer()
     second.fit(feats, labels, feats, labels)  # the stored pool: the same batches, same weights

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from seeclip.backbone import build_backbone
-from seeclip.config import LossConfig, TrainConfig
-from seeclip.methods import Features
-from seeclip.methods.learned import _ce_only, _seeclip_terms
-from seeclip.methods.models import CoOpModel, SeeCLIPModel
+from seeclip.builders import build_method
+from seeclip.config import ConfigError, LossConfig, PromptConfig, TrainConfig
+from seeclip.features import PseudoSources
+from seeclip.methods import Features, MethodEnv
 from seeclip.pseudo import MixupUnknowns
 from seeclip.trainer import BalancedBatches, PromptTrainer
 
@@ -66,20 +66,24 @@ def test_mixup_unknowns_mix_two_different_classes_of_one_domain():
     assert second.mean() > real_second.mean()
 
 
-def _trainer(backbone, model_cls="coop", **train):
+def _trainer(backbone, method="coop", pseudo=None, **train):
     cfg = TrainConfig(**{"epochs": 3, "batch_size": 12, "lr": 1e-2, **train})
-    torch.manual_seed(0)  # the models' initial weights
-    if model_cls == "coop":
-        model = CoOpModel(backbone, ["zero", "one", "two"], n_ctx=2)
-        return PromptTrainer(model, _ce_only, train=cfg, seed=0, progress=False)
-    model = SeeCLIPModel(backbone, ["zero", "one", "two"], k=2, m=2)
-    loss = LossConfig()
-    return PromptTrainer(
-        model,
-        lambda out, y: _seeclip_terms(out, y, model=model, loss=loss),
-        train=cfg,
-        seed=0,
-        progress=False,
+    env = MethodEnv(backbone, ("zero", "one", "two"), "a photo of a {}.", seed=0, pseudo=pseudo,
+                    progress=False)  # fmt: skip
+    sections = {"prompt": PromptConfig(n_ctx=2, k=2, m=2), "loss": LossConfig(), "train": cfg}
+    return build_method(method, env, sections)
+
+
+def _mixup(train, train_labels, val, val_labels, calls=None):
+    def build(feats, labels, which):
+        if calls is not None:
+            calls.append(which)
+        return MixupUnknowns(feats, labels)
+
+    return PseudoSources(
+        "mixup",
+        lambda: build(train, train_labels, "train"),
+        lambda: build(val, val_labels, "val"),
     )
 
 
@@ -87,7 +91,7 @@ def test_training_lowers_the_loss_and_same_seed_gives_same_weights(backbone):
     feats, labels = synthetic()
     runs = []
     for _ in range(2):
-        t = _trainer(backbone, "seeclip", epochs=4)
+        t = _trainer(backbone, "seeclip", _mixup(feats, labels, feats, labels), epochs=4)
         t.fit(feats, labels, feats, labels)
         runs.append(t)
     losses = [e["total"] for e in runs[0].log.losses]
@@ -109,21 +113,46 @@ def test_state_round_trip_reproduces_predictions_and_threshold(backbone):
     np.testing.assert_allclose(p.unknown_score, q.unknown_score)
 
 
-def test_val_acc_selection_keeps_the_best_source_val_epoch(backbone):
+def test_val_acc_selection_keeps_the_best_closed_set_source_val_epoch(backbone):
     feats, labels = synthetic()
-    t = _trainer(backbone, "seeclip", selection="val_acc", epochs=3)
+    t = _trainer(backbone, "seeclip", _mixup(feats, labels, feats, labels), selection="val_acc")
     t.fit(feats, labels, feats, labels)
-    accs = [v["acc_known"] for v in t.log.val]
+    accs = [v["closed_acc"] for v in t.log.val]
     assert t.log.selected_epoch == int(np.argmax(accs)) + 1
-    y_pred = t.predict(feats).y_pred
-    assert np.mean(y_pred == labels.numpy()) == pytest.approx(max(accs))
+    closed = t.predict(feats).y_pred_closed  # rejection plays no part in val_acc
+    assert np.mean(closed == labels.numpy()) == pytest.approx(max(accs))
+    records = t.history()
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r["selected"] for r in records].count(True) == 1
+    assert records[t.log.selected_epoch - 1]["val_closed_acc"] == pytest.approx(max(accs))
+    assert all(r["kind"] == "epoch" and "loss_total" in r for r in records)
+
+
+def test_val_h_scores_pseudo_unknowns_from_the_validation_source_only(backbone):
+    train, train_labels = synthetic(seed=0)
+    val, val_labels = synthetic(n_per=4, seed=1)
+    e0 = torch.zeros(64)
+    e0[0] = 1.0  # validation features sit near e0, training features do not
+    val_g = torch.nn.functional.normalize(val.global_.float() + 3 * e0, dim=-1).half()
+    val = Features(val_g, val.tokens, val.domains)
+    assert (train.global_.float() @ e0).abs().max() < 0.5
+    calls = []
+    t = _trainer(backbone, "seeclip", _mixup(train, train_labels, val, val_labels, calls),
+                 selection="val_h", epochs=2)  # fmt: skip
+    t.fit(train, train_labels, val, val_labels)
+    assert sorted(calls) == ["train", "val"]  # one source each, the held-out one from val
+    g, _ = t._val_pseudo(val)
+    assert len(g) == len(val) // 2 and (g @ e0).min() > 0.5  # mixes of validation images only
+    crit = t.log.val[-1]
+    h = 2 * crit["acc_known"] * crit["acc_unknown"] / (crit["acc_known"] + crit["acc_unknown"])
+    assert crit["h_score"] == pytest.approx(h)
 
 
 def test_prediction_takes_no_label_and_bad_options_fail_early(backbone):
     assert list(inspect.signature(PromptTrainer.predict).parameters) == ["self", "images"]
     with pytest.raises(ValueError, match="selection=val_h .* has none"):
         _trainer(backbone, selection="val_h")
-    with pytest.raises(ValueError, match="unknown selection 'best'"):
+    with pytest.raises(ConfigError, match="train.selection: expected one of last, val_acc"):
         _trainer(backbone, selection="best")
-    with pytest.raises(KeyError, match="unknown pseudo-unknown source 'gan'"):
+    with pytest.raises(ConfigError, match="train.pseudo_unknowns: expected one of none, mixup"):
         _trainer(backbone, pseudo_unknowns="gan")

@@ -28,6 +28,16 @@ class ConfigError(ValueError):
     """A config file or override that does not match the config dataclasses."""
 
 
+def _check_choices(cfg: Any, section: str) -> None:
+    """Every ``Literal`` field of dataclass ``cfg`` holds one of its choices."""
+    for name, tp in typing.get_type_hints(type(cfg)).items():
+        if typing.get_origin(tp) is Literal and getattr(cfg, name) not in get_args(tp):
+            choices = ", ".join(map(str, get_args(tp)))
+            raise ConfigError(
+                f"{section}.{name}: expected one of {choices}, got {getattr(cfg, name)!r}"
+            )
+
+
 def _check_min(name: str, value: int, low: int) -> None:
     if value < low:
         raise ConfigError(f"{name} must be >= {low}, got {value}")
@@ -67,6 +77,7 @@ class ZeroShotConfig:
     template: str | None = None  # prompt template with one {}; None = the benchmark's
 
     def __post_init__(self) -> None:
+        _check_choices(self, "zeroshot")
         _check_unit("zeroshot.threshold_quantile", self.threshold_quantile)
         if self.mcm_temperature <= 0:
             raise ConfigError(f"zeroshot.mcm_temperature must be > 0, got {self.mcm_temperature}")
@@ -119,6 +130,7 @@ class TrainConfig:
     selection: Literal["last", "val_acc", "val_h"] = "last"
 
     def __post_init__(self) -> None:
+        _check_choices(self, "train")
         _check_min("train.epochs", self.epochs, 1)
         _check_min("train.batch_size", self.batch_size, 1)
         for name in ("lr", "grad_clip"):
