@@ -1,0 +1,108 @@
+"""The layers of STYLE.md: no seeclip module imports from a layer above its own.
+
+Every import counts, lazy ones inside functions too: a lazy upward import is still a cycle in
+the design, only one that fails later.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).parents[1] / "src" / "seeclip"
+
+# module (or package) prefix -> layer; the longest matching prefix wins
+LAYERS = {
+    # 1. leaves
+    "seeclip": 1,
+    "seeclip.config": 1,
+    "seeclip.registry": 1,
+    "seeclip.paths": 1,
+    "seeclip.io": 1,
+    "seeclip.features": 1,
+    "seeclip.metrics": 1,
+    "seeclip.records": 1,
+    "seeclip.generate.feature_config": 1,  # a config section that lives with its generator
+    # 2. data and model
+    "seeclip.datasets": 2,
+    "seeclip.backbone": 2,
+    "seeclip.hub": 2,
+    "seeclip.tiny_clip": 2,
+    "seeclip.tiny_card": 2,
+    "seeclip.pretrain": 2,
+    "seeclip.cache": 2,
+    # 3. methods
+    "seeclip.methods": 3,
+    "seeclip.losses": 3,
+    "seeclip.selection": 3,
+    # 4. pseudo-unknowns
+    "seeclip.pseudo": 4,
+    "seeclip.generate": 4,
+    "seeclip.testing": 4,
+    # 5. training
+    "seeclip.trainer": 5,
+    "seeclip.builders": 5,
+    # 6. the experiment
+    "seeclip.runner": 6,
+    "seeclip.report": 6,
+    "seeclip.validation": 6,
+    # 7. the app
+    "seeclip.cli": 7,
+}
+
+
+def layer(module: str) -> int:
+    parts = module.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in LAYERS:
+            return LAYERS[prefix]
+    raise KeyError(f"{module} has no layer in tests/test_layers.py: add it")
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    package = (
+        module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
+    )
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            # `from seeclip.x import y` may name a submodule y
+            out += [f"{mod}.{a.name}" for a in node.names] if mod else []
+    return [m for m in out if m == "seeclip" or m.startswith("seeclip.")]
+
+
+MODULES = sorted(p for p in SRC.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_no_import_from_a_higher_layer(path):
+    own = layer(module_name(path))
+    upward = [m for m in imports(path) if layer(m) > own]
+    assert not upward, f"{module_name(path)} (layer {own}) imports {upward}"
+
+
+def test_no_registry_is_filled_by_a_side_effect_import():
+    """A registry is filled by the module that defines it (or its package's __init__)."""
+    for path in MODULES:
+        for line in path.read_text().splitlines():
+            seeclip_import = "import seeclip" in line or "from seeclip" in line
+            assert not (seeclip_import and "noqa: F401" in line), f"{module_name(path)}: {line}"
