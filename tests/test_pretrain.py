@@ -1,7 +1,6 @@
 """tiny-digits: output-stride-8 surgery, the pretraining loop, resume, the shipped weights."""
 
 import argparse
-import json
 
 import numpy as np
 import open_clip
@@ -10,22 +9,21 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from seeclip.cli.pretrain import add_parser, config_from_args
 from seeclip.config import ConfigError
+from seeclip.datasets.digits import DIGIT_WORDS
 from seeclip.pretrain import (
     PretrainConfig,
     _batch_indices,
-    add_pretrain_parser,
     augment,
-    config_from_args,
     load_benchmark_arrays,
     pretrain_clip,
-    text_classifier,
     to_input,
     zero_shot_accuracy,
 )
+from seeclip.tiny_card import load_card
 from seeclip.tiny_clip import (
     ARCH,
-    TINY_DIGITS_CARD,
     TINY_DIGITS_WEIGHTS,
     _register_configs,
     build_tiny_digits,
@@ -86,7 +84,7 @@ def test_augment_is_seeded_and_batches_cycle_the_corpus():
 
 def test_cli_parser_and_config_overrides(tmp_path):
     parser = argparse.ArgumentParser()
-    add_pretrain_parser(parser.add_subparsers())
+    add_parser(parser.add_subparsers())
     args = parser.parse_args(["pretrain-clip", "--out", str(tmp_path), "steps=7", "lr=1e-4"])
     cfg = config_from_args(args.config, args.overrides)
     assert (cfg.steps, cfg.lr, cfg.batch_size) == (7, 1e-4, 256)
@@ -98,8 +96,11 @@ def test_cli_parser_and_config_overrides(tmp_path):
 
 
 def _tiny_cfg(**kw) -> PretrainConfig:
+    # fp32 on one thread: bf16 autocast is emulated (~15x slower) on CPUs without native bf16,
+    # and 2 threads oversubscribe shared cores; resume equivalence does not depend on either
     base = dict(steps=4, batch_size=16, corpus_size=160, warmup_steps=2, checkpoint_every=2,
-                eval_templates=("a photo of the digit {}.",))  # fmt: skip
+                eval_templates=("a photo of the digit {}.",), bf16=False,
+                num_threads=1)  # fmt: skip
     return PretrainConfig(**{**base, **kw})
 
 
@@ -130,7 +131,7 @@ def test_reduced_budget_run_learns(tmp_path):
     chance. Digit identity emerges only after about 100k pairs (docs/tiny_clip.md), too late
     for a test; the shipped model's digit zero-shot is checked below."""
     cfg = PretrainConfig(steps=150, batch_size=64, corpus_size=2000, lr=2e-3, warmup_steps=15,
-                         checkpoint_every=1000)  # fmt: skip
+                         checkpoint_every=1000, num_threads=1)  # fmt: skip
     bench = load_benchmark_arrays(n_per_class=5)
     card = pretrain_clip(cfg, tmp_path, progress=False, benchmark=bench)
     train = card["training"]
@@ -157,29 +158,22 @@ def test_shipped_weights_rebuild_exactly():
     shipped = load_file(str(TINY_DIGITS_WEIGHTS))
     for k, v in model.state_dict().items():
         assert torch.equal(v, shipped[k].float()), k
-    card = json.loads(TINY_DIGITS_CARD.read_text())
-    assert card["architecture"]["open_clip_config"]["embed_dim"] == 128
     # class-name text features separate the ten digits
-    from seeclip.datasets.digits import DIGIT_WORDS
-
-    w = text_classifier(model, tokenizer, DIGIT_WORDS, card["zero_shot"]["templates"])
+    templates = load_card()["zero_shot"]["templates"]
+    w = open_clip.build_zero_shot_classifier(model, tokenizer, DIGIT_WORDS, templates).T  # [C, D]
     cos = w @ w.T
     assert cos[~torch.eye(10, dtype=torch.bool)].max() < 0.95
 
 
-def test_shipped_card_meets_the_quality_bar():
-    """The issue's bar: zero-shot >= 70% on average over domains and no domain below 55%."""
-    zs = json.loads(TINY_DIGITS_CARD.read_text())["zero_shot"]["ensemble"]
-    assert zs["mean"] >= 0.70 and min(zs["per_domain"].values()) >= 0.55, zs
-
-
 @pytest.mark.slow
 def test_shipped_weights_zero_shot_on_a_benchmark_subset():
+    """The issue's bar on the shipped weights: zero-shot >= 70% on average over domains and no
+    domain below 55%, and no more than 8 points below the card's mean."""
     model, _, tokenizer = build_tiny_digits(TINY_DIGITS_WEIGHTS)
-    card = json.loads(TINY_DIGITS_CARD.read_text())
+    card = load_card()
     bench = load_benchmark_arrays(n_per_class=20)  # the first 20 images of each full-size class
     acc = zero_shot_accuracy(model, tokenizer, bench, templates=card["zero_shot"]["templates"])
-    card_acc = json.loads(TINY_DIGITS_CARD.read_text())["zero_shot"]["ensemble"]["mean"]
+    card_acc = card["zero_shot"]["ensemble"]["mean"]
     # 800 images vs the card's 8,000: the shipped file really has the card's quality
     assert np.mean(list(acc.values())) >= max(0.70, card_acc - 0.08), acc
     assert min(acc.values()) >= 0.55, acc

@@ -5,25 +5,27 @@ linear warm-up, cheap batched tensor augmentation (small affine + brightness/con
 these are digits). Data come from the captioned ``digits`` corpus (disjoint fonts, photos and
 writers from the benchmark). Every batch and its augmentation are a function of ``(seed, step)``,
 so a run resumed from ``last.pt`` ends with the same weights as an uninterrupted one.
+The model is :mod:`seeclip.tiny_clip`'s; the card written at the end is :mod:`seeclip.tiny_card`'s.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from seeclip import tiny_card
+from seeclip.io import write_with
 from seeclip.paths import seeclip_home
 from seeclip.tiny_clip import ARCH, SURGERY, build_tiny_digits
 
@@ -32,12 +34,10 @@ __all__ = [
     "augment",
     "load_benchmark_arrays",
     "pretrain_clip",
-    "text_classifier",
+    "to_input",
     "zero_shot_accuracy",
 ]
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PRIMARY_TEMPLATE = "a photo of the digit {}."
 
 
@@ -81,8 +81,8 @@ def _corpus(cfg: PretrainConfig, progress: bool) -> Path:
 
 
 def _normalize(x: Tensor) -> Tensor:
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -185,18 +185,6 @@ def load_benchmark_arrays(
 
 
 @torch.no_grad()
-def text_classifier(
-    model: nn.Module, tokenizer, classnames: Sequence[str], templates: Sequence[str]
-) -> Tensor:
-    """[C, D] zero-shot weights: the normalised mean of each class's normalised prompt features."""
-    rows = []
-    for name in classnames:
-        feats = model.encode_text(tokenizer([t.format(name) for t in templates]), normalize=True)
-        rows.append(F.normalize(feats.mean(0), dim=-1))
-    return torch.stack(rows)
-
-
-@torch.no_grad()
 def zero_shot_accuracy(
     model: nn.Module,
     tokenizer,
@@ -211,13 +199,16 @@ def zero_shot_accuracy(
         from seeclip.datasets.digits import DIGIT_WORDS as classnames
     was_training = model.training
     model.eval()
-    weights = text_classifier(model, tokenizer, classnames, templates)
+    device = next(model.parameters()).device
+    classifier = open_clip.build_zero_shot_classifier(  # [D, C]
+        model, tokenizer, list(classnames), list(templates), device=device
+    )
     acc = {}
     for domain, (images, labels) in data.items():
         preds = []
         for i in range(0, len(images), batch_size):
-            feats = model.encode_image(to_input(images[i : i + batch_size]), normalize=True)
-            preds.append((feats @ weights.T).argmax(-1))
+            x = to_input(images[i : i + batch_size]).to(device)
+            preds.append((model.encode_image(x, normalize=True) @ classifier).argmax(-1).cpu())
         acc[domain] = float((torch.cat(preds).numpy() == np.asarray(labels)).mean())
     model.train(was_training)
     return acc
@@ -228,7 +219,8 @@ def zero_shot_accuracy(
 
 def _save_weights(model: nn.Module, path: Path) -> None:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"arch": ARCH, "surgery": SURGERY, "dtype": "float16"})
+    meta = {"arch": ARCH, "surgery": SURGERY, "dtype": "float16"}
+    write_with(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
 def pretrain_clip(
@@ -297,8 +289,7 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark) -> dict:
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "torch_rng": torch.get_rng_state(), "step": step, "losses": losses,
                  "train_seconds": train_seconds}  # fmt: skip
-        torch.save(state, out / "last.pt.tmp")
-        os.replace(out / "last.pt.tmp", ckpt)
+        write_with(ckpt, lambda tmp: torch.save(state, tmp))
 
     bar = None
     if progress:
@@ -342,12 +333,21 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark) -> dict:
 
     model.eval()
     _save_weights(model, out / "tiny-digits.safetensors")
-    card = _card(cfg, model, tokenizer, corpus, losses, train_seconds, command, benchmark)
-    (out / "card.json").write_text(json.dumps(card, indent=1))
+    card = tiny_card.build_card(
+        model=model,
+        config=asdict(cfg),
+        command=command,
+        corpus_meta=json.loads((corpus / "meta.json").read_text()),
+        losses=losses,
+        train_seconds=train_seconds,
+        zero_shot=_zero_shot_section(cfg, model, tokenizer, benchmark),
+    )
+    tiny_card.write_card(out / "card.json", card)
     return card
 
 
-def _card(cfg, model, tokenizer, corpus, losses, train_seconds, command, benchmark) -> dict:
+def _zero_shot_section(cfg: PretrainConfig, model: nn.Module, tokenizer, benchmark) -> dict:
+    """Measure the card's zero-shot numbers: trained (ensemble, primary template), random init."""
     from seeclip.datasets.digits import DIGIT_WORDS
 
     if benchmark is None:
@@ -358,64 +358,20 @@ def _card(cfg, model, tokenizer, corpus, losses, train_seconds, command, benchma
     random_acc = zero_shot_accuracy(
         random_model, tokenizer, benchmark, templates=cfg.eval_templates
     )
-    w = text_classifier(model, tokenizer, DIGIT_WORDS, cfg.eval_templates)
-    cos = w @ w.T
-    off_diag = cos[~torch.eye(len(w), dtype=torch.bool)]
-    meta = json.loads((corpus / "meta.json").read_text())
-
-    def summary(acc: dict[str, float]) -> dict:
-        return {"per_domain": acc, "mean": float(np.mean(list(acc.values())))}
-
-    n_tail = max(1, min(50, len(losses) // 10))
-    return {
-        "name": "tiny-digits",
-        "architecture": {
-            "open_clip_config": json.loads(
-                (Path(__file__).parent / "model_configs" / f"{ARCH}.json").read_text()
-            ),
-            "surgery": SURGERY + ": avgpools of layer3[0] and layer4[0] (main path and shortcut)"
-            " removed; attention pool rebuilt for a 4x4 grid; 16 spatial tokens at 32 px",
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "weights_dtype": "float16",
-        },
-        "command": command,
-        "seed": cfg.seed,
-        "config": asdict(cfg),
-        "data": {
-            "generator": "seeclip.datasets.digits.generate_corpus",
-            "n": meta.get("n"),
-            "seed": meta.get("seed"),
-            "version": meta.get("version"),
-            "image_size": meta.get("image_size"),
-            "domains": meta.get("domains"),
-            "fonts_used": meta.get("fonts_used"),
-            "photos_used": meta.get("photos_used"),
-        },
-        "training": {
-            "steps": len(losses),
-            "pairs_seen": len(losses) * cfg.batch_size,
-            "train_seconds": round(train_seconds, 1),
-            "pairs_per_second": round(len(losses) * cfg.batch_size / max(train_seconds, 1e-9), 1),
-            "loss_first": float(np.mean(losses[:n_tail])),
-            "loss_last": float(np.mean(losses[-n_tail:])),
-            "final_logit_scale": model.logit_scale.detach().exp().item(),
-            "machine": {
-                "cpus": os.cpu_count(),
-                "threads": cfg.num_threads,
-                "processor": platform.processor() or platform.machine(),
-                "torch": torch.__version__,
-            },
-        },
-        "zero_shot": {
-            "benchmark": f"digits generate_benchmark(seed=0, n_per_class={cfg.eval_n_per_class})",
-            "classnames": list(DIGIT_WORDS),
-            "templates": list(cfg.eval_templates),
-            "ensemble": summary(ensemble),
-            "single_template": {"template": PRIMARY_TEMPLATE, **summary(primary)},
-            "random_init_ensemble": summary(random_acc),
-            "classname_text_cosine": {
-                "max_off_diagonal": float(off_diag.max()),
-                "mean_off_diagonal": float(off_diag.mean()),
-            },
-        },
-    }
+    classifier = open_clip.build_zero_shot_classifier(
+        model,
+        tokenizer,
+        list(DIGIT_WORDS),
+        list(cfg.eval_templates),
+        device=next(model.parameters()).device,
+    )
+    return tiny_card.zero_shot_section(
+        classnames=DIGIT_WORDS,
+        templates=cfg.eval_templates,
+        primary_template=PRIMARY_TEMPLATE,
+        n_per_class=cfg.eval_n_per_class,
+        ensemble=ensemble,
+        single_template=primary,
+        random_init_ensemble=random_acc,
+        classifier=classifier,
+    )

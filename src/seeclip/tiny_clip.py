@@ -4,12 +4,12 @@ The architecture is open_clip's ModifiedResNet (layers 1,1,1,1, width 32, 32 px)
 text transformer, built from ``model_configs/tiny-digits.json`` and then changed by
 :func:`output_stride8` so that the last feature map is 4x4 (16 spatial tokens) instead of 1x1.
 The weights (fp16 safetensors) and their card ship in ``weights/``; see ``docs/tiny_clip.md``.
+The card is :mod:`seeclip.tiny_card`'s, the training loop :mod:`seeclip.pretrain`'s.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import open_clip
@@ -22,8 +22,9 @@ __all__ = [
     "ARCH",
     "TINY_DIGITS_CARD",
     "TINY_DIGITS_WEIGHTS",
+    "SURGERY",
     "build_tiny_digits",
-    "load_card",
+    "model_config",
     "output_stride8",
 ]
 
@@ -37,6 +38,12 @@ TINY_DIGITS_CARD = Path(__file__).parent / "weights" / "tiny-digits.card.json"
 @functools.cache
 def _register_configs() -> None:
     open_clip.add_model_config(_CONFIG_DIR)
+
+
+def model_config() -> dict:
+    """The open_clip config of :data:`ARCH` (``model_configs/tiny-digits.json``), before surgery."""
+    _register_configs()
+    return open_clip.get_model_config(ARCH)
 
 
 def output_stride8(model: nn.Module) -> nn.Module:
@@ -104,8 +111,3 @@ def _check_metadata(path: Path) -> None:
     arch, surgery = meta.get("arch", ARCH), meta.get("surgery", SURGERY)
     if (arch, surgery) != (ARCH, SURGERY):
         raise ValueError(f"{path}: weights are for {arch}+{surgery}, not {ARCH}+{SURGERY}")
-
-
-def load_card(path: Path = TINY_DIGITS_CARD) -> dict:
-    """The JSON card shipped next to the weights (architecture, command, recipe, accuracy)."""
-    return json.loads(Path(path).read_text())
