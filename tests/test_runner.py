@@ -84,3 +84,12 @@ def test_real_datasets_are_named_by_a_listing_hash(tmp_path):
     assert kind == "listing" and len(digest) == 64
     Image.fromarray(np.full((40, 40, 3), 9, np.uint8)).save(tmp_path / "d1/c2/b.png")
     assert runner.data_hash(manifest)[0] != digest  # a file of another size changes the hash
+
+
+def test_backbone_memo_keeps_the_newest_and_rebuilds_after_eviction(monkeypatch):
+    built = []
+    monkeypatch.setattr(runner, "build_backbone", lambda name, **kw: built.append(name) or name)
+    memo = runner.BackboneMemo(size=2)
+    for name in ("a", "b", "a", "c", "a", "b"):
+        memo.get(name, None)
+    assert built == ["a", "b", "c", "b"]  # "b" was the least recently used when "c" came

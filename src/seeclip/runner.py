@@ -148,15 +148,23 @@ class FeatureMemo:
 
 
 class BackboneMemo:
-    """Frozen backbones built by this process, by (name, pretrained): built once, shared."""
+    """Frozen backbones built by this process, by (name, pretrained), the ``size`` newest kept.
 
-    def __init__(self) -> None:
+    Evicting one is safe: features are memoised by weights fingerprint, not by object.
+    """
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
         self._entries: dict[tuple[str, str | None], Backbone] = {}
 
     def get(self, name: str, pretrained: str | None) -> Backbone:
-        if (name, pretrained) not in self._entries:
-            self._entries[(name, pretrained)] = build_backbone(name, pretrained=pretrained, seed=0)
-        return self._entries[(name, pretrained)]
+        key = (name, pretrained)
+        if key not in self._entries:
+            while len(self._entries) >= self.size:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = build_backbone(name, pretrained=pretrained, seed=0)
+        self._entries[key] = self._entries.pop(key)  # most recently used last
+        return self._entries[key]
 
 
 FEATURES = FeatureMemo()
