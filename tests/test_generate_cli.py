@@ -81,3 +81,23 @@ def test_image_pool_goes_through_the_cache_into_training(preset, tmp_path, capsy
     assert "image pool: 6 images" in capsys.readouterr().out
     pool = f"train.pseudo_pool={out / 'manifest.csv'}"
     assert _train_one_run(preset, tmp_path / "runs", "train.pseudo_unknowns=images", pool)
+
+
+def _pool_path(out: str) -> str:
+    line = next(x for x in out.splitlines() if x.startswith("train with it"))
+    return line.rsplit("=", 1)[1]
+
+
+def test_stored_feature_pools_train_and_select_with_a_held_out_val_pool(preset, tmp_path, capsys):
+    base = ["generate", "--config", str(preset), "--backend", "feature", "--n", "4"]
+    assert main([*base, "--no-progress", *TINY_DIFFUSION]) == 0
+    train_pool = _pool_path(capsys.readouterr().out)
+    assert main([*base, "--from", "val", "--no-progress", *TINY_DIFFUSION]) == 0
+    out = capsys.readouterr().out
+    assert "train.val_pseudo_pool=" in out
+    val_pool = _pool_path(out)
+    assert val_pool != train_pool  # made from other images, so another pool
+    use = ["train.pseudo_unknowns=pool", f"train.pseudo_pool={train_pool}", "train.selection=val_h"]
+    assert main(["train", "--config", str(preset), "--runs-dir", str(tmp_path / "r0"), *use]) == 2
+    assert "needs train.val_pseudo_pool=PATH" in capsys.readouterr().err
+    assert _train_one_run(preset, tmp_path / "r1", *use, f"train.val_pseudo_pool={val_pool}")

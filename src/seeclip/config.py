@@ -123,7 +123,7 @@ class TrainConfig:
     pseudo_unknowns: Literal["none", "mixup", "pool", "diffusion", "images"] = "mixup"
     pseudo_fraction: float = 0.1  # share of each source domain's slots given to pseudo-unknowns
     pseudo_pool: str | None = None  # images: a manifest.csv; pool: a feature pool folder
-    # val_h with pseudo_unknowns=images: a second image pool made from source-val images only
+    # val_h with a stored pool (images | pool): one made from source-val images only (--from val)
     val_pseudo_pool: str | None = None
     # model selection (seeclip.selection): last | val_acc (source-val closed-set accuracy) |
     # val_h (H of source-val knowns and pseudo-unknowns made from source-val images)

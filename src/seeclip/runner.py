@@ -242,13 +242,15 @@ def pseudo_sources(
         )
 
     def val_source():
-        if name == "images" and not cfg.train.val_pseudo_pool:
+        stored = name in ("images", "pool")  # made ahead of time, from training images
+        if stored and not cfg.train.val_pseudo_pool:
             raise ValueError(
-                "selection=val_h with train.pseudo_unknowns=images needs "
-                "train.val_pseudo_pool=<manifest.csv>, a pool generated from source-val images "
-                "(the training pool would score the model on what it trained on)"
+                f"selection=val_h with train.pseudo_unknowns={name} needs "
+                f"train.val_pseudo_pool=PATH, a pool made from source-validation images only "
+                f"(`seeclip generate ... --from val`); the training pool would score the model "
+                f"on what it trained on"
             )
-        pool = cfg.train.val_pseudo_pool if name == "images" else cfg.train.pseudo_pool
+        pool = cfg.train.val_pseudo_pool if stored else cfg.train.pseudo_pool
         return factory(context(data.source_val, data.source_val_labels, pool))
 
     return PseudoSources(

@@ -27,6 +27,14 @@ def add_parser(sub) -> None:
     p.add_argument("--n", type=int, help="pseudo-unknowns per source domain")
     p.add_argument("--seed", type=int, help="generation seed (default: the config's)")
     p.add_argument("--data-root")
+    p.add_argument(
+        "--from",
+        dest="source_split",
+        choices=["train", "val"],
+        default="train",
+        help="build the pool from source training images (default) or from source-validation "
+        "images only (a held-out pool for train.selection=val_h: train.val_pseudo_pool=...)",
+    )
     p.add_argument("--inspect", action="store_true", help="similarity histograms + rejection rate")
     p.add_argument("--run", help="inspect: rejection rate of this trained run (default: zeroshot)")
     p.add_argument("--sd-model", help="image: Stable Diffusion model id or local folder")
@@ -66,8 +74,12 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     loaded = load_run_data(cfg, cache_dir=args.cache_dir, progress=progress)
     data = loaded.data
-    train = loaded.features(data.source_train)
-    labels = torch.as_tensor(data.source_train_labels)
+    if args.source_split == "val":
+        rows_of_split, split_labels = data.source_val, data.source_val_labels
+    else:
+        rows_of_split, split_labels = data.source_train, data.source_train_labels
+    train = loaded.features(rows_of_split)
+    labels = torch.as_tensor(split_labels)
     class_texts = loaded.class_texts
     if args.backend == "feature":
         from seeclip.pseudo import PseudoContext, diffusion_unknowns
@@ -88,17 +100,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"feature pool: {len(pool)} pseudo-unknowns {counts} -> {pool.path}")
         print(
             f"train with it: seeclip train --config {args.config} train.pseudo_unknowns=pool "
-            f"train.pseudo_pool={pool.path}"
+            f"train.{_pool_key(args)}={pool.path}"
         )
         pool_feats = pool.features()
     else:
-        pool_feats = _image_pool(args, cfg, loaded, train, class_texts, progress)
+        pool_feats = _image_pool(args, cfg, loaded, train, rows_of_split, class_texts, progress)
     if args.inspect:
         _inspect(args, cfg, loaded, class_texts, pool_feats, progress)
     return 0
 
 
-def _image_pool(args, cfg, loaded, train, class_texts, progress):
+def _image_pool(args, cfg, loaded, train, split_rows, class_texts, progress):
     from seeclip.generate.denoiser import semantic_queries, semantic_summaries
     from seeclip.generate.image_pool import generate_image_pool
     from seeclip.generate.sd_pipeline import ImageDiffusionConfig, load_pipeline
@@ -116,8 +128,8 @@ def _image_pool(args, cfg, loaded, train, class_texts, progress):
     queries = semantic_queries(train.tokens, cfg.diffusion.k, gen)
     tokens = semantic_summaries(train.tokens[rows], queries)
     manifest_paths = loaded.feats.paths
-    paths = [manifest_paths[i] for i in loaded.data.source_train[rows]]
-    out = Path(args.out) if args.out else _image_pool_dir(cfg, args.cache_dir)
+    paths = [manifest_paths[i] for i in split_rows[rows]]
+    out = Path(args.out) if args.out else _image_pool_dir(cfg, args.cache_dir, args.source_split)
     pipe = load_pipeline(icfg.model, device=args.device, dtype=icfg.torch_dtype(args.device))
     manifest = generate_image_pool(
         pipe,
@@ -133,18 +145,24 @@ def _image_pool(args, cfg, loaded, train, class_texts, progress):
     print(f"image pool: {len(rows)} images -> {manifest}")
     print(
         f"train with it: seeclip train --config {args.config} train.pseudo_unknowns=images "
-        f"train.pseudo_pool={manifest}"
+        f"train.{_pool_key(args)}={manifest}"
     )
     return image_pool_features(
         loaded.backbone, manifest, cache_dir=args.cache_dir, progress=progress
     )
 
 
-def _image_pool_dir(cfg, cache_dir: str | None) -> Path:
+def _pool_key(args: argparse.Namespace) -> str:
+    return "val_pseudo_pool" if args.source_split == "val" else "pseudo_pool"
+
+
+def _image_pool_dir(cfg, cache_dir: str | None, split: str) -> Path:
     from seeclip.runner import cache_root
 
     d = cfg.data
     name = f"{d.benchmark}-{d.protocol}-{d.target}-s{cfg.seed}"
+    if split == "val":
+        name += "-val"
     return cache_root(cache_dir) / "pools" / "images" / name
 
 
