@@ -16,8 +16,9 @@ import time
 import torch
 
 from seeclip.backbone import build_backbone
+from seeclip.builders import seeclip_terms
 from seeclip.config import LossConfig, TrainConfig
-from seeclip.methods.learned import _ce_only, _seeclip_terms
+from seeclip.losses import alignment_terms
 from seeclip.methods.models import CoOpModel, SeeCLIPModel
 
 PACS_KNOWN = ("dog", "elephant", "giraffe", "guitar", "horse", "house")
@@ -60,11 +61,11 @@ def main() -> None:
     seeclip = SeeCLIPModel(backbone, PACS_KNOWN, k=4, m=4)
     loss = LossConfig()
     s_time = step_time(
-        seeclip, lambda o, y_: _seeclip_terms(o, y_, model=seeclip, loss=loss), g, t, y, args.steps
+        seeclip, lambda o, y_: seeclip_terms(o, y_, model=seeclip, loss=loss), g, t, y, args.steps
     )
     s_peak = peak_rss_mib()
     coop = CoOpModel(backbone, PACS_KNOWN, n_ctx=4, unknown_prompt=True, m=4)
-    c_time = step_time(coop, _ce_only, g, t, y, args.steps)
+    c_time = step_time(coop, alignment_terms, g, t, y, args.steps)
 
     print(
         f"{args.arch}: batch {args.batch}, {n} patch tokens x {d}, {len(PACS_KNOWN)} known + "

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from seeclip.config import LossConfig, PromptConfig, TrainConfig
-from seeclip.losses import alignment_loss, seeclip_loss
+from seeclip.losses import alignment_terms, seeclip_loss
 from seeclip.methods.base import Method, MethodEnv
 from seeclip.methods.models import CoCoOpModel, CoOpModel, PromptModel, SeeCLIPModel
 from seeclip.methods.zeroshot import build_zeroshot
@@ -27,12 +27,8 @@ MethodFactory = Callable[..., Method]
 METHODS: Registry[MethodFactory] = Registry("method")
 
 
-def _ce_only(out, labels):
-    ali = alignment_loss(out.logits, labels)
-    return {"total": ali, "ali": ali}
-
-
-def _seeclip_terms(out, labels, *, model: PromptModel, loss: LossConfig):
+def seeclip_terms(out, labels, *, model: PromptModel, loss: LossConfig):
+    """SeeCLIP's objective with the weights of the ``loss`` section and the model's F_key."""
     return seeclip_loss(
         out,
         labels,
@@ -80,14 +76,14 @@ def build_seeclip(
             semantic_tokens=prompt.semantic_tokens,
         ),
     )
-    loss_fn = partial(_seeclip_terms, model=model, loss=loss)
+    loss_fn = partial(seeclip_terms, model=model, loss=loss)
     return _trainer(env, model, loss_fn, prompt=prompt, train=train)
 
 
 def build_coop(env: MethodEnv, *, prompt: PromptConfig, train: TrainConfig) -> PromptTrainer:
     """CoOp: shared learned context, unknown by max-softmax threshold on source val."""
     model = _seeded(env.seed, lambda: CoOpModel(env.backbone, env.class_texts, n_ctx=prompt.n_ctx))
-    return _trainer(env, model, _ce_only, prompt=prompt, train=train)
+    return _trainer(env, model, alignment_terms, prompt=prompt, train=train)
 
 
 def build_coop_unknown(
@@ -100,7 +96,7 @@ def build_coop_unknown(
             env.backbone, env.class_texts, n_ctx=prompt.n_ctx, unknown_prompt=True, m=prompt.m
         ),
     )
-    return _trainer(env, model, _ce_only, prompt=prompt, train=train)
+    return _trainer(env, model, alignment_terms, prompt=prompt, train=train)
 
 
 def build_cocoop(env: MethodEnv, *, prompt: PromptConfig, train: TrainConfig) -> PromptTrainer:
@@ -108,7 +104,7 @@ def build_cocoop(env: MethodEnv, *, prompt: PromptConfig, train: TrainConfig) ->
     model = _seeded(
         env.seed, lambda: CoCoOpModel(env.backbone, env.class_texts, n_ctx=prompt.n_ctx)
     )
-    return _trainer(env, model, _ce_only, prompt=prompt, train=train)
+    return _trainer(env, model, alignment_terms, prompt=prompt, train=train)
 
 
 for _name, _factory in (
@@ -136,4 +132,4 @@ def build_method(name: str, env: MethodEnv, sections: Mapping[str, Any]) -> Meth
     return factory(env, **{s: sections[s] for s in sections_of(factory)})
 
 
-__all__ = ["METHODS", "MethodFactory", "build_method", "sections_of"]
+__all__ = ["METHODS", "MethodFactory", "build_method", "sections_of", "seeclip_terms"]

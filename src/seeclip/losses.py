@@ -16,7 +16,14 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from seeclip.methods.models import PromptOutput
 
-__all__ = ["alignment_loss", "cohesion_loss", "l1_penalty", "repulsion_loss", "seeclip_loss"]
+__all__ = [
+    "alignment_loss",
+    "alignment_terms",
+    "cohesion_loss",
+    "l1_penalty",
+    "repulsion_loss",
+    "seeclip_loss",
+]
 
 
 def alignment_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -105,3 +112,9 @@ def seeclip_loss(
     reg = l1_penalty(f_key_weights).to(zero)
     total = ali + alpha * rep + beta * coh + gamma * reg
     return {"total": total, "ali": ali, "rep": rep, "coh": coh, "reg": reg}
+
+
+def alignment_terms(out: PromptOutput, labels: Tensor) -> dict[str, Tensor]:
+    """The objective of the CoOp family, L_ali alone, in the trainer's ``{"total", ...}`` form."""
+    ali = alignment_loss(out.logits, labels)
+    return {"total": ali, "ali": ali}
