@@ -31,10 +31,8 @@ class ReportError(ValueError):
     """Records that cannot form one honest table (e.g. one label for two settings)."""
 
 
-def read_records(runs_dir: str | Path, *, kind: str = FINAL) -> list[dict]:
+def read_records(runs_dir: str | Path) -> list[dict]:
     """The final record of every finished run (folders with ``done``) under ``runs_dir``."""
-    if kind != FINAL:
-        raise ValueError("tables are built from final records only")
     records = []
     for done in sorted(Path(runs_dir).glob("*/*/done")):
         record = final_record(done.parent)
