@@ -46,13 +46,18 @@ def renderer_hash(*, with_captions: bool = False) -> str:
 
 def installed_versions(packages: tuple[str, ...] = RENDER_PACKAGES) -> dict[str, str]:
     """Installed version of each distribution (``"missing"`` where it is not installed)."""
-    out = {}
+    return dict(_versions(tuple(packages)))
+
+
+@functools.lru_cache(maxsize=8)
+def _versions(packages: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    out = []
     for name in packages:
         try:
-            out[name] = metadata.version(name)
+            out.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
-            out[name] = "missing"
-    return out
+            out.append((name, "missing"))
+    return tuple(out)
 
 
 def read_meta(root: str | Path) -> dict | None:
@@ -76,9 +81,17 @@ def _reusable(root: Path, expected: dict) -> bool:
     return meta.get("content_hash") == content_hash(root, expected["kind"])
 
 
-def _pools_meta() -> dict:
+def _meta(tmp: Path, expected: dict, used_fonts: set, used_photos: set) -> dict:
+    """``meta.json`` of a tree just written to ``tmp``: parameters, hashes, install, pools."""
     hw = render.handwritten_pools()
     return {
+        **expected,
+        "content_hash": content_hash(tmp, expected["kind"]),
+        "install": installed_versions(),
+        "domains": list(DOMAINS),
+        "classes": list(DIGIT_WORDS),
+        "fonts_used": sorted(used_fonts - {None}),
+        "photos_used": sorted(used_photos - {None}),
         "fonts": render.font_pools(),
         "photos": render.photo_pools(),
         "handwritten_indices": {r: sorted(int(i) for p in hw[r] for i in p) for r in ROLES},
@@ -122,11 +135,7 @@ def generate_benchmark(
             if i == 0:
                 folder.mkdir(parents=True)
             Image.fromarray(img).save(folder / f"{i:05d}.png", optimize=False, compress_level=1)
-        meta = {**expected, "content_hash": content_hash(tmp, "benchmark"),
-                "install": installed_versions(), "domains": list(DOMAINS),
-                "classes": list(DIGIT_WORDS), "fonts_used": sorted(used_fonts - {None}),
-                "photos_used": sorted(used_photos - {None}), **_pools_meta()}  # fmt: skip
-        write_json(tmp / "meta.json", meta)
+        write_json(tmp / "meta.json", _meta(tmp, expected, used_fonts, used_photos))
     return root
 
 
@@ -169,9 +178,5 @@ def generate_corpus(
         np.save(tmp / "labels.npy", labels)
         np.save(tmp / "domains.npy", domains)
         (tmp / "captions.json").write_text(json.dumps(texts))
-        meta = {**expected, "content_hash": content_hash(tmp, "corpus"),
-                "install": installed_versions(), "domains": list(DOMAINS),
-                "classes": list(DIGIT_WORDS), "fonts_used": sorted(used_fonts - {None}),
-                "photos_used": sorted(used_photos - {None}), **_pools_meta()}  # fmt: skip
-        write_json(tmp / "meta.json", meta)
+        write_json(tmp / "meta.json", _meta(tmp, expected, used_fonts, used_photos))
     return root
