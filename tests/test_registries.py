@@ -90,12 +90,17 @@ def test_every_pseudo_unknown_source_samples_in_the_feature_format(
 ):
     monkeypatch.setenv("SEECLIP_HOME", str(tmp_path))
     train, labels = tiny_features()
-    pool = None
+    pool = sd_model = None
     if name in ("pool", "images"):
         pool = str(_stored_pool(name, backbone, train, labels, tmp_path))
+    if name == "sd_images":  # a tiny random text-to-image pipeline saved as diffusers does
+        from seeclip.testing import build_tiny_pipeline
+
+        sd_model = str(tmp_path / "sd")
+        build_tiny_pipeline(seed=0).save_pretrained(sd_model)
     ctx = PseudoContext(train, labels, backbone=backbone, class_texts=CLASSES, seed=0,
-                        diffusion=_tiny_diffusion(), pool=pool, cache_dir=tmp_path,
-                        progress=False)  # fmt: skip
+                        diffusion=_tiny_diffusion(), pool=pool, sd_model=sd_model,
+                        cache_dir=tmp_path, progress=False)  # fmt: skip
     source = PSEUDO_UNKNOWNS.get(name)(ctx)
     if name == "none":
         assert source is None

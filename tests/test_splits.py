@@ -39,6 +39,7 @@ def test_registry_lists_every_benchmark():
             "digits",
             "digits_dg",
             "folder",
+            "glyphs",
             "mini_domainnet",
             "multi_dataset",
             "office_home",

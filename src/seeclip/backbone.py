@@ -79,6 +79,26 @@ BACKBONES.add(
     ),
 )
 BACKBONES.add(
+    "tiny-glyphs",
+    BackboneSpec(
+        "tiny-glyphs",
+        "tiny-glyphs",
+        "CLIP pretrained by seeclip on its glyphs corpus (shipped; ResNet OS8, 48px, 36 tokens, "
+        "d=128); the default of the glyphs preset",
+        surgery=functools.partial(tiny_clip.output_stride8, pooled_query=True),
+        weights=tiny_clip.TINY_MODELS["tiny-glyphs"].weights,
+    ),
+)
+BACKBONES.add(
+    "tiny-glyphs-random",
+    BackboneSpec(
+        "tiny-glyphs-random",
+        "tiny-glyphs",
+        "the tiny-glyphs architecture with random weights (the no-pretraining reference)",
+        surgery=functools.partial(tiny_clip.output_stride8, pooled_query=True),
+    ),
+)
+BACKBONES.add(
     "tiny-digits-random",
     BackboneSpec(
         "tiny-digits-random",
@@ -337,8 +357,9 @@ def build_backbone(
         if not spec.weights.is_file():
             raise WeightsUnavailableError(
                 f"{name}: shipped weights {spec.weights} are missing from this installation; "
-                f"reinstall seeclip or train them with `seeclip pretrain-clip --out DIR` and "
-                f"pass --pretrained DIR/tiny-digits.safetensors"
+                f"reinstall seeclip or train them with `seeclip pretrain-clip --world "
+                f"{name.removeprefix('tiny-')} --out DIR` and pass "
+                f"--pretrained DIR/{name}.safetensors"
             )
         pretrained = str(spec.weights)
     source = arch  # what open_clip builds from: the arch, or a cached hf-hub snapshot

@@ -119,12 +119,17 @@ class TrainConfig:
     weight_decay: float = 1e-5  # AdamW weight decay
     batch_size: int = 16  # images per step, pseudo-unknowns included
     grad_clip: float = 1.0  # max gradient norm
-    # label-C samples: none | mixup | pool | diffusion | images (`seeclip list pseudo`)
-    pseudo_unknowns: Literal["none", "mixup", "pool", "diffusion", "images"] = "mixup"
+    # label-C samples: none | mixup | pool | diffusion | images | sd_images (`seeclip list pseudo`)
+    pseudo_unknowns: Literal["none", "mixup", "pool", "diffusion", "images", "sd_images"] = "mixup"
     pseudo_fraction: float = 0.1  # share of each source domain's slots given to pseudo-unknowns
     pseudo_pool: str | None = None  # images: a manifest.csv; pool: a feature pool folder
     # val_h with a stored pool (images | pool): one made from source-val images only (--from val)
     val_pseudo_pool: str | None = None
+    # sd_images: the text-to-image model (shipped name, diffusers folder or cached repo id) and
+    # the positive prompt, {domain} = the source domain (the paper's "a {domain} of an unknown
+    # object"); diffusion.sigma, .guidance, .k and .pool_per_domain apply too
+    sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    sd_prompt: str = "a {domain} of an unknown object"
     # model selection (seeclip.selection): last | val_acc (source-val closed-set accuracy) |
     # val_h (H of source-val knowns and pseudo-unknowns made from source-val images)
     selection: Literal["last", "val_acc", "val_h"] = "last"
@@ -139,6 +144,8 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check_unit("train.pseudo_fraction", self.pseudo_fraction)
+        if "{domain}" not in self.sd_prompt:
+            raise ConfigError(f"train.sd_prompt needs a {{domain}}, got {self.sd_prompt!r}")
         if self.pseudo_unknowns in ("images", "pool") and not self.pseudo_pool:
             raise ConfigError(
                 f"train.pseudo_unknowns={self.pseudo_unknowns} needs train.pseudo_pool=PATH "

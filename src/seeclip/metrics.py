@@ -24,6 +24,7 @@ predictions outside ``0..num_known`` and non-finite scores raise ``ValueError``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from sklearn.metrics import roc_auc_score
 __all__ = [
     "acc_known",
     "acc_unknown",
+    "acc_unknown_by_group",
     "auroc",
     "closed_set_acc",
     "h_score",
@@ -136,6 +138,41 @@ def acc_unknown(y_true: Any, y_pred: Any, *, num_known: int) -> float:
     if not unknown.any():
         return NAN
     return float(np.mean(p[unknown] == num_known))
+
+
+def acc_unknown_by_group(
+    y_pred: Any,
+    class_names: Sequence[str],
+    groups: Mapping[str, Sequence[str]],
+    *,
+    num_known: int,
+) -> dict[str, float]:
+    """:func:`acc_unknown` within each named group of unknown classes (by class name).
+
+    Args:
+        y_pred: open-set predictions (``num_known`` = "unknown").
+        class_names: the true class name of every sample.
+        groups: group name -> its unknown class names, e.g. ``{"hard": ("Q", "F")}``.
+        num_known: C.
+
+    Returns:
+        ``{"acc_unknown_<group>": rate}``; ``nan`` for a group without samples.
+
+    Example:
+        >>> acc_unknown_by_group([2, 0, 2, 1], ["Q", "Q", "two", "B"],
+        ...                      {"hard": ["Q"], "easy": ["two"]}, num_known=2)
+        {'acc_unknown_hard': 0.5, 'acc_unknown_easy': 1.0}
+    """
+    num_known = _check_num_known(num_known)
+    p = _labels("y_pred", y_pred)
+    names = np.asarray(list(class_names), dtype=object)
+    _check_lengths(y_pred=p, class_names=names)
+    _check_range("y_pred", p, 0, num_known, f"{num_known} = unknown")
+    out = {}
+    for group, members in groups.items():
+        mask = np.isin(names, list(members))
+        out[f"acc_unknown_{group}"] = float(np.mean(p[mask] == num_known)) if mask.any() else NAN
+    return out
 
 
 def h_score(y_true: Any, y_pred: Any, *, num_known: int) -> float:

@@ -1,10 +1,11 @@
-"""``seeclip pretrain-clip``: contrastive pretraining of the ``tiny-digits`` CLIP on CPU.
+"""``seeclip pretrain-clip``: contrastive pretraining of a tiny CLIP on an embedded world, on CPU.
 
 Standard CLIP recipe: symmetric InfoNCE with a learnable temperature, AdamW, cosine schedule with
 linear warm-up, cheap batched tensor augmentation (small affine + brightness/contrast; no flips,
-these are digits). Data come from the captioned ``digits`` corpus (disjoint fonts, photos and
-writers from the benchmark). Every batch and its augmentation are a function of ``(seed, step)``,
-so a run resumed from ``last.pt`` ends with the same weights as an uninterrupted one.
+these are characters). Data come from the world's captioned corpus (fonts, photos and writers
+disjoint from its benchmark): ``digits`` trains tiny-digits, ``glyphs`` trains tiny-glyphs
+(:data:`WORLDS`). Every batch and its augmentation are a function of ``(seed, step)``, so a run
+resumed from ``last.pt`` ends with the same weights as an uninterrupted one.
 The model is :mod:`seeclip.tiny_clip`'s; the card written at the end is :mod:`seeclip.tiny_card`'s.
 """
 
@@ -27,10 +28,13 @@ from torch import Tensor, nn
 from seeclip import tiny_card
 from seeclip.io import write_with
 from seeclip.paths import seeclip_home
-from seeclip.tiny_clip import ARCH, SURGERY, build_tiny_digits
+from seeclip.tiny_clip import SURGERY, build_tiny_clip
 
 __all__ = [
+    "WORLDS",
     "PretrainConfig",
+    "World",
+    "default_config",
     "augment",
     "load_benchmark_arrays",
     "pretrain_clip",
@@ -42,9 +46,58 @@ PRIMARY_TEMPLATE = "a photo of the digit {}."
 
 
 @dataclass(frozen=True)
+class World:
+    """An embedded world a tiny CLIP is pretrained on: its model, corpus and benchmark."""
+
+    name: str
+    model: str  # a key of seeclip.tiny_clip.TINY_MODELS
+    benchmark: str  # the benchmark spec whose classes the card's zero-shot accuracy covers
+    defaults: dict  # PretrainConfig fields that differ from the digits defaults
+
+    def generators(self):
+        """``(generate_corpus, generate_benchmark)`` of the world's dataset package."""
+        if self.name == "glyphs":
+            from seeclip.datasets import glyphs as package
+        else:
+            from seeclip.datasets import digits as package
+        return package.generate_corpus, package.generate_benchmark
+
+
+WORLDS: dict[str, World] = {
+    "digits": World("digits", "tiny-digits", "digits", {}),
+    # glyphs: 36 tokens at 48 px and 58 concepts; a budget of ~55 minutes on 2 idle cores
+    "glyphs": World(
+        "glyphs",
+        "tiny-glyphs",
+        "glyphs",
+        {
+            "steps": 1300,
+            "corpus_size": 100000,
+            "eval_n_per_class": 100,
+            "bf16": False,  # this CPU class has no bf16 units: emulated, ~6x slower
+            "eval_templates": (
+                "a photo of the {}.",
+                "the {}.",
+                "a picture of the {}.",
+                "an image of the {}.",
+            ),
+        },
+    ),  # fmt: skip
+}
+
+
+def default_config(world: str = "digits") -> PretrainConfig:
+    """The default :class:`PretrainConfig` of a world (digits: the dataclass defaults)."""
+    if world not in WORLDS:
+        raise ValueError(f"no world {world!r}; choose one of {sorted(WORLDS)}")
+    return PretrainConfig(world=world, **WORLDS[world].defaults)
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """Everything that determines a ``pretrain-clip`` run (the card records all of it)."""
 
+    world: str = "digits"  # a key of WORLDS: which corpus, model and benchmark
     steps: int = 1400  # optimiser steps: the budget is in steps, not minutes, so runs reproduce
     batch_size: int = 256  # pairs per step (the contrastive negatives come from the batch)
     lr: float = 1e-3  # peak AdamW learning rate
@@ -62,7 +115,7 @@ class PretrainConfig:
     aug_scale: float = 0.1  # scale drawn from [1 - s, 1 + s]
     aug_shift: float = 0.1  # max shift as a fraction of the half-width (0.1 ~ 1.6 px at 32 px)
     aug_jitter: float = 0.2  # brightness and contrast factors drawn from [1 - j, 1 + j]
-    bf16: bool = True  # bf16 autocast on CPU (measured faster on the 2-core dev machine)
+    bf16: bool = True  # bf16 autocast on CPU: faster with bf16 units, ~6x slower without them
     num_threads: int = 2  # torch threads: 2 on idle cores (1.0 s/step); 1 if the cores are shared
     checkpoint_every: int = 100  # write out/last.pt every this many steps (and at the end)
     eval_templates: tuple[str, ...] = (  # zero-shot prompt ensemble for the card's accuracy
@@ -72,11 +125,12 @@ class PretrainConfig:
 
 
 def _corpus(cfg: PretrainConfig, progress: bool) -> Path:
-    from seeclip.datasets.digits import generate_corpus
-
-    root = seeclip_home() / "data" / "digits_corpus"
-    if cfg.corpus_size != 60000 or cfg.corpus_seed != 1:
-        root = root.with_name(f"digits_corpus_n{cfg.corpus_size}_s{cfg.corpus_seed}")
+    world = WORLDS[cfg.world]
+    generate_corpus, _ = world.generators()
+    default_n = world.defaults.get("corpus_size", PretrainConfig.corpus_size)
+    root = seeclip_home() / "data" / f"{world.name}_corpus"
+    if cfg.corpus_size != default_n or cfg.corpus_seed != 1:
+        root = root.with_name(f"{world.name}_corpus_n{cfg.corpus_size}_s{cfg.corpus_seed}")
     return generate_corpus(root, n=cfg.corpus_size, seed=cfg.corpus_seed, progress=progress)
 
 
@@ -87,7 +141,7 @@ def _normalize(x: Tensor) -> Tensor:
 
 
 def to_input(images: np.ndarray | Tensor) -> Tensor:
-    """uint8 [B, H, W, 3] -> CLIP-normalised float [B, 3, H, W] (= the eval preprocess at 32 px)."""
+    """uint8 [B, S, S, 3] -> CLIP-normalised float [B, 3, S, S] (= the eval preprocess at S px)."""
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
     return _normalize(x)
 
@@ -161,22 +215,31 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
 
 
 def load_benchmark_arrays(
-    root: Path | None = None, *, n_per_class: int = 200, limit_per_class: int | None = None
+    root: Path | None = None,
+    *,
+    n_per_class: int = 200,
+    limit_per_class: int | None = None,
+    world: str = "digits",
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Generate (if needed) and read the ``digits`` benchmark: domain -> (uint8 images, labels)."""
+    """Generate (if needed) and read a world's benchmark: domain -> (uint8 images, labels).
+
+    Labels index the benchmark spec's classes.
+    """
     from PIL import Image
 
-    from seeclip.datasets.digits import DIGIT_WORDS, DOMAINS, generate_benchmark
+    from seeclip.datasets import get_benchmark
 
+    spec = get_benchmark(WORLDS[world].benchmark)
+    _, generate_benchmark = WORLDS[world].generators()
     if root is None:
-        root = seeclip_home() / "data" / "digits"
-        if n_per_class != 200:
-            root = root.with_name(f"digits_n{n_per_class}")
+        root = seeclip_home() / "data" / world
+        if n_per_class != WORLDS[world].defaults.get("eval_n_per_class", 200):
+            root = root.with_name(f"{world}_n{n_per_class}")
     root = generate_benchmark(Path(root), n_per_class=n_per_class, progress=False)
     data = {}
-    for domain in DOMAINS:
+    for domain in spec.domains:
         images, labels = [], []
-        for c, word in enumerate(DIGIT_WORDS):
+        for c, word in enumerate(spec.classes):
             files = sorted((root / domain / word).glob("*.png"))[:limit_per_class]
             images += [np.asarray(Image.open(f).convert("RGB")) for f in files]
             labels += [c] * len(files)
@@ -194,7 +257,7 @@ def zero_shot_accuracy(
     classnames: Sequence[str] | None = None,
     batch_size: int = 500,
 ) -> dict[str, float]:
-    """Zero-shot accuracy per domain on uint8 [N, 32, 32, 3] images (default: the 10 digits)."""
+    """Zero-shot accuracy per domain on uint8 [N, S, S, 3] images (default: the 10 digits)."""
     if classnames is None:
         from seeclip.datasets.digits import DIGIT_WORDS as classnames
     was_training = model.training
@@ -217,9 +280,9 @@ def zero_shot_accuracy(
 # ---------------------------------------------------------------------------------------- training
 
 
-def _save_weights(model: nn.Module, path: Path) -> None:
+def _save_weights(model: nn.Module, path: Path, arch: str) -> None:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    meta = {"arch": ARCH, "surgery": SURGERY, "dtype": "float16"}
+    meta = {"arch": arch, "surgery": SURGERY, "dtype": "float16"}
     write_with(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
@@ -232,7 +295,7 @@ def pretrain_clip(
     stop_at: int | None = None,
     benchmark: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict:
-    """Train tiny-digits; write ``out/tiny-digits.safetensors`` (fp16), ``card.json``, ``last.pt``.
+    """Train a world's tiny CLIP: ``out/<model>.safetensors`` (fp16), ``card.json``, ``last.pt``.
 
     Resumes from ``out/last.pt`` when it exists (same config required).
 
@@ -262,7 +325,8 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark) -> dict:
     corpus = _corpus(cfg, progress)
     images = torch.from_numpy(np.load(corpus / "images.npy"))
     captions = json.loads((corpus / "captions.json").read_text())
-    model, _, tokenizer = build_tiny_digits(seed=cfg.seed)
+    world = WORLDS[cfg.world]
+    model, _, tokenizer = build_tiny_clip(world.model, seed=cfg.seed)
     tokens = tokenizer(captions)
     model.train()
     optimizer = torch.optim.AdamW(
@@ -275,8 +339,8 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark) -> dict:
     step, losses, train_seconds = 0, [], 0.0
     ckpt = out / "last.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["config"] != asdict(cfg):
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if state["config"] != _plain(asdict(cfg)):
             raise ValueError(f"{ckpt} was written with another config; use a new --out")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -285,7 +349,7 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark) -> dict:
         step, losses, train_seconds = state["step"], state["losses"], state["train_seconds"]
 
     def checkpoint() -> None:
-        state = {"config": asdict(cfg), "model": model.state_dict(),
+        state = {"config": _plain(asdict(cfg)), "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "torch_rng": torch.get_rng_state(), "step": step, "losses": losses,
                  "train_seconds": train_seconds}  # fmt: skip
@@ -332,8 +396,10 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark) -> dict:
         return {"step": step, "losses": losses}
 
     model.eval()
-    _save_weights(model, out / "tiny-digits.safetensors")
+    _save_weights(model, out / f"{world.model}.safetensors", world.model)
     card = tiny_card.build_card(
+        name=world.model,
+        world=world.name,
         model=model,
         config=asdict(cfg),
         command=command,
@@ -346,29 +412,44 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark) -> dict:
     return card
 
 
+def _plain(value):
+    """Tuples -> lists, recursively: a config as it comes back from a checkpoint."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _zero_shot_section(cfg: PretrainConfig, model: nn.Module, tokenizer, benchmark) -> dict:
     """Measure the card's zero-shot numbers: trained (ensemble, primary template), random init."""
-    from seeclip.datasets.digits import DIGIT_WORDS
+    from seeclip.datasets import get_benchmark
 
+    world = WORLDS[cfg.world]
+    spec = get_benchmark(world.benchmark)
+    names = tuple(spec.class_text(c) for c in spec.classes)
+    primary_template = cfg.eval_templates[0]
     if benchmark is None:
-        benchmark = load_benchmark_arrays(n_per_class=cfg.eval_n_per_class)
-    primary = zero_shot_accuracy(model, tokenizer, benchmark, templates=(PRIMARY_TEMPLATE,))
-    ensemble = zero_shot_accuracy(model, tokenizer, benchmark, templates=cfg.eval_templates)
-    random_model, _, _ = build_tiny_digits(seed=cfg.seed)
+        benchmark = load_benchmark_arrays(n_per_class=cfg.eval_n_per_class, world=world.name)
+    kw = {"classnames": names}
+    primary = zero_shot_accuracy(model, tokenizer, benchmark, templates=(primary_template,), **kw)
+    ensemble = zero_shot_accuracy(model, tokenizer, benchmark, templates=cfg.eval_templates, **kw)
+    random_model, _, _ = build_tiny_clip(world.model, seed=cfg.seed)
     random_acc = zero_shot_accuracy(
-        random_model, tokenizer, benchmark, templates=cfg.eval_templates
+        random_model, tokenizer, benchmark, templates=cfg.eval_templates, **kw
     )
     classifier = open_clip.build_zero_shot_classifier(
         model,
         tokenizer,
-        list(DIGIT_WORDS),
+        list(names),
         list(cfg.eval_templates),
         device=next(model.parameters()).device,
     )
     return tiny_card.zero_shot_section(
-        classnames=DIGIT_WORDS,
+        benchmark=f"{world.name} generate_benchmark(seed=0, n_per_class={cfg.eval_n_per_class})",
+        classnames=names,
         templates=cfg.eval_templates,
-        primary_template=PRIMARY_TEMPLATE,
+        primary_template=primary_template,
         n_per_class=cfg.eval_n_per_class,
         ensemble=ensemble,
         single_template=primary,

@@ -17,9 +17,13 @@ import numpy as np
 from seeclip.records import FINAL, final_record
 
 METRICS = ("acc_known", "acc_unknown", "h_score", "closed_set_acc", "auroc", "oscr")
+# shown after AccU when some record has them (benchmarks that name look-alikes, e.g. glyphs)
+GROUP_METRICS = ("acc_unknown_hard", "acc_unknown_easy")
 HEADERS = {
     "acc_known": "Acc",
     "acc_unknown": "AccU",
+    "acc_unknown_hard": "AccU hard",
+    "acc_unknown_easy": "AccU easy",
     "h_score": "H",
     "closed_set_acc": "Closed",
     "auroc": "AUROC",
@@ -100,10 +104,18 @@ def _fmt(values: Sequence[float | None]) -> str:
     return f"{np.nanmean(vals):.1f} ± {np.nanstd(vals):.1f}"
 
 
+def default_metrics(records: Iterable[dict]) -> tuple[str, ...]:
+    """:data:`METRICS`, with the hard/easy AccU columns after AccU when any record has them."""
+    present = [m for m in GROUP_METRICS if any(r.get(m) is not None for r in records)]
+    return METRICS[:2] + tuple(present) + METRICS[2:]
+
+
 def summarize(
-    records: Iterable[dict], *, metrics: Sequence[str] = METRICS, per_target: bool = True
+    records: Iterable[dict], *, metrics: Sequence[str] | None = None, per_target: bool = True
 ) -> str:
     """A Markdown table: one row per (method, target) plus each method's mean over targets.
+
+    ``metrics=None`` shows :func:`default_metrics`.
 
     With several seeds a cell is mean ± std over seeds; the "mean" row first averages over
     targets within each seed, then reports mean ± std of those per-seed averages. Each run
@@ -111,6 +123,8 @@ def summarize(
     """
     records = dedupe(records)
     check_labels(records)
+    if metrics is None:
+        metrics = default_metrics(records)
     groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         key = (r["benchmark"], r["protocol"], r["method"], r["target"])

@@ -29,13 +29,15 @@ from seeclip.datasets import (
     Manifest,
     OSDGSplit,
     SplitData,
+    digits,
     get_benchmark,
+    glyphs,
     load_manifest,
     make_split,
     prepare,
     select,
 )
-from seeclip.datasets.digits import generate_benchmark, installed_versions, read_meta
+from seeclip.datasets.digits import installed_versions, read_meta
 from seeclip.features import Features, Prediction, PseudoSources
 from seeclip.io import atomic_path, write_text
 from seeclip.methods import Method, MethodEnv
@@ -43,7 +45,8 @@ from seeclip.paths import seeclip_home
 from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoContext
 from seeclip.records import FINAL, final_record, write_records
 
-EMBEDDED = "digits"
+# the embedded benchmarks and what generates each (seeclip prepare NAME [--seed N])
+EMBEDDED = {"digits": digits.generate_benchmark, "glyphs": glyphs.generate_benchmark}
 # the install a record names: what computes features, trains and scores
 RECORD_PACKAGES = ("seeclip", "torch", "open_clip_torch", "numpy", "scikit-learn", "pillow")
 
@@ -54,14 +57,15 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_data_root(benchmark: str) -> Path:
-    """Where the embedded benchmark is generated; real benchmarks need ``--data-root``."""
-    if benchmark != EMBEDDED:
+def default_data_root(benchmark: str, seed: int = 0) -> Path:
+    """Where an embedded benchmark is generated (data seed 0: ``data/<name>``, else
+    ``data/<name>-seed<N>``); real benchmarks need ``--data-root``."""
+    if benchmark not in EMBEDDED:
         raise ValueError(
             f"benchmark {benchmark!r} needs its images: pass --data-root DIR "
             f"(see `seeclip list` for the expected layout)"
         )
-    return seeclip_home() / "data" / EMBEDDED
+    return seeclip_home() / "data" / (benchmark if seed == 0 else f"{benchmark}-seed{seed}")
 
 
 def cache_root(cache_dir: str | Path | None) -> Path:
@@ -79,11 +83,14 @@ def prepare_benchmark(
     seed: int = 0,
     progress: bool = True,
 ) -> Manifest:
-    """Validate a dataset tree (generating the embedded one first) and write its manifest."""
-    if benchmark == EMBEDDED:
-        root = Path(data_root) if data_root else default_data_root(benchmark)
+    """Validate a dataset tree (generating an embedded one first) and write its manifest.
+
+    ``seed`` is the embedded benchmark's data seed (another draw of the same world).
+    """
+    if benchmark in EMBEDDED:
+        root = Path(data_root) if data_root else default_data_root(benchmark, seed)
         kwargs = {} if n_per_class is None else {"n_per_class": n_per_class}
-        generate_benchmark(root, seed=seed, progress=progress, **kwargs)
+        EMBEDDED[benchmark](root, seed=seed, progress=progress, **kwargs)
     elif data_root is None:
         root = default_data_root(benchmark)  # raises with the fix
     else:
@@ -182,6 +189,7 @@ class RunData:
     backbone: Backbone
     feats: CachedFeatures
     domains: tuple[str, ...]  # per manifest sample
+    classes: tuple[str, ...]  # per manifest sample: its class name
     data_hash: str  # see :func:`data_hash`
     data_hash_kind: str
 
@@ -215,10 +223,11 @@ def load_run_data(
         progress=progress,
     )
     domains = tuple(s.domain for s in manifest.samples)
+    classes = tuple(s.class_name for s in manifest.samples)
     key = (str(manifest.root), manifest.path)
     if key not in _DATA_HASHES:  # once per process: a real dataset's listing stats every file
         _DATA_HASHES[key] = data_hash(manifest)
-    return RunData(spec, split, data, backbone, feats, domains, *_DATA_HASHES[key])
+    return RunData(spec, split, data, backbone, feats, domains, classes, *_DATA_HASHES[key])
 
 
 def pseudo_sources(
@@ -240,6 +249,8 @@ def pseudo_sources(
             seed=cfg.seed,
             diffusion=cfg.diffusion,
             pool=pool,
+            sd_model=cfg.train.sd_model,
+            sd_prompt=cfg.train.sd_prompt,
             cache_dir=cache_root(cache_dir),
             progress=progress,
         )
@@ -384,6 +395,8 @@ def _evaluate(
     target = run.features(data.target)
     pred: Prediction = method.predict(target)  # no label goes in
     y_true = np.asarray(data.target_labels)
+    target_classes = [run.classes[i] for i in data.target]
+    num_known = len(split.known)
     record = {
         "kind": FINAL,
         "benchmark": run.spec.name,
@@ -396,8 +409,15 @@ def _evaluate(
         "n_known": int((y_true >= 0).sum()),
         "n_unknown": int((y_true < 0).sum()),
         **metrics.open_set_report(
-            y_true, pred.y_pred, pred.y_pred_closed, pred.unknown_score, num_known=len(split.known)
+            y_true, pred.y_pred, pred.y_pred_closed, pred.unknown_score, num_known=num_known
         ),
+        # AccU on hard and easy unknowns, where the benchmark names look-alikes (glyphs)
+        **metrics.acc_unknown_by_group(
+            pred.y_pred,
+            target_classes,
+            run.spec.unknown_kinds(split.protocol),
+            num_known=num_known,
+        ),  # fmt: skip
         "data_hash": run.data_hash,
         "data_hash_kind": run.data_hash_kind,
         "install": installed_versions(RECORD_PACKAGES),
@@ -407,13 +427,13 @@ def _evaluate(
         "config": to_dict(cfg),
     }
     record = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in record.items()}
-    _write_predictions(run_dir, pred, y_true, target.domains, split.known)
+    _write_predictions(run_dir, pred, y_true, target.domains, target_classes, split.known)
     write_records(run_dir, record, epochs)
     write_text(run_dir / "done", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     return record
 
 
-def _write_predictions(run_dir: Path, pred: Prediction, y_true, domains, known) -> None:
+def _write_predictions(run_dir: Path, pred: Prediction, y_true, domains, classes, known) -> None:
     with atomic_path(run_dir / "predictions.npz") as tmp:
         np.savez(
             tmp,
@@ -422,6 +442,7 @@ def _write_predictions(run_dir: Path, pred: Prediction, y_true, domains, known) 
             y_pred_closed=pred.y_pred_closed.astype(np.int64),
             unknown_score=pred.unknown_score.astype(np.float64),
             domain=np.asarray(domains),
+            target_class=np.asarray(classes),  # the true class name (unknowns keep theirs)
             known_classes=np.asarray(known),
         )
 

@@ -33,9 +33,8 @@ __all__ = [
 
 SURGERY_NOTE = (
     SURGERY + ": avgpools of layer3[0] and layer4[0] (main path and shortcut) removed; attention"
-    " pool rebuilt for a 4x4 grid; 16 spatial tokens at 32 px"
+    " pool rebuilt for an (S/8)x(S/8) grid; {tokens} spatial tokens at {size} px"
 )
-CORPUS_GENERATOR = "seeclip.datasets.digits.generate_corpus"
 _CORPUS_FIELDS = ("n", "seed", "version", "image_size", "domains", "fonts_used", "photos_used")
 
 
@@ -49,19 +48,22 @@ def write_card(path: Path | str, card: Mapping) -> None:
     write_json(path, dict(card), indent=1)
 
 
-def architecture_summary(model: nn.Module) -> dict:
+def architecture_summary(model: nn.Module, arch: str = ARCH) -> dict:
     """The open_clip config, the surgery applied to it, the parameter count, the weights' dtype."""
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
     return {
-        "open_clip_config": model_config(),
-        "surgery": SURGERY_NOTE,
+        "open_clip_config": model_config(arch),
+        "surgery": SURGERY_NOTE.format(tokens=(size // 8) ** 2, size=size),
         "parameters": sum(p.numel() for p in model.parameters()),
         "weights_dtype": "float16",
     }
 
 
-def data_summary(corpus_meta: Mapping) -> dict:
+def data_summary(corpus_meta: Mapping, world: str = "digits") -> dict:
     """What the corpus was (from its ``meta.json``): generator, size, seed, version, pools used."""
-    return {"generator": CORPUS_GENERATOR, **{k: corpus_meta.get(k) for k in _CORPUS_FIELDS}}
+    generator = f"seeclip.datasets.{world}.generate_corpus"
+    return {"generator": generator, **{k: corpus_meta.get(k) for k in _CORPUS_FIELDS}}
 
 
 def training_summary(
@@ -101,6 +103,7 @@ def _accuracy_summary(acc: Mapping[str, float]) -> dict:
 
 def zero_shot_section(
     *,
+    benchmark: str,
     classnames: Sequence[str],
     templates: Sequence[str],
     primary_template: str,
@@ -113,6 +116,7 @@ def zero_shot_section(
     """The card's zero-shot section from per-domain accuracies and the ensemble classifier.
 
     Args:
+        benchmark: which benchmark tree was evaluated (generator and arguments).
         classnames, templates: the class names and prompt ensemble that were evaluated.
         primary_template: the template of ``single_template``.
         n_per_class: the benchmark's ``generate_benchmark(n_per_class=...)``.
@@ -126,7 +130,8 @@ def zero_shot_section(
     cos = w @ w.T
     off_diag = cos[~torch.eye(len(w), dtype=torch.bool, device=cos.device)]
     return {
-        "benchmark": f"digits generate_benchmark(seed=0, n_per_class={n_per_class})",
+        "benchmark": benchmark,
+        "n_per_class": n_per_class,
         "classnames": list(classnames),
         "templates": list(templates),
         "ensemble": _accuracy_summary(ensemble),
@@ -141,6 +146,8 @@ def zero_shot_section(
 
 def build_card(
     *,
+    name: str = ARCH,
+    world: str = "digits",
     model: nn.Module,
     config: Mapping,
     command: str | None,
@@ -152,6 +159,8 @@ def build_card(
     """The whole card of a finished run.
 
     Args:
+        name: the tiny model's name (its open_clip config).
+        world: the embedded world it was trained on.
         model: the trained CLIP.
         config: the run's ``PretrainConfig`` as a dict (``dataclasses.asdict``).
         command: the command line to record (None if unknown).
@@ -161,12 +170,12 @@ def build_card(
         zero_shot: the section made by :func:`zero_shot_section`.
     """
     return {
-        "name": ARCH,
-        "architecture": architecture_summary(model),
+        "name": name,
+        "architecture": architecture_summary(model, name),
         "command": command,
         "seed": config["seed"],
         "config": dict(config),
-        "data": data_summary(corpus_meta),
+        "data": data_summary(corpus_meta, world),
         "training": training_summary(
             losses,
             batch_size=config["batch_size"],

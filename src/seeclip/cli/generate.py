@@ -37,7 +37,11 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--inspect", action="store_true", help="similarity histograms + rejection rate")
     p.add_argument("--run", help="inspect: rejection rate of this trained run (default: zeroshot)")
-    p.add_argument("--sd-model", help="image: Stable Diffusion model id or local folder")
+    p.add_argument(
+        "--sd-model",
+        help="image: text-to-image model: a shipped name (tiny-glyphs-sd), a diffusers folder or "
+        "a cached repo id (default: train.sd_model)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="image: pool folder (default: <cache root>/pools/images/...)")
     p.add_argument(
@@ -115,16 +119,16 @@ def _image_pool(args, cfg, loaded, train, split_rows, class_texts, progress):
     from seeclip.generate.image_pool import generate_image_pool
     from seeclip.generate.sd_pipeline import ImageDiffusionConfig, load_pipeline
     from seeclip.pseudo import image_pool_features
+    from seeclip.pseudo.sd_images import pick_sources
 
-    icfg = ImageDiffusionConfig(sigma=cfg.diffusion.sigma, guidance=cfg.diffusion.guidance)
-    if args.sd_model:
-        icfg = dataclasses.replace(icfg, model=args.sd_model)
+    icfg = ImageDiffusionConfig(
+        model=args.sd_model or cfg.train.sd_model,
+        prompt=cfg.train.sd_prompt,
+        sigma=cfg.diffusion.sigma,
+        guidance=cfg.diffusion.guidance,
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
-    n = cfg.diffusion.pool_per_domain
-    rows = []
-    for d in sorted(set(train.domains)):  # a seeded, per-domain balanced pick of sources
-        idx = [i for i, x in enumerate(train.domains) if x == d]
-        rows += [idx[j] for j in torch.randperm(len(idx), generator=gen)[:n].tolist()]
+    rows = pick_sources(train.domains, cfg.diffusion.pool_per_domain, gen)
     queries = semantic_queries(train.tokens, cfg.diffusion.k, gen)
     tokens = semantic_summaries(train.tokens[rows], queries)
     manifest_paths = loaded.feats.paths

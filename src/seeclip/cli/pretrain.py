@@ -1,4 +1,4 @@
-"""``seeclip pretrain-clip``: pretrain the tiny-digits CLIP on the embedded digits corpus."""
+"""``seeclip pretrain-clip``: pretrain a tiny CLIP on an embedded world's corpus."""
 
 from __future__ import annotations
 
@@ -7,12 +7,19 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from seeclip.pretrain import PretrainConfig
+from seeclip.pretrain import WORLDS, PretrainConfig
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "pretrain-clip", help="pretrain the tiny-digits CLIP on the embedded digits corpus (CPU)"
+        "pretrain-clip",
+        help="pretrain a tiny CLIP on an embedded world's corpus (tiny-digits, tiny-glyphs; CPU)",
+    )
+    p.add_argument(
+        "--world",
+        choices=sorted(WORLDS),
+        default="digits",
+        help="digits: tiny-digits (default); glyphs: tiny-glyphs",
     )
     p.add_argument("--out", required=True, type=Path, help="output folder (resumes if last.pt)")
     p.add_argument("--config", type=Path, help="YAML file with PretrainConfig keys")
@@ -22,30 +29,38 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(config: Path | None, overrides: Sequence[str]) -> PretrainConfig:
-    """PretrainConfig from an optional YAML file and ``key=value`` overrides (unknown keys fail)."""
+def config_from_args(
+    config: Path | None, overrides: Sequence[str], world: str = "digits"
+) -> PretrainConfig:
+    """The world's default config, then an optional YAML file, then ``key=value`` overrides.
+
+    Unknown keys fail.
+    """
+    import dataclasses
+
     import yaml
 
     from seeclip.config import ConfigError, apply_overrides, from_dict
+    from seeclip.pretrain import default_config
 
-    raw = {}
+    raw = {k: v for k, v in dataclasses.asdict(default_config(world)).items()}
     if config is not None:
         if not Path(config).is_file():
             raise ConfigError(f"config file {config} does not exist")
-        raw = yaml.safe_load(Path(config).read_text()) or {}
+        raw.update(yaml.safe_load(Path(config).read_text()) or {})
     return apply_overrides(from_dict(PretrainConfig, raw), overrides)
 
 
 def run(args: argparse.Namespace) -> int:
     from seeclip.pretrain import pretrain_clip
 
-    cfg = config_from_args(args.config, args.overrides)
-    parts = ["seeclip", "pretrain-clip", "--out", str(args.out)]
+    cfg = config_from_args(args.config, args.overrides, args.world)
+    parts = ["seeclip", "pretrain-clip", "--world", args.world, "--out", str(args.out)]
     if args.config is not None:
         parts += ["--config", str(args.config)]
     command = " ".join(parts + list(args.overrides))
     card = pretrain_clip(cfg, args.out, progress=not args.no_progress, command=command)
     zs = card["zero_shot"]["ensemble"]
     print(json.dumps({"mean": zs["mean"], **zs["per_domain"]}, indent=1))
-    print(f"wrote {args.out / 'tiny-digits.safetensors'} and {args.out / 'card.json'}")
+    print(f"wrote {args.out / (card['name'] + '.safetensors')} and {args.out / 'card.json'}")
     return 0

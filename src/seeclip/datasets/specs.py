@@ -28,7 +28,7 @@ def _empty() -> Mapping[str, Any]:
 _SPEC_KEYS = (
     "name", "version", "description", "citation", "layout", "dirnames", "domains",
     "domain_aliases", "source_domains", "target_domains", "optional_domains",
-    "ignore_extra_classes", "classes", "text", "aliases", "template", "protocols",
+    "ignore_extra_classes", "classes", "text", "aliases", "template", "protocols", "lookalikes",
 )  # fmt: skip
 _REQUIRED_KEYS = ("name", "layout", "domains", "classes", "protocols")
 _PROTOCOL_KEYS = ("description", "known", "unknown", "source_classes", "target_known")
@@ -76,6 +76,8 @@ class BenchmarkSpec:
     target_domains: tuple[str, ...] | None = None  # None = every domain in turn
     optional_domains: tuple[str, ...] = ()  # prepare() does not require these
     ignore_extra_classes: tuple[str, ...] = ()  # domains whose unexpected class folders are skipped
+    # hard unknown -> the class it differs from by one local detail (its look-alike)
+    lookalikes: Mapping[str, str] = field(default_factory=_empty)
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -99,6 +101,17 @@ class BenchmarkSpec:
         if name not in self.classes:
             raise KeyError(f"{self.name} has no class {name!r}")
         return self.text.get(name, name.replace("_", " ").lower())
+
+    def unknown_kinds(self, protocol: str) -> dict[str, tuple[str, ...]]:
+        """``{"hard": ..., "easy": ...}`` unknown classes of a protocol; {} without look-alikes.
+
+        An unknown is hard when its look-alike (``lookalikes``) is a known class of the protocol.
+        """
+        if not self.lookalikes:
+            return {}
+        p = self.protocols[protocol]
+        hard = tuple(c for c in p.unknown if self.lookalikes.get(c) in p.known)
+        return {"hard": hard, "easy": tuple(c for c in p.unknown if c not in hard)}
 
     def folder_aliases(self, domain: str) -> dict[str, str]:
         """Folder name -> class for ``domain`` (the "*" entries apply to every domain)."""
@@ -154,6 +167,10 @@ def _validate(s: BenchmarkSpec) -> None:
         check_names("alias targets", sorted(set(mapping.values())), s.classes)
     check_names("domain_aliases targets", sorted(set(s.domain_aliases.values())), s.domains)
     check_names("optional_domains", s.optional_domains, s.domains)
+    check_names("lookalikes", list(s.lookalikes), s.classes)
+    check_names("look-alike targets", sorted(set(s.lookalikes.values())), s.classes)
+    if same := [c for c, other in s.lookalikes.items() if c == other]:
+        fail(f"lookalikes maps {same} to themselves")
     check_names("ignore_extra_classes", s.ignore_extra_classes, s.domains)
     if (s.source_domains is None) != (s.target_domains is None):
         fail("give both source_domains and target_domains, or neither (leave-one-domain-out)")
@@ -242,6 +259,7 @@ def spec_from_dict(data: Mapping[str, Any], *, where: str = "spec") -> Benchmark
         target_domains=_names(opt("target_domains")) if opt("target_domains") else None,
         optional_domains=_names(opt("optional_domains") or ()),
         ignore_extra_classes=_names(opt("ignore_extra_classes") or ()),
+        lookalikes=_str_map(opt("lookalikes")),
         version=int(opt("version", 1)),
     )
 
@@ -308,7 +326,7 @@ class BenchmarkEntry:
 
 
 PACKAGED_SPECS = ("pacs", "vlcs", "office_home", "mini_domainnet", "multi_dataset", "digits_dg",
-                  "digits")  # fmt: skip
+                  "digits", "glyphs")  # fmt: skip
 
 BENCHMARKS: Registry[BenchmarkEntry] = Registry("benchmark")
 for _name in PACKAGED_SPECS:

@@ -16,6 +16,7 @@ from seeclip.hub import WeightsUnavailableError
 
 __all__ = [
     "DEFAULT_SD_MODEL",
+    "SHIPPED_SD_MODELS",
     "ImageDiffusionConfig",
     "encode_prompts",
     "load_pipeline",
@@ -25,6 +26,8 @@ __all__ = [
 ]
 
 DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# text-to-image models that ship with seeclip (diffusers pipeline folders), by name
+SHIPPED_SD_MODELS = {"tiny-glyphs-sd": Path(__file__).parents[1] / "weights" / "tiny-glyphs-sd"}
 _PLACEMENTS = ("append", "replace_padding")
 
 
@@ -83,8 +86,9 @@ def load_pipeline(
     """A ``StableDiffusionPipeline`` from local files only (no download, no safety checker).
 
     Args:
-        model: a diffusers repo id already in the Hugging Face cache, or a local pipeline folder
-            (holding ``model_index.json``).
+        model: a shipped name (:data:`SHIPPED_SD_MODELS`, e.g. ``tiny-glyphs-sd``), a diffusers
+            repo id already in the Hugging Face cache, or a local pipeline folder (holding
+            ``model_index.json``).
         device: where the pipeline runs.
         dtype: parameter dtype; None means float16 on CUDA, float32 elsewhere.
 
@@ -92,6 +96,14 @@ def load_pipeline(
         WeightsUnavailableError: the weights are not on this machine (fails without network).
     """
     diffusers = _diffusers()
+    if model in SHIPPED_SD_MODELS:
+        if not (SHIPPED_SD_MODELS[model] / "model_index.json").is_file():
+            raise WeightsUnavailableError(
+                f"{model}: the shipped pipeline {SHIPPED_SD_MODELS[model]} is missing; reinstall "
+                f"seeclip or train it with `seeclip pretrain-diffusion --world glyphs --out DIR` "
+                f"and pass --sd-model DIR/pipeline"
+            )
+        model = str(SHIPPED_SD_MODELS[model])
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32

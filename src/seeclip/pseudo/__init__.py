@@ -6,7 +6,9 @@ Every source is registered here, in one place (``seeclip list pseudo`` shows the
 - ``mixup``: feature mixes of two known classes of one source domain.
 - ``pool``: a stored feature pool (``seeclip generate --backend feature``).
 - ``diffusion``: the feature-space semantic-guided diffusion generator, run on demand.
-- ``images``: a Stable Diffusion image pool through the feature cache.
+- ``images``: a stored Stable Diffusion image pool through the feature cache.
+- ``sd_images``: the image-space generator run on demand (default model: the shipped
+  tiny-glyphs-sd), its pool cached and encoded like ``images``.
 """
 
 from seeclip.pseudo.base import (
@@ -26,6 +28,7 @@ from seeclip.pseudo.pools import (
     image_pool_features,
     image_pool_unknowns,
 )
+from seeclip.pseudo.sd_images import sd_image_unknowns
 
 
 def no_pseudo_unknowns(ctx: PseudoContext) -> None:
@@ -39,6 +42,7 @@ for _name, _factory in (
     ("pool", feature_pool_unknowns),
     ("diffusion", diffusion_unknowns),
     ("images", image_pool_unknowns),
+    ("sd_images", sd_image_unknowns),
 ):
     PSEUDO_UNKNOWNS.add(_name, _factory)
 
@@ -58,4 +62,5 @@ __all__ = [
     "image_pool_unknowns",
     "mixup_unknowns",
     "no_pseudo_unknowns",
+    "sd_image_unknowns",
 ]

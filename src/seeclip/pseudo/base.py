@@ -32,6 +32,8 @@ class PseudoContext:
     seed: int = 0  # seeds generation
     diffusion: FeatureDiffusionConfig | None = None  # the feature generator's settings
     pool: str | None = None  # a generated pool on disk (manifest.csv or a feature pool folder)
+    sd_model: str | None = None  # sd_images: text-to-image model (name, folder or repo id)
+    sd_prompt: str = "a {domain} of an unknown object"  # sd_images: positive prompt
     cache_dir: Path | None = None  # feature cache and pool folder root (None: SEECLIP_HOME)
     progress: bool = True  # progress bars while a source generates
 

@@ -45,7 +45,7 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
 )
 
 
-def _article(text: str) -> str:
+def fix_articles(text: str) -> str:
     """Fix 'a' before vowel sounds ('an outline', 'an eight'; 'a one' stays)."""
     return re.sub(r"\b([Aa]) (?=(?!one\b)[aeiou])", r"\1n ", text)
 
@@ -81,4 +81,4 @@ def make_caption(attrs: dict, rng: np.random.Generator) -> str:
         background, f"a {background} background"
     )
     fields["phrase"] = fields["phrase"].format(font=font_label(attrs.get("font") or ""))
-    return _article(template.format(**fields))
+    return fix_articles(template.format(**fields))

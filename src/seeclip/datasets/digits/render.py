@@ -226,16 +226,16 @@ def _font_bank(font: str, size: int) -> tuple[list[Image.Image], list[list[Image
         yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
         disk = (yy**2 + xx**2) <= radius**2
         dilated = grey_dilation(glyphs, footprint=disk[None])
-        rings.append(_to_pil(np.clip(dilated - glyphs, 0.0, 1.0)))
-    return _to_pil(glyphs), rings
+        rings.append(to_pil(np.clip(dilated - glyphs, 0.0, 1.0)))
+    return to_pil(glyphs), rings
 
 
-def _to_pil(masks: np.ndarray) -> list[Image.Image]:
+def to_pil(masks: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(m) for m in np.round(masks * 255).astype(np.uint8)]
 
 
 @functools.lru_cache(maxsize=32)
-def _photo(name: str, image_size: int) -> tuple[np.ndarray, ...]:
+def photo_levels(name: str, image_size: int) -> tuple[np.ndarray, ...]:
     """A bundled photo as RGB uint8 at three scales, short side ~2x, 4x and 8x ``image_size``."""
     import skimage.data
 
@@ -254,7 +254,7 @@ def _photo(name: str, image_size: int) -> tuple[np.ndarray, ...]:
     return tuple(levels)
 
 
-def _warp(src: Image.Image, domain: str, rng: np.random.Generator, out: int) -> np.ndarray:
+def warp_mask(src: Image.Image, domain: str, rng: np.random.Generator, out: int) -> np.ndarray:
     """Random affine of a [R, R] mask into a float32 [out, out] mask in [0, 1]."""
     max_rot, (lo, hi), max_shift, max_shear = _AFFINE[domain]
     size = src.size[0]
@@ -285,12 +285,12 @@ def colour_name(rgb: np.ndarray) -> str:
     return _PALETTE_NAMES[int(dist.argmin())]
 
 
-def _foreground(rng: np.random.Generator) -> np.ndarray:
+def random_foreground(rng: np.random.Generator) -> np.ndarray:
     base = _PALETTE_RGB[rng.integers(len(_PALETTE_NAMES))]
     return np.clip(base + rng.uniform(-20, 20, size=3), 0, 255).astype(np.float32)
 
 
-def _background(fg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def random_background(fg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A random colour whose luminance differs from ``fg`` enough to keep the digit legible."""
     cand = rng.uniform(0, 255, size=(32, 3)).astype(np.float32)
     ok = (np.abs((cand - fg) @ _LUMA) >= 80) & (((cand - fg) ** 2).sum(axis=1) >= 120**2)
@@ -329,12 +329,32 @@ def render_digit(
         attrs["font"] = font
         glyphs, rings = _font_bank(font, size)
         src = rings[int(rng.integers(2))][digit] if domain == "outline" else glyphs[digit]
-    mask = _warp(src, domain, rng, image_size)[..., None]
+    mask = warp_mask(src, domain, rng, image_size)
+    img, painted = paint(mask, domain, rng, role=role)
+    attrs.update(painted)
+    return img, attrs
+
+
+def paint(
+    mask: np.ndarray, domain: str, rng: np.random.Generator, *, role: str = "benchmark"
+) -> tuple[np.ndarray, dict]:
+    """Colour a float32 [S, S] glyph mask in a domain's style (shared by every embedded world).
+
+    ``textured`` blends it into a crop of one of the role's photos (MNIST-M's |crop - glyph|);
+    the others draw it in a palette colour on a plain background (``outline`` on a gradient half
+    the time, ``handwritten`` with paper grain).
+
+    Returns:
+        the uint8 [S, S, 3] image and its ``colour``, ``background`` and ``photo`` attributes.
+    """
+    image_size = mask.shape[0]
+    mask = mask[..., None]
+    attrs: dict = {"photo": None}
 
     if domain == "textured":
         pool = photo_pools()[role]
         photo = pool[int(rng.integers(len(pool)))]
-        level = _photo(photo, image_size)[int(rng.integers(3))]
+        level = photo_levels(photo, image_size)[int(rng.integers(3))]
         ys = rng.integers(level.shape[0] - image_size + 1, size=4)
         xs = rng.integers(level.shape[1] - image_size + 1, size=4)
         crops = [level[y : y + image_size, x : x + image_size] for y, x in zip(ys, xs, strict=True)]
@@ -349,11 +369,11 @@ def render_digit(
         fg = glyph_px.mean(axis=0) if len(glyph_px) else img.reshape(-1, 3).mean(axis=0)
         attrs.update(photo=photo, background="photo")
     else:
-        fg = _foreground(rng)
-        bg = _background(fg, rng)
+        fg = random_foreground(rng)
+        bg = random_background(fg, rng)
         attrs["background"] = colour_name(bg)
         if domain == "outline" and rng.random() < 0.5:
-            bg2 = _background(fg, rng)
+            bg2 = random_background(fg, rng)
             angle = rng.uniform(0, 2 * np.pi)
             yy, xx = np.mgrid[0:image_size, 0:image_size] / max(image_size - 1, 1) - 0.5
             t = np.clip(np.cos(angle) * xx + np.sin(angle) * yy + 0.5, 0, 1)[..., None]

@@ -74,7 +74,8 @@ def content_hash(root: str | Path, kind: str) -> str:
     return tree_hash(root, pattern, exclude=("meta.json",))
 
 
-def _reusable(root: Path, expected: dict) -> bool:
+def reusable(root: Path, expected: dict) -> bool:
+    """True when ``root`` holds a tree written with ``expected`` parameters, bytes unchanged."""
     meta = read_meta(root)
     if meta is None or any(meta.get(k) != v for k, v in expected.items()):
         return False
@@ -98,7 +99,8 @@ def _meta(tmp: Path, expected: dict, used_fonts: set, used_photos: set) -> dict:
     }
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
+def progress_bar(iterable, total: int, desc: str, enabled: bool):
+    """``iterable`` wrapped in a tqdm bar when ``enabled``."""
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
@@ -118,13 +120,13 @@ def generate_benchmark(
     root = Path(root)
     expected = {"kind": "benchmark", "version": GENERATOR_VERSION, "renderer": renderer_hash(),
                 "seed": seed, "image_size": image_size, "n_per_class": n_per_class}  # fmt: skip
-    if _reusable(root, expected):
+    if reusable(root, expected):
         return root
     role_id = ROLES.index("benchmark")
     jobs = [(d, c, i) for d in range(len(DOMAINS)) for c in range(10) for i in range(n_per_class)]
     used_fonts, used_photos = set(), set()
     with atomic_dir(root, marker="meta.json") as tmp:
-        for d, c, i in _progress(jobs, len(jobs), "digits benchmark", progress):
+        for d, c, i in progress_bar(jobs, len(jobs), "digits benchmark", progress):
             rng = np.random.default_rng([seed, role_id, d, c, i])
             img, attrs = render.render_digit(
                 c, DOMAINS[d], rng, image_size=image_size, role="benchmark"
@@ -155,7 +157,7 @@ def generate_corpus(
     expected = {"kind": "corpus", "version": GENERATOR_VERSION,
                 "renderer": renderer_hash(with_captions=True), "seed": seed,
                 "image_size": image_size, "n": n}  # fmt: skip
-    if _reusable(root, expected):
+    if reusable(root, expected):
         return root
     role_id = ROLES.index("corpus")
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
@@ -163,7 +165,7 @@ def generate_corpus(
     domains = np.empty(n, dtype=np.int64)
     texts: list[str] = []
     used_fonts, used_photos = set(), set()
-    for k in _progress(range(n), n, "digits corpus", progress):
+    for k in progress_bar(range(n), n, "digits corpus", progress):
         d, c = k % len(DOMAINS), (k // len(DOMAINS)) % 10
         rng = np.random.default_rng([seed, role_id, d, c, k])
         images[k], attrs = render.render_digit(

@@ -1,0 +1,70 @@
+"""Image-space semantic-guided diffusion as a pseudo-unknown source, run on demand (METHOD.md).
+
+The paper's generator: for source images of each domain, K semantic summaries of their spatial
+tokens are perturbed (sigma) and projected into a text-to-image model's text conditioning, with
+"a <domain> of an unknown object" as the positive prompt and the known class names as the
+negative one, at guidance g. The images go through the CLIP like any data. The pool is made
+once per (source features, settings, model, seed) under ``<cache root>/pools/images/`` and
+resumed if interrupted; ``seeclip generate --backend image`` writes the same pools ahead of time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from seeclip.generate.feature_config import FeatureDiffusionConfig
+from seeclip.pseudo.base import PseudoContext
+from seeclip.pseudo.pools import DomainPool, image_pool_features
+
+__all__ = ["pick_sources", "sd_image_unknowns"]
+
+
+def pick_sources(domains: tuple[str, ...], n: int, generator: torch.Generator) -> list[int]:
+    """A seeded pick of up to ``n`` rows per domain (sorted domains), without replacement."""
+    rows = []
+    for d in sorted(set(domains)):
+        idx = [i for i, x in enumerate(domains) if x == d]
+        rows += [idx[j] for j in torch.randperm(len(idx), generator=generator)[:n].tolist()]
+    return rows
+
+
+def sd_image_unknowns(ctx: PseudoContext) -> DomainPool:
+    """Generate (or reuse) an image pool from ``ctx``'s source features; encode it."""
+    from seeclip.generate.denoiser import semantic_queries, semantic_summaries
+    from seeclip.generate.image_pool import generate_image_pool
+    from seeclip.generate.sd_pipeline import ImageDiffusionConfig, load_pipeline
+    from seeclip.paths import seeclip_home
+
+    if ctx.backbone is None or not ctx.class_texts or not ctx.sd_model:
+        raise ValueError("sd_images pseudo-unknowns need the backbone, class texts and sd_model")
+    config = ctx.diffusion if ctx.diffusion is not None else FeatureDiffusionConfig()
+    seed = ctx.seed if config.seed is None else config.seed
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    icfg = ImageDiffusionConfig(
+        model=ctx.sd_model, prompt=ctx.sd_prompt, sigma=config.sigma, guidance=config.guidance,
+        steps=config.sample_steps, batch_size=16,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    features = ctx.features
+    rows = pick_sources(features.domains, config.pool_per_domain, gen)
+    queries = semantic_queries(features.tokens.float(), config.k, gen)
+    tokens = semantic_summaries(features.tokens[rows].float(), queries)
+    domains = [features.domains[i] for i in rows]
+    root = Path(ctx.cache_dir) if ctx.cache_dir else seeclip_home()
+    key = hashlib.sha256(tokens.numpy().tobytes())
+    key.update(json.dumps([domains, ctx.class_texts, asdict(icfg), seed]).encode())
+    out = root / "pools" / "images" / f"sd-{key.hexdigest()[:16]}"
+    pipe = load_pipeline(icfg.model, device=device, dtype=icfg.torch_dtype(device))
+    manifest = generate_image_pool(
+        pipe, tokens, domains, [f"{d}:{i}" for d, i in zip(domains, rows, strict=True)],
+        ctx.class_texts, out_dir=out, cfg=icfg, seed=seed, progress=ctx.progress,
+    )  # fmt: skip
+    feats = image_pool_features(
+        ctx.backbone, manifest, cache_dir=root / "features", progress=ctx.progress
+    )
+    return DomainPool(feats)
