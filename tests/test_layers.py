@@ -32,6 +32,8 @@ LAYERS = {
     "seeclip.tiny_clip": 2,
     "seeclip.tiny_card": 2,
     "seeclip.pretrain": 2,
+    "seeclip.sd_export": 2,
+    "seeclip.pretrain_diffusion": 2,
     "seeclip.cache": 2,
     # 3. methods
     "seeclip.methods": 3,

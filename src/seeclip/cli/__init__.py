@@ -10,11 +10,21 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from seeclip.cli import demo, generate, listing, prepare, pretrain, report, run
+from seeclip.cli import (
+    demo,
+    generate,
+    listing,
+    prepare,
+    pretrain,
+    pretrain_diffusion,
+    report,
+    run,
+)
 from seeclip.config import ConfigError
 from seeclip.hub import WeightsUnavailableError
 
-SUBCOMMANDS = (listing, prepare, run, report, generate, pretrain, demo)  # in `--help` order
+# in `--help` order
+SUBCOMMANDS = (listing, prepare, run, report, generate, pretrain, pretrain_diffusion, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (resumes if last.pt)")
     p.add_argument("--config", type=Path, help="YAML file with PretrainConfig keys")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. steps=200 lr=5e-4")
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        metavar="STEP",
+        help="stop after the checkpoint at STEP (rerun without it to resume to the end); "
+        "e.g. to keep an early text tower, as tiny-glyphs-sd's (docs/pseudo_unknowns.md)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -59,7 +66,12 @@ def run(args: argparse.Namespace) -> int:
     if args.config is not None:
         parts += ["--config", str(args.config)]
     command = " ".join(parts + list(args.overrides))
-    card = pretrain_clip(cfg, args.out, progress=not args.no_progress, command=command)
+    card = pretrain_clip(
+        cfg, args.out, progress=not args.no_progress, command=command, stop_at=args.stop_at
+    )
+    if "zero_shot" not in card:
+        print(f"stopped at step {card['step']}: {args.out / 'last.pt'} (rerun to resume)")
+        return 0
     zs = card["zero_shot"]["ensemble"]
     print(json.dumps({"mean": zs["mean"], **zs["per_domain"]}, indent=1))
     print(f"wrote {args.out / (card['name'] + '.safetensors')} and {args.out / 'card.json'}")

@@ -1,0 +1,89 @@
+"""The shipped tiny-glyphs-sd through the image-space generator path a real SD checkpoint takes."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+from seeclip.backbone import build_backbone  # noqa: E402
+from seeclip.features import Features  # noqa: E402
+from seeclip.generate.image_pool import generate_image_pool, load_image_pool  # noqa: E402
+from seeclip.generate.sd_pipeline import (  # noqa: E402
+    SHIPPED_SD_MODELS,
+    ImageDiffusionConfig,
+    load_pipeline,
+)
+from seeclip.pseudo import PseudoContext, sd_image_unknowns  # noqa: E402
+from seeclip.pseudo.sd_images import pick_sources  # noqa: E402
+
+FOLDER = SHIPPED_SD_MODELS["tiny-glyphs-sd"]
+CFG = ImageDiffusionConfig(model="tiny-glyphs-sd", prompt="an unknown sign, {domain}", steps=3,
+                           batch_size=2)  # fmt: skip
+KNOWN = ["letter o", "letter e", "letter p"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(1)
+    return load_pipeline("tiny-glyphs-sd")
+
+
+def test_shipped_pipeline_is_small_and_conditioned_on_a_clip_text_tower(pipe):
+    size = sum(f.stat().st_size for f in FOLDER.rglob("*") if f.is_file())
+    assert size <= 30 * 2**20, size
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
+    assert pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim == 128
+    assert pipe.tokenizer.model_max_length == 24
+    assert not list(FOLDER.rglob("*.bin")) and list(FOLDER.rglob("*.safetensors"))
+
+
+def test_shipped_model_generates_48px_pools_reproducibly(pipe, tmp_path):
+    tokens = torch.randn(4, 4, 128, generator=torch.Generator().manual_seed(0))
+    domains, sources = ["printed", "outline", "printed", "textured"], ["a", "b", "c", "d"]
+
+    def pool(out, seed):
+        return generate_image_pool(pipe, tokens, domains, sources, KNOWN, out_dir=out, cfg=CFG,
+                                   seed=seed, progress=False)  # fmt: skip
+
+    first = load_image_pool(pool(tmp_path / "a", 0))
+    again = load_image_pool(pool(tmp_path / "b", 0))
+    other = load_image_pool(pool(tmp_path / "c", 1))
+    assert first.domains == tuple(domains) and first.sources == tuple(sources)
+    images = [np.asarray(Image.open(first.root / p)) for p in first.paths]
+    assert all(im.shape == (48, 48, 3) for im in images)
+    same = [np.asarray(Image.open(again.root / p)) for p in again.paths]
+    assert all(np.array_equal(a, b) for a, b in zip(images, same, strict=True))
+    diff = [np.asarray(Image.open(other.root / p)) for p in other.paths]
+    assert not np.array_equal(images[0], diff[0])
+    with open(first.root / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["prompt"] == "an unknown sign, printed"
+    assert rows[0]["negative_prompt"] == "letter o, letter e, letter p"
+    assert rows[0]["model"].endswith("tiny-glyphs-sd")
+
+
+def test_sd_images_source_runs_the_shipped_model_on_demand(tmp_path):
+    from seeclip.generate.feature_config import FeatureDiffusionConfig
+
+    backbone = build_backbone("tiny-glyphs-random")
+    g = torch.nn.functional.normalize(torch.randn(12, 128), dim=-1)
+    t = torch.randn(12, 36, 128)
+    feats = Features(g, t, ("printed",) * 6 + ("outline",) * 6)
+    ctx = PseudoContext(feats, torch.arange(12) % 3, backbone=backbone, class_texts=tuple(KNOWN),
+                        seed=0, diffusion=FeatureDiffusionConfig(k=2, pool_per_domain=2,
+                                                                 sample_steps=2),
+                        sd_model="tiny-glyphs-sd", sd_prompt="an unknown sign, {domain}",
+                        cache_dir=tmp_path, progress=False)  # fmt: skip
+    source = sd_image_unknowns(ctx)
+    gl, tok = source.sample("outline", 3, torch.Generator().manual_seed(0))
+    assert gl.shape == (3, 128) and tok.shape == (3, 36, 128)
+    pools = list((tmp_path / "pools" / "images").glob("sd-*/manifest.csv"))
+    assert len(pools) == 1 and len(load_image_pool(pools[0]).paths) == 4
+    sd_image_unknowns(ctx)  # the same inputs reuse the pool
+    assert len(list((tmp_path / "pools" / "images").iterdir())) == 1
+    assert pick_sources(("a", "a", "b"), 5, torch.Generator()) in ([0, 1, 2], [1, 0, 2])
