@@ -551,6 +551,14 @@ class _Run:
             chunks = np.array_split(np.asarray(losses), min(points, len(losses)))
             return [round(float(c.mean()), 5) for c in chunks]
 
+        def stage(losses: list[float], seconds: float, batch: int) -> dict:
+            return {
+                "steps": len(losses),
+                "loss_curve": curve(losses),
+                "train_seconds": round(seconds, 1),
+                "images_per_second": round(len(losses) * batch / max(seconds, 1e-9), 1),
+            }
+
         def params(m: nn.Module) -> int:
             return sum(p.numel() for p in m.parameters())
 
@@ -591,23 +599,11 @@ class _Run:
                 "weights_dtype": "float16",
             },
             "vae": {
-                "steps": len(st["vae_losses"]),
-                "loss_curve": curve(st["vae_losses"]),
-                "train_seconds": round(secs["vae"], 1),
-                "images_per_second": round(
-                    len(st["vae_losses"]) * cfg.vae_batch_size / max(secs["vae"], 1e-9), 1
-                ),
+                **stage(st["vae_losses"], secs["vae"], cfg.vae_batch_size),
                 "reconstruction_psnr_db": round(st["vae_psnr_db"], 2),
                 "latent_stats": st["latent_stats"],
             },
-            "unet": {
-                "steps": len(st["unet_losses"]),
-                "loss_curve": curve(st["unet_losses"]),
-                "train_seconds": round(secs["unet"], 1),
-                "images_per_second": round(
-                    len(st["unet_losses"]) * cfg.batch_size / max(secs["unet"], 1e-9), 1
-                ),
-            },
+            "unet": stage(st["unet_losses"], secs["unet"], cfg.batch_size),
             "encode_seconds": round(secs["encode"], 1),
             "samples": {"file": "samples.png", "prompts": prompts, "seconds": sample_seconds},
             "machine": {

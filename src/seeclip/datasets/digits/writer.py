@@ -99,6 +99,14 @@ def _meta(tmp: Path, expected: dict, used_fonts: set, used_photos: set) -> dict:
     }
 
 
+def write_corpus_arrays(folder: Path, images, labels, domains, captions: list[str]) -> None:
+    """A corpus' data files: ``images.npy``, ``labels.npy``, ``domains.npy``, ``captions.json``."""
+    np.save(folder / "images.npy", images)
+    np.save(folder / "labels.npy", labels)
+    np.save(folder / "domains.npy", domains)
+    (folder / "captions.json").write_text(json.dumps(captions))
+
+
 def progress_bar(iterable, total: int, desc: str, enabled: bool):
     """``iterable`` wrapped in a tqdm bar when ``enabled``."""
     if not enabled:
@@ -176,9 +184,6 @@ def generate_corpus(
         used_fonts.add(attrs["font"])
         used_photos.add(attrs["photo"])
     with atomic_dir(root, marker="meta.json") as tmp:
-        np.save(tmp / "images.npy", images)
-        np.save(tmp / "labels.npy", labels)
-        np.save(tmp / "domains.npy", domains)
-        (tmp / "captions.json").write_text(json.dumps(texts))
+        write_corpus_arrays(tmp, images, labels, domains, texts)
         write_json(tmp / "meta.json", _meta(tmp, expected, used_fonts, used_photos))
     return root

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -29,6 +28,7 @@ from seeclip.datasets.digits.writer import (
     installed_versions,
     progress_bar,
     reusable,
+    write_corpus_arrays,
 )
 from seeclip.datasets.glyphs import captions, render
 from seeclip.datasets.glyphs.render import CONCEPTS, DOMAINS, IMAGE_SIZE, ROLES
@@ -164,10 +164,7 @@ def generate_corpus(
         texts.append(caption)
         attrs_all.append(attrs)
     with atomic_dir(root, marker="meta.json") as tmp:
-        np.save(tmp / "images.npy", images)
-        np.save(tmp / "labels.npy", labels)
-        np.save(tmp / "domains.npy", domains)
-        (tmp / "captions.json").write_text(json.dumps(texts))
+        write_corpus_arrays(tmp, images, labels, domains, texts)
         meta = _meta(tmp, expected, attrs_all, _CONCEPT_NAMES)
         meta["concepts"] = {name: CONCEPTS[name].kind for name in _CONCEPT_NAMES}
         write_json(tmp / "meta.json", meta)
