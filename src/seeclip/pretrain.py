@@ -36,6 +36,7 @@ __all__ = [
     "World",
     "default_config",
     "augment",
+    "corpus_for",
     "load_benchmark_arrays",
     "pretrain_clip",
     "to_input",
@@ -124,7 +125,8 @@ class PretrainConfig:
     eval_n_per_class: int = 200  # benchmark images per class and domain (generate_benchmark's)
 
 
-def _corpus(cfg: PretrainConfig, progress: bool) -> Path:
+def corpus_for(cfg: PretrainConfig, progress: bool) -> Path:
+    """The captioned corpus ``cfg`` trains on (generated under $SEECLIP_HOME/data on first use)."""
     world = WORLDS[cfg.world]
     generate_corpus, _ = world.generators()
     default_n = world.defaults.get("corpus_size", PretrainConfig.corpus_size)
@@ -322,7 +324,7 @@ def pretrain_clip(
 
 
 def _run(cfg, out, *, progress, command, stop_at, benchmark) -> dict:
-    corpus = _corpus(cfg, progress)
+    corpus = corpus_for(cfg, progress)
     images = torch.from_numpy(np.load(corpus / "images.npy"))
     captions = json.loads((corpus / "captions.json").read_text())
     world = WORLDS[cfg.world]

@@ -30,18 +30,14 @@ def _world_inputs(world: str) -> WorldInputs:
     if world not in WORLDS:
         raise ValueError(f"unknown world {world!r}; choose one of {', '.join(WORLDS)}")
     from seeclip.pretrain import WORLDS as CLIP_WORLDS
-    from seeclip.pretrain import default_config
+    from seeclip.pretrain import corpus_for, default_config
     from seeclip.tiny_clip import TINY_MODELS, build_tiny_clip
 
     spec = CLIP_WORLDS[world]
     cfg = default_config(world)
 
     def corpus(progress: bool) -> Path:  # the corpus that pretrain-clip trains on
-        from seeclip.paths import seeclip_home
-
-        generate_corpus, _ = spec.generators()
-        root = seeclip_home() / "data" / f"{world}_corpus"
-        return generate_corpus(root, n=cfg.corpus_size, seed=cfg.corpus_seed, progress=progress)
+        return corpus_for(cfg, progress)
 
     def clip(weights: Path | None) -> tuple[object, object]:
         if weights is not None and Path(weights).suffix == ".pt":  # a pretrain-clip checkpoint
