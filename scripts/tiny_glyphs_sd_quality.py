@@ -14,7 +14,11 @@
    classes) of the samples against real known and real unknown images, and sample grids, go to
    docs/img/.
 
+The judges' accuracy on real benchmark images passed through the model's VAE (encode, decode)
+is printed too: it bounds what any UNet on that VAE can reach on bar 1.
+
     python scripts/tiny_glyphs_sd_quality.py [--sd-model tiny-glyphs-sd] [--target handwritten]
+        [--projection random|text_inverse] [--guidance G] [--class-guidance G]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from seeclip.datasets import get_benchmark
 from seeclip.datasets.glyphs import CONCEPTS
 from seeclip.generate.denoiser import semantic_queries, semantic_summaries
 from seeclip.generate.image_pool import generate_image_pool, load_image_pool
+from seeclip.generate.sd_conditioning import conditioning_projection
 from seeclip.generate.sd_pipeline import ImageDiffusionConfig, load_pipeline
 from seeclip.paths import seeclip_home
 from seeclip.pretrain import default_config, load_benchmark_arrays, to_input
@@ -139,6 +144,10 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=8, help="class-prompted samples")
     parser.add_argument("--per-domain", type=int, default=64, help="SeeCLIP-prompted samples")
     parser.add_argument("--class-guidance", type=float, default=4.0)
+    parser.add_argument("--guidance", type=float, help="SeeCLIP-prompted g (default: preset's)")
+    parser.add_argument("--projection", choices=("random", "text_inverse"),
+                        help="tokens -> text conditioning (default: the preset's)")  # fmt: skip
+    parser.add_argument("--no-images", action="store_true", help="do not write docs/img/")
     parser.add_argument("--judge-only", action="store_true", help="train and cache the judge")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -160,6 +169,20 @@ def main() -> None:
     report["judge_accuracy_on_real_benchmark"] = float(
         (judge_predict(judge, real) == concept_of[real_y]).mean()
     )
+    texts = [spec.class_text(c) for c in spec.classes]
+    with torch.no_grad():  # the VAE's ceiling: real images through encode -> decode
+        x = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        rec = ((rec + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    report["vae_reconstructions"] = {
+        "judge_accuracy": float((judge_predict(judge, rec) == concept_of[real_y]).mean()),
+        "tiny_glyphs_accuracy": float(
+            (clip_probs(clip, rec, texts, templates).argmax(-1) == real_y).mean()
+        ),
+        "tiny_glyphs_accuracy_on_originals": float(
+            (clip_probs(clip, real, texts, templates).argmax(-1) == real_y).mean()
+        ),
+    }
 
     # 1. class-prompted
     domains = spec.domains
@@ -170,7 +193,6 @@ def main() -> None:
             want.append(c)
     want = np.array(want)
     images = sample(pipe, prompts, seed=0, steps=20, guidance=args.class_guidance)
-    texts = [spec.class_text(c) for c in spec.classes]
     by_clip = clip_probs(clip, images, texts, templates).argmax(-1)
     by_judge = judge_predict(judge, images)
     report["class_prompted"] = {
@@ -180,7 +202,8 @@ def main() -> None:
         "chance_tiny_glyphs": 1 / len(texts), "chance_judge": 1 / len(NAMES),
     }  # fmt: skip
     first4 = images.reshape(len(spec.classes), args.per_class, 48, 48, 3)[:, :4]
-    save_grid(first4.reshape(-1, 48, 48, 3), IMG / "glyphs_sd_class_prompts.png", cols=16)
+    if not args.no_images:
+        save_grid(first4.reshape(-1, 48, 48, 3), IMG / "glyphs_sd_class_prompts.png", cols=16)
 
     # 2. SeeCLIP-prompted: sources of one leave-one-domain-out split, the preset's settings
     known = spec.protocols["full"].known
@@ -201,14 +224,18 @@ def main() -> None:
     rows = pick_sources(tuple(doms), args.per_domain, gen)
     queries = semantic_queries(tokens, preset.diffusion.k, gen)
     summaries = semantic_summaries(tokens[rows], queries)
+    guidance = preset.diffusion.guidance if args.guidance is None else args.guidance
+    projection = args.projection or preset.train.sd_projection
     icfg = ImageDiffusionConfig(model=args.sd_model, prompt=preset.train.sd_prompt,
-                                sigma=preset.diffusion.sigma, guidance=preset.diffusion.guidance,
-                                batch_size=32)  # fmt: skip
+                                sigma=preset.diffusion.sigma, guidance=guidance, batch_size=32,
+                                projection=projection)  # fmt: skip
     known_texts = [spec.class_text(c) for c in known]
     out = seeclip_home() / "pools" / "images" / f"quality-{args.target}"
     manifest = generate_image_pool(pipe, summaries, [doms[i] for i in rows],
                                    [f"{doms[i]}:{i}" for i in rows], known_texts, out_dir=out,
-                                   cfg=icfg, seed=0, overwrite=True, progress=True)  # fmt: skip
+                                   cfg=icfg, seed=0, overwrite=True, progress=True,
+                                   projection=conditioning_projection(icfg, pipe,
+                                                                      clip))  # fmt: skip
     pool = load_image_pool(manifest)
     gen_images = np.stack(
         [np.asarray(Image.open(pool.root / p).convert("RGB")) for p in pool.paths]
@@ -229,6 +256,7 @@ def main() -> None:
         "sigma": icfg.sigma,
         "guidance": icfg.guidance,
         "steps": icfg.steps,
+        "projection": icfg.projection,
         "outside_known_by_judge": float(outside.mean()),
         "judged_hard_unknown": float(is_hard.mean()),
         "nearest_known_is_source_class": float((nearest == source_class).mean()),
@@ -240,6 +268,9 @@ def main() -> None:
             NAMES[k]: int(v) for k, v in zip(*np.unique(judged, return_counts=True), strict=True)
         },  # fmt: skip
     }
+    if args.no_images:
+        print(json.dumps(report, indent=1))
+        return
     save_grid(gen_images[:64], IMG / "glyphs_sd_seeclip_prompts.png", cols=16)
 
     # histogram: tiny-glyphs known score of samples vs real knowns vs real unknowns

@@ -17,7 +17,11 @@ from seeclip.generate.image_pool import (  # noqa: E402
     generate_image_pool,
     load_image_pool,
 )
-from seeclip.generate.sd_conditioning import build_conditioning, token_projection  # noqa: E402
+from seeclip.generate.sd_conditioning import (  # noqa: E402
+    build_conditioning,
+    conditioning_projection,
+    token_projection,
+)
 from seeclip.generate.sd_pipeline import (  # noqa: E402
     ImageDiffusionConfig,
     encode_prompts,
@@ -133,6 +137,42 @@ def test_projection_is_fixed_and_semi_orthogonal():
     torch.testing.assert_close(q.T @ q, torch.eye(32), atol=1e-5, rtol=0)
 
 
+def test_text_inverse_projection_maps_tokens_to_states_the_text_tower_projects_back():
+    import copy
+    from types import SimpleNamespace
+
+    from seeclip.backbone import build_backbone
+    from seeclip.sd_export import text_encoder_from_clip
+
+    backbone = build_backbone("tiny-glyphs-random")
+    same = SimpleNamespace(text_encoder=text_encoder_from_clip(backbone.model))
+    cfg = ImageDiffusionConfig(projection="text_inverse")
+    p = conditioning_projection(cfg, same, backbone)
+    assert p.shape == (backbone.embed_dim, backbone.text_width)
+    v = torch.randn(5, backbone.embed_dim, generator=torch.Generator().manual_seed(0))
+    # W [D, d] has full rank d here, so the state v P projects back to v exactly
+    torch.testing.assert_close((v @ p) @ backbone.text_projection.float(), v, atol=1e-4, rtol=1e-4)
+    random = conditioning_projection(ImageDiffusionConfig(), same, backbone)
+    torch.testing.assert_close(random, token_projection(128, 128, seed=0), atol=0, rtol=0)
+    other = copy.deepcopy(same.text_encoder)
+    other.get_input_embeddings().weight.data += 0.05  # another text tower
+    with pytest.raises(ValueError, match="is not tiny-glyphs-random's text tower"):
+        conditioning_projection(cfg, SimpleNamespace(text_encoder=other), backbone)
+    with pytest.raises(ValueError, match="needs the backbone"):
+        conditioning_projection(cfg, same)
+
+
+def test_a_pool_needs_the_matrix_of_a_named_projection(pipe, tokens, tmp_path):
+    cfg = ImageDiffusionConfig(steps=3, batch_size=2, projection="text_inverse")
+    with pytest.raises(ValueError, match="conditioning_projection"):
+        _pool(pipe, tokens, tmp_path / "a", cfg=cfg)
+    with pytest.raises(ValueError, match=r"projection must be \[16, 32\]"):
+        _pool(pipe, tokens, tmp_path / "b", cfg=cfg, projection=torch.zeros(32, 16))
+    p = torch.linalg.qr(torch.randn(32, 16, generator=torch.Generator().manual_seed(1)))[0].T
+    first = _bytes(_pool(pipe, tokens, tmp_path / "c", cfg=cfg, projection=p))
+    assert first != _bytes(_pool(pipe, tokens, tmp_path / "d", cfg=cfg, projection=-p))
+
+
 def test_tokens_change_the_conditioning(pipe, tokens):
     cfg = ImageDiffusionConfig()
     proj = token_projection(16, 32, seed=0)
@@ -197,7 +237,8 @@ def test_input_and_config_validation(pipe, tokens, tmp_path):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not an image pool"):
         _pool(pipe, tokens, tmp_path / "busy")
-    for bad in ({"sigma": -1.0}, {"placement": "prepend"}, {"image_size": 20}, {"prompt": "x"}):
+    for bad in ({"sigma": -1.0}, {"placement": "prepend"}, {"image_size": 20}, {"prompt": "x"},
+                {"projection": "learned"}):  # fmt: skip
         with pytest.raises(ValueError):
             ImageDiffusionConfig(**bad)
     assert ImageDiffusionConfig().torch_dtype("cpu") == torch.float32

@@ -14,7 +14,13 @@ from seeclip.cli import main
 from seeclip.datasets.digits import generate_corpus
 from seeclip.generate.image_pool import generate_image_pool, load_image_pool
 from seeclip.generate.sd_pipeline import ImageDiffusionConfig, encode_prompts, load_pipeline
-from seeclip.pretrain_diffusion import DiffusionPretrainConfig, pretrain_diffusion, sample
+from seeclip.pretrain_diffusion import (
+    DiffusionPretrainConfig,
+    build_unet,
+    build_vae,
+    pretrain_diffusion,
+    sample,
+)
 from seeclip.sd_export import clip_tokenizer, text_encoder_from_clip
 from seeclip.tiny_clip import TINY_DIGITS_WEIGHTS, build_tiny_digits
 
@@ -111,6 +117,18 @@ def test_config_is_checked():
         DiffusionPretrainConfig(unet_attention=(True, True))
     with pytest.raises(ValueError, match="prediction_type"):
         DiffusionPretrainConfig(prediction_type="sample")
+    with pytest.raises(ValueError, match="latent_channels"):
+        DiffusionPretrainConfig(latent_channels=0)
+
+
+def test_latent_channels_set_the_autoencoder_and_unet_widths():
+    cfg = _tiny_cfg(latent_channels=8)
+    vae, unet = build_vae(cfg, 16), build_unet(cfg, 4, text_width=32)
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(2, 3, 16, 16)).latent_dist.mean
+        eps = unet(z, torch.tensor([10, 500]), torch.zeros(2, 5, 32)).sample
+    assert z.shape == eps.shape == (2, 8, 4, 4)
+    assert vae.decode(z).sample.shape == (2, 3, 16, 16)
 
 
 def test_reduced_budget_run_learns_and_writes_a_small_card(trained):

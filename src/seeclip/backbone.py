@@ -190,6 +190,20 @@ class Backbone(nn.Module):
         return _text_parts(self.model)
 
     @property
+    def text_projection(self) -> Tensor | None:
+        """The text tower's projection W [width, d] (final hidden state -> joint space), or None.
+
+        A bias, where a tower has one, is left out.
+        """
+        w = self._text.text_projection
+        return w.weight.T if isinstance(w, nn.Linear) else w
+
+    @property
+    def token_table(self) -> Tensor:
+        """The text tower's token embedding table [vocab, width]."""
+        return self._text.token_embedding.weight
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

@@ -130,6 +130,10 @@ class TrainConfig:
     # object"); diffusion.sigma, .guidance, .k and .pool_per_domain apply too
     sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     sd_prompt: str = "a {domain} of an unknown object"
+    # sd_images: how semantic tokens enter the text conditioning: random (a seeded
+    # semi-orthogonal map) | text_inverse (pseudo-inverse of the backbone's text projection;
+    # the model's text encoder must be the backbone's text tower, as tiny-glyphs-sd's is)
+    sd_projection: Literal["random", "text_inverse"] = "random"
     # model selection (seeclip.selection): last | val_acc (source-val closed-set accuracy) |
     # val_h (H of source-val knowns and pseudo-unknowns made from source-val images)
     selection: Literal["last", "val_acc", "val_h"] = "last"

@@ -76,6 +76,7 @@ class DiffusionPretrainConfig:
     # stage 1: the autoencoder
     vae_factor: int = 4  # spatial downsampling f (2 or 4): 48 px -> 12x12x4 latents at f=4
     vae_channels: tuple[int, ...] = (16, 32, 64)  # encoder/decoder widths, log2(f) + 1 levels
+    latent_channels: int = 4  # channels of the latent (SD-1.5: 4); the UNet's in/out channels
     vae_norm_groups: int = 8  # GroupNorm groups (must divide every width)
     vae_mid_attention: bool = False  # self-attention in the mid block (SD's VAE has one)
     vae_steps: int = 2500  # optimiser steps of stage 1 (40k images at batch 16)
@@ -126,6 +127,8 @@ class DiffusionPretrainConfig:
             raise ValueError("caption_dropout and ema_decay must be in [0, 1)")
         if min(self.vae_steps, self.steps, self.batch_size, self.vae_batch_size) < 1:
             raise ValueError("steps, vae_steps, batch_size and vae_batch_size must be >= 1")
+        if self.latent_channels < 1:
+            raise ValueError(f"latent_channels must be >= 1, got {self.latent_channels}")
 
 
 # ---------------------------------------------------------------------------------- the models
@@ -139,7 +142,7 @@ def build_vae(cfg: DiffusionPretrainConfig, image_size: int, *, scaling_factor: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+            in_channels=3, out_channels=3, latent_channels=cfg.latent_channels, layers_per_block=1,
             block_out_channels=cfg.vae_channels, down_block_types=("DownEncoderBlock2D",) * n,
             up_block_types=("UpDecoderBlock2D",) * n, norm_num_groups=cfg.vae_norm_groups,
             mid_block_add_attention=cfg.vae_mid_attention, sample_size=image_size,
@@ -157,7 +160,8 @@ def build_unet(cfg: DiffusionPretrainConfig, latent_size: int, text_width: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
         return UNet2DConditionModel(
-            sample_size=latent_size, in_channels=4, out_channels=4,
+            sample_size=latent_size, in_channels=cfg.latent_channels,
+            out_channels=cfg.latent_channels,
             block_out_channels=cfg.unet_channels, layers_per_block=cfg.unet_layers_per_block,
             down_block_types=down, up_block_types=up, cross_attention_dim=text_width,
             attention_head_dim=cfg.attention_heads,
@@ -582,7 +586,7 @@ class _Run:
             "data": {k: self.meta[k] for k in meta_keys if k in self.meta},
             "architecture": {
                 "image_size": self.size,
-                "latent_shape": [4, self.latent_size, self.latent_size],
+                "latent_shape": [cfg.latent_channels, self.latent_size, self.latent_size],
                 "parameters": {
                     "vae": params(vae),
                     "unet": params(unet),

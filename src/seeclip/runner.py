@@ -251,6 +251,7 @@ def pseudo_sources(
             pool=pool,
             sd_model=cfg.train.sd_model,
             sd_prompt=cfg.train.sd_prompt,
+            sd_projection=cfg.train.sd_projection,
             cache_dir=cache_root(cache_dir),
             progress=progress,
         )

@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
 def _image_pool(args, cfg, loaded, train, split_rows, class_texts, progress):
     from seeclip.generate.denoiser import semantic_queries, semantic_summaries
     from seeclip.generate.image_pool import generate_image_pool
+    from seeclip.generate.sd_conditioning import conditioning_projection
     from seeclip.generate.sd_pipeline import ImageDiffusionConfig, load_pipeline
     from seeclip.pseudo import image_pool_features
     from seeclip.pseudo.sd_images import pick_sources
@@ -126,6 +127,7 @@ def _image_pool(args, cfg, loaded, train, split_rows, class_texts, progress):
         prompt=cfg.train.sd_prompt,
         sigma=cfg.diffusion.sigma,
         guidance=cfg.diffusion.guidance,
+        projection=cfg.train.sd_projection,
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     rows = pick_sources(train.domains, cfg.diffusion.pool_per_domain, gen)
@@ -145,6 +147,7 @@ def _image_pool(args, cfg, loaded, train, split_rows, class_texts, progress):
         cfg=icfg,
         seed=cfg.seed,
         progress=progress,
+        projection=conditioning_projection(icfg, pipe, loaded.backbone),
     )
     print(f"image pool: {len(rows)} images -> {manifest}")
     print(

@@ -77,9 +77,12 @@ def _derive_seed(seed: int, i: int, stream: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _fingerprint(pipe, tokens: Tensor, domains, sources, negative: str, cfg, seed: int) -> str:
+def _fingerprint(pipe, tokens: Tensor, domains, sources, negative: str, cfg, seed: int,
+                 projection: Tensor) -> str:  # fmt: skip
     h = hashlib.sha256()
     h.update(tokens.detach().float().cpu().contiguous().numpy().tobytes())
+    if cfg.projection != "random":  # the random map is a function of cfg; others are not
+        h.update(projection.contiguous().numpy().tobytes())
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"}
     blob = [list(tokens.shape), list(domains), list(sources), negative, settings, seed]
     h.update(json.dumps([blob, pipeline_name(pipe)], sort_keys=True).encode())
@@ -98,6 +101,7 @@ def generate_image_pool(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    projection: Tensor | None = None,
 ) -> Path:
     """Generates one pseudo-unknown image per row of ``semantic_tokens``; returns the manifest.
 
@@ -119,6 +123,9 @@ def generate_image_pool(
         seed: row i uses seeds derived from (seed, i) for its perturbation and its latents.
         overwrite: replace a pool in ``out_dir`` that was made from other inputs.
         progress: show a tqdm bar.
+        projection: the map P [d, D] of the tokens into the text conditioning
+            (:func:`~seeclip.generate.sd_conditioning.conditioning_projection`); None: the
+            seeded random map of ``cfg.projection_seed`` (``cfg.projection`` must be "random").
 
     Returns:
         ``out_dir / "manifest.csv"`` with columns :data:`MANIFEST_FIELDS`, written last.
@@ -132,18 +139,25 @@ def generate_image_pool(
         raise ValueError(f"{n} token rows but {len(domains)} domains, {len(source_ids)} sources")
     if not known_class_names:
         raise ValueError("known_class_names is empty: the negative prompt needs the known classes")
+    width = pipe.text_encoder.config.hidden_size
+    if projection is None:
+        if cfg.projection != "random":
+            raise ValueError(f"projection={cfg.projection!r} needs its matrix: pass projection="
+                             "conditioning_projection(cfg, pipe, backbone)")  # fmt: skip
+        projection = token_projection(tokens.shape[2], width, seed=cfg.projection_seed)
+    projection = projection.detach().float().cpu()
+    if tuple(projection.shape) != (tokens.shape[2], width):
+        raise ValueError(f"projection must be [{tokens.shape[2]}, {width}], got "
+                         f"{tuple(projection.shape)}")  # fmt: skip
     out = Path(out_dir)
     negative = known_classes_prompt(known_class_names)
-    fingerprint = _fingerprint(pipe, tokens, domains, source_ids, negative, cfg, seed)
+    fingerprint = _fingerprint(pipe, tokens, domains, source_ids, negative, cfg, seed, projection)
     manifest = out / "manifest.csv"
     _claim(out, fingerprint, overwrite, _pool_meta(pipe, tokens, cfg, seed, negative, fingerprint))
     if manifest.is_file():
         return manifest
 
     model = pipeline_name(pipe)
-    projection = token_projection(
-        tokens.shape[2], pipe.text_encoder.config.hidden_size, seed=cfg.projection_seed
-    )
     rel = [f"{d}/unknown/{i:06d}.png" for i, d in enumerate(domains)]
     todo = [i for i in range(n) if not (out / rel[i]).is_file()]
     device = pipeline_device(pipe)
@@ -216,7 +230,11 @@ def _pool_meta(pipe, tokens: Tensor, cfg, seed: int, negative: str, fingerprint:
         "conditioning_width": int(pipe.text_encoder.config.hidden_size),
         "negative_prompt": negative,
         "config": dataclasses.asdict(cfg),
-        "projection": "seeded semi-orthogonal d->D map, norm-matched to the prompt's tokens",
+        "projection": {
+            "random": "seeded semi-orthogonal d->D map, norm-matched to the prompt's tokens",
+            "text_inverse": "pseudo-inverse of the backbone's text projection, norm-matched to "
+            "the prompt's tokens",
+        }[cfg.projection],
     }
 
 

@@ -10,9 +10,21 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from seeclip.generate.sd_pipeline import ImageDiffusionConfig, encode_prompts, prompt_lengths
+from seeclip.generate.sd_pipeline import (
+    ImageDiffusionConfig,
+    encode_prompts,
+    pipeline_name,
+    prompt_lengths,
+)
 
-__all__ = ["build_conditioning", "domain_prompt", "known_classes_prompt", "token_projection"]
+__all__ = [
+    "build_conditioning",
+    "conditioning_projection",
+    "domain_prompt",
+    "known_classes_prompt",
+    "text_inverse_projection",
+    "token_projection",
+]
 
 
 def token_projection(d: int, width: int, *, seed: int = 0) -> Tensor:
@@ -26,6 +38,43 @@ def token_projection(d: int, width: int, *, seed: int = 0) -> Tensor:
     q, r = torch.linalg.qr(a)
     q = q * torch.sign(torch.diagonal(r))  # unique QR: signs fixed by R's positive diagonal
     return (q.T if d <= width else q).float().contiguous()
+
+
+def text_inverse_projection(text_projection: Tensor) -> Tensor:
+    """P = pinv(W) [d, D] for CLIP's text projection W [D, d] (final hidden state -> joint space).
+
+    A joint-space token v maps to the hidden state u = v P whose projection u W is v's
+    component in W's row space (all of v when W has full rank d): the state that CLIP's own text
+    tower would project onto v. Float32, on CPU.
+    """
+    w = text_projection.detach().float().cpu()
+    return torch.linalg.pinv(w.double()).float().contiguous()
+
+
+def conditioning_projection(cfg: ImageDiffusionConfig, pipe, backbone=None) -> Tensor:
+    """The map P [d, D] that :func:`build_conditioning` applies, as ``cfg.projection`` names it.
+
+    ``"text_inverse"`` needs ``backbone`` (a :class:`seeclip.backbone.Backbone`) and a pipeline
+    whose text encoder is that backbone's text tower (checked on the token embeddings).
+    """
+    width = pipe.text_encoder.config.hidden_size
+    if cfg.projection == "random":
+        if backbone is None:
+            raise ValueError("the random projection needs the token width d: pass the backbone")
+        return token_projection(backbone.embed_dim, width, seed=cfg.projection_seed)
+    if backbone is None:
+        raise ValueError("projection=text_inverse needs the backbone whose text projection it "
+                         "inverts")  # fmt: skip
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().float().cpu()
+    own = backbone.token_table.detach().float().cpu()
+    # shipped weights are fp16: a copy of the same tower agrees to fp16 rounding
+    if table.shape != own.shape or not torch.allclose(table, own, atol=2e-3, rtol=1e-2):
+        raise ValueError(f"projection=text_inverse: {pipeline_name(pipe)}'s text encoder is not "
+                         f"{backbone.name}'s text tower; use projection=random")  # fmt: skip
+    w = backbone.text_projection
+    if w is None or tuple(w.shape) != (width, backbone.embed_dim):
+        raise ValueError(f"{backbone.name} has no [{width}, {backbone.embed_dim}] text projection")
+    return text_inverse_projection(w)
 
 
 def build_conditioning(

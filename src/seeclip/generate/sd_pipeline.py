@@ -29,6 +29,7 @@ DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # text-to-image models that ship with seeclip (diffusers pipeline folders), by name
 SHIPPED_SD_MODELS = {"tiny-glyphs-sd": Path(__file__).parents[1] / "weights" / "tiny-glyphs-sd"}
 _PLACEMENTS = ("append", "replace_padding")
+_PROJECTIONS = ("random", "text_inverse")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,11 @@ class ImageDiffusionConfig:
     sigma: float = 0.2  # std of the Gaussian perturbation of the semantic tokens
     image_size: int | None = None  # output side in px; None = pipeline default (512 for SD-1.5)
     fp16: bool = True  # half precision on CUDA (CPU always runs float32)
-    projection_seed: int = 0  # seeds the fixed token projection P
+    # how tokens enter the text conditioning: "random" (a seeded semi-orthogonal map P) or
+    # "text_inverse" (the pseudo-inverse of the backbone's text projection; needs a pipeline
+    # whose text encoder is the backbone's own text tower, e.g. tiny-glyphs-sd with tiny-glyphs)
+    projection: str = "random"
+    projection_seed: int = 0  # seeds the fixed token projection P ("random")
     placement: str = "append"  # "append": 77 + K positions; "replace_padding": last K padding
     batch_size: int = 4  # images per pipeline call (does not change the images)
 
@@ -58,6 +63,8 @@ class ImageDiffusionConfig:
             raise ValueError(f"image_size must be a multiple of 8, got {self.image_size}")
         if self.placement not in _PLACEMENTS:
             raise ValueError(f"placement must be one of {_PLACEMENTS}, got {self.placement!r}")
+        if self.projection not in _PROJECTIONS:
+            raise ValueError(f"projection must be one of {_PROJECTIONS}, got {self.projection!r}")
 
     def torch_dtype(self, device: str | torch.device) -> torch.dtype:
         """float16 on CUDA when ``fp16`` is set, else float32."""

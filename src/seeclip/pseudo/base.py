@@ -34,6 +34,7 @@ class PseudoContext:
     pool: str | None = None  # a generated pool on disk (manifest.csv or a feature pool folder)
     sd_model: str | None = None  # sd_images: text-to-image model (name, folder or repo id)
     sd_prompt: str = "a {domain} of an unknown object"  # sd_images: positive prompt
+    sd_projection: str = "random"  # sd_images: tokens -> text conditioning (ImageDiffusionConfig)
     cache_dir: Path | None = None  # feature cache and pool folder root (None: SEECLIP_HOME)
     progress: bool = True  # progress bars while a source generates
 

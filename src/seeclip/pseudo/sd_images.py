@@ -37,6 +37,7 @@ def sd_image_unknowns(ctx: PseudoContext) -> DomainPool:
     """Generate (or reuse) an image pool from ``ctx``'s source features; encode it."""
     from seeclip.generate.denoiser import semantic_queries, semantic_summaries
     from seeclip.generate.image_pool import generate_image_pool
+    from seeclip.generate.sd_conditioning import conditioning_projection
     from seeclip.generate.sd_pipeline import ImageDiffusionConfig, load_pipeline
     from seeclip.paths import seeclip_home
 
@@ -47,7 +48,7 @@ def sd_image_unknowns(ctx: PseudoContext) -> DomainPool:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     icfg = ImageDiffusionConfig(
         model=ctx.sd_model, prompt=ctx.sd_prompt, sigma=config.sigma, guidance=config.guidance,
-        steps=config.sample_steps, batch_size=16,
+        steps=config.sample_steps, batch_size=16, projection=ctx.sd_projection,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     features = ctx.features
@@ -63,6 +64,7 @@ def sd_image_unknowns(ctx: PseudoContext) -> DomainPool:
     manifest = generate_image_pool(
         pipe, tokens, domains, [f"{d}:{i}" for d, i in zip(domains, rows, strict=True)],
         ctx.class_texts, out_dir=out, cfg=icfg, seed=seed, progress=ctx.progress,
+        projection=conditioning_projection(icfg, pipe, ctx.backbone),
     )  # fmt: skip
     feats = image_pool_features(
         ctx.backbone, manifest, cache_dir=root / "features", progress=ctx.progress
