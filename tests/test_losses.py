@@ -76,6 +76,11 @@ def test_l1_penalty_by_hand():
         lin.bias.fill_(100.0)  # biases are not penalised
     assert l1_penalty([lin]).item() == pytest.approx(3.0)
     assert l1_penalty([]).item() == 0.0
+    # the paper's L1 norm: the sum over entries
+    assert l1_penalty([a, b], reduction="sum").item() == pytest.approx(6.5)
+    assert l1_penalty([lin], reduction="sum").item() == pytest.approx(6.0)
+    with pytest.raises(ValueError, match="'sum' or 'mean'"):
+        l1_penalty([a], reduction="max")
 
 
 def _output(b=4, c=3, d=6, seed=0):
@@ -99,7 +104,12 @@ def test_seeclip_loss_total_and_known_only_terms():
     assert parts["reg"].item() == pytest.approx(1.0)
     expected = parts["ali"] + 2.0 * parts["rep"] + 0.25 * parts["coh"] + 0.1 * parts["reg"]
     torch.testing.assert_close(parts["total"], expected)
-    assert set(parts) == {"total", "ali", "rep", "coh", "reg"}
+    assert set(parts) == {"total", "ali", "rep", "coh", "reg", "cos_uy", "rep_active"}
+    cos = F.cosine_similarity(t_u, t_y, dim=-1)
+    torch.testing.assert_close(parts["cos_uy"], cos.mean())
+    assert parts["rep_active"].item() == pytest.approx(float((cos > 0.1).float().mean()))
+    summed = seeclip_loss(out, labels, gamma=0.1, reg_reduction="sum", f_key_weights=w)
+    assert summed["reg"].item() == pytest.approx(2.0)
 
 
 def test_seeclip_loss_without_known_samples():

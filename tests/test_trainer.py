@@ -1,4 +1,5 @@
 import inspect
+import math
 
 import numpy as np
 import pytest
@@ -99,6 +100,30 @@ def test_training_lowers_the_loss_and_same_seed_gives_same_weights(backbone):
     a, b = runs[0].state(), runs[1].state()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not any(k.startswith("backbone.") for k in a)
+
+
+def test_epoch_records_hold_each_terms_gradient_share_and_the_repulsion_activity(backbone):
+    from seeclip.trainer import term_gradient_norms
+
+    feats, labels = synthetic()
+    t = _trainer(backbone, "seeclip", _mixup(feats, labels, feats, labels), epochs=2)
+    t.fit(feats, labels, feats, labels)
+    records = t.history()
+    for r in records:
+        shares = [r[f"grad_share_{k}"] for k in ("ali", "rep", "coh", "reg")]
+        assert sum(shares) == pytest.approx(1.0) and all(0 <= x <= 1 for x in shares)
+        assert 0 <= r["rep_active"] <= 1 and -1 <= r["cos_uy"] <= 1
+        assert r["grad_norm_ali"] > 0 and {"loss_ali", "loss_rep", "loss_reg"} <= set(r)
+        assert "loss_rep_active" not in r  # diagnostics are not loss terms
+    # the norms are those of the weighted terms, by hand on two parameters
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    terms = {"a": (w**2).sum(), "b": w.sum(), "c": w.detach().sum()}
+    norms = term_gradient_norms(terms, {"a": 1.0, "b": 3.0, "c": 1.0, "d": 1.0}, [w])
+    assert norms["a"] == pytest.approx(math.sqrt(2**2 + 4**2))
+    assert norms["b"] == pytest.approx(3 * math.sqrt(2)) and norms["c"] == norms["d"] == 0.0
+    coop = _trainer(backbone, "coop", epochs=1)
+    coop.fit(feats, labels, feats, labels)
+    assert coop.history()[0]["grad_share_ali"] == 1.0
 
 
 def test_state_round_trip_reproduces_predictions_and_threshold(backbone):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from seeclip.config import LossConfig, PromptConfig, TrainConfig
-from seeclip.losses import alignment_terms, seeclip_loss
+from seeclip.losses import alignment_terms, seeclip_loss, seeclip_weights
 from seeclip.methods.base import Method, MethodEnv
 from seeclip.methods.models import CoCoOpModel, CoOpModel, PromptModel, SeeCLIPModel
 from seeclip.methods.zeroshot import build_zeroshot
@@ -36,6 +36,7 @@ def seeclip_terms(out, labels, *, model: PromptModel, loss: LossConfig):
         beta=loss.beta,
         gamma=loss.gamma,
         margin=loss.margin,
+        reg_reduction=loss.reg_reduction,
         f_key_weights=model.f_key_weights(),
     )
 
@@ -48,11 +49,18 @@ def _seeded(seed: int, build):
 
 
 def _trainer(
-    env: MethodEnv, model: PromptModel, loss_fn, *, prompt: PromptConfig, train: TrainConfig
+    env: MethodEnv,
+    model: PromptModel,
+    loss_fn,
+    *,
+    prompt: PromptConfig,
+    train: TrainConfig,
+    term_weights: Mapping[str, float] | None = None,
 ) -> PromptTrainer:
     return PromptTrainer(
         model,
         loss_fn,
+        term_weights=term_weights or {"ali": 1.0},
         train=train,
         selection=get_selection(train.selection),
         pseudo=env.pseudo,
@@ -77,7 +85,8 @@ def build_seeclip(
         ),
     )
     loss_fn = partial(seeclip_terms, model=model, loss=loss)
-    return _trainer(env, model, loss_fn, prompt=prompt, train=train)
+    weights = seeclip_weights(alpha=loss.alpha, beta=loss.beta, gamma=loss.gamma)
+    return _trainer(env, model, loss_fn, prompt=prompt, train=train, term_weights=weights)
 
 
 def build_coop(env: MethodEnv, *, prompt: PromptConfig, train: TrainConfig) -> PromptTrainer:

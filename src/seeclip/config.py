@@ -105,8 +105,12 @@ class LossConfig:
     beta: float = 0.5  # weight of L_coh (cohesion of unknown and known prompts)
     gamma: float = 0.01  # weight of L_reg (L1 on F_key)
     margin: float = 0.5  # L_rep hinge margin on cos(t_u, t_y)
+    # L_reg over the F_key entries: mean (gamma independent of the widths; gamma L_reg ~5e-4 on
+    # tiny-digits) or sum (the paper's L1 norm as written; at gamma 0.01 it dominates L_ali)
+    reg_reduction: Literal["mean", "sum"] = "mean"
 
     def __post_init__(self) -> None:
+        _check_choices(self, "loss")
         for name in ("alpha", "beta", "gamma"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")

@@ -23,6 +23,7 @@ __all__ = [
     "l1_penalty",
     "repulsion_loss",
     "seeclip_loss",
+    "seeclip_weights",
 ]
 
 
@@ -51,13 +52,16 @@ def cohesion_loss(t_unknown: Tensor, t_true: Tensor) -> Tensor:
     return F.mse_loss(t_unknown.mean(dim=0), t_true.mean(dim=0))
 
 
-def l1_penalty(weights: Iterable[Tensor | nn.Module]) -> Tensor:
-    """L_reg: mean absolute value over all entries of the given F_key weights.
+def l1_penalty(weights: Iterable[Tensor | nn.Module], *, reduction: str = "mean") -> Tensor:
+    """L_reg: the L1 norm of the given F_key weights, summed or averaged over their entries.
 
-    The mean (not the sum) keeps gamma independent of the widths d and d_text, so the same
-    gamma = 0.01 means the same thing for a tiny test model and ViT-B/16. A module stands for
-    all its ``weight`` parameters (biases are not penalised). No weights give 0.
+    The paper writes an L1 norm (``"sum"``). The mean divides it by the number of entries
+    (K x d x d_text, about a million at ViT-B/16 widths), which keeps gamma independent of the
+    widths but makes gamma L_reg tiny (5e-4 measured on tiny-digits). A module stands for all
+    its ``weight`` parameters (biases are not penalised). No weights give 0.
     """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     tensors: list[Tensor] = []
     for w in weights:
         if isinstance(w, nn.Module):
@@ -67,7 +71,7 @@ def l1_penalty(weights: Iterable[Tensor | nn.Module]) -> Tensor:
     if not tensors:
         return torch.zeros(())
     total = sum(t.abs().sum() for t in tensors)
-    return total / sum(t.numel() for t in tensors)
+    return total if reduction == "sum" else total / sum(t.numel() for t in tensors)
 
 
 def seeclip_loss(
@@ -78,6 +82,7 @@ def seeclip_loss(
     beta: float = 0.5,
     gamma: float = 0.01,
     margin: float = 0.5,
+    reg_reduction: str = "mean",
     f_key_weights: Iterable[Tensor | nn.Module] = (),
 ) -> dict[str, Tensor]:
     """The full objective L = L_ali + alpha L_rep + beta L_coh + gamma L_reg.
@@ -91,10 +96,14 @@ def seeclip_loss(
         labels: [B] in 0..C (C = pseudo-unknown).
         alpha, beta, gamma: weights of L_rep, L_coh, L_reg.
         margin: L_rep's margin.
+        reg_reduction: L_reg over the F_key entries, ``"sum"`` (the paper's L1 norm) or
+            ``"mean"``.
         f_key_weights: what L_reg penalises (``model.f_key_weights()``).
 
     Returns:
-        ``{"total", "ali", "rep", "coh", "reg"}``, each a scalar tensor.
+        ``{"total", "ali", "rep", "coh", "reg"}`` and two diagnostics of L_rep, ``"cos_uy"``
+        (mean cos(t_u, t_y) over known samples) and ``"rep_active"`` (the share of them above
+        the margin: the only ones L_rep acts on), each a scalar tensor.
     """
     c = out.logits.shape[1] - 1
     if out.text.shape[1] != c + 1 or labels.shape != out.logits.shape[:1]:
@@ -107,11 +116,20 @@ def seeclip_loss(
         t_u = out.text[known, c]
         t_y = out.text[known, labels[known]]
         rep, coh = repulsion_loss(t_u, t_y, margin=margin), cohesion_loss(t_u, t_y)
+        cos = F.cosine_similarity(t_u, t_y, dim=-1).detach()
+        cos_uy, active = cos.mean(), (cos > margin).float().mean()
     else:
-        rep, coh = zero, zero
-    reg = l1_penalty(f_key_weights).to(zero)
+        rep, coh, cos_uy, active = zero, zero, zero, zero
+    reg = l1_penalty(f_key_weights, reduction=reg_reduction).to(zero)
     total = ali + alpha * rep + beta * coh + gamma * reg
-    return {"total": total, "ali": ali, "rep": rep, "coh": coh, "reg": reg}
+    return {"total": total, "ali": ali, "rep": rep, "coh": coh, "reg": reg, "cos_uy": cos_uy,
+            "rep_active": active}  # fmt: skip
+
+
+def seeclip_weights(*, alpha: float, beta: float, gamma: float) -> dict[str, float]:
+    """The weight of each term of :func:`seeclip_loss` in its total (what the trainer's
+    gradient shares are computed for)."""
+    return {"ali": 1.0, "rep": alpha, "coh": beta, "reg": gamma}
 
 
 def alignment_terms(out: PromptOutput, labels: Tensor) -> dict[str, Tensor]:

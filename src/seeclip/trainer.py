@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -80,22 +80,49 @@ class BalancedBatches:
         return real, pseudo
 
 
+GRAD_SAMPLES_PER_EPOCH = 4  # steps per epoch at which each term's gradient norm is measured
+
+
 @dataclass
 class TrainLog:
     losses: list[dict[str, float]]  # per epoch, mean of each loss term
     val: list[dict[str, float]]  # per epoch, source-validation criteria (empty for "last")
     selected_epoch: int
+    # per epoch: diagnostics of the loss (e.g. rep_active), and per weighted term k its mean
+    # gradient norm grad_norm_k and share grad_share_k = ||g_k|| / sum_j ||g_j||
+    terms: list[dict[str, float]] = field(default_factory=list)
 
     def records(self) -> list[dict]:
-        """One ``kind="epoch"`` record per epoch: loss terms and source-val criteria."""
+        """One ``kind="epoch"`` record per epoch: loss terms, their gradient shares, and
+        source-val criteria."""
         out = []
         for i, losses in enumerate(self.losses):
             rec: dict = {"kind": "epoch", "epoch": i + 1, "selected": i + 1 == self.selected_epoch}
             rec.update({f"loss_{k}": round(v, 6) for k, v in losses.items()})
+            if i < len(self.terms):
+                rec.update({k: round(v, 6) for k, v in self.terms[i].items()})
             if i < len(self.val):
                 rec.update({f"val_{k}": round(v, 6) for k, v in self.val[i].items()})
             out.append(rec)
         return out
+
+
+def term_gradient_norms(
+    terms: Mapping[str, Tensor], weights: Mapping[str, float], params: list[Tensor]
+) -> dict[str, float]:
+    """||d(w_k term_k)/d params|| of each weighted term (0 for a term that does not reach them).
+
+    The graph is kept, so the total can still be back-propagated afterwards.
+    """
+    norms = {}
+    for k, w in weights.items():
+        term = terms.get(k)
+        if term is None or w == 0 or not term.requires_grad:
+            norms[k] = 0.0
+            continue
+        grads = torch.autograd.grad(w * term, params, retain_graph=True, allow_unused=True)
+        norms[k] = math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
+    return norms
 
 
 class PromptTrainer:
@@ -111,6 +138,7 @@ class PromptTrainer:
         model: nn.Module,
         loss_fn: LossFn,
         *,
+        term_weights: Mapping[str, float] | None = None,
         train: TrainConfig,
         selection: Selection,
         pseudo: PseudoSources | None = None,
@@ -129,6 +157,8 @@ class PromptTrainer:
             )
         self.model = model
         self.loss_fn = loss_fn
+        # weight of each loss term in the total; other keys of loss_fn's dict are diagnostics
+        self.term_weights = dict(term_weights) if term_weights is not None else {"ali": 1.0}
         self.cfg = train
         self.selection = selection
         self.pseudo = pseudo
@@ -164,12 +194,18 @@ class PromptTrainer:
         log = TrainLog([], [], cfg.epochs)
         best: tuple[float, int, dict] | None = None
         bar = tqdm(total=cfg.epochs * steps, disable=not self.progress, desc="train", unit="step")
+        every = max(1, steps // GRAD_SAMPLES_PER_EPOCH)
         for epoch in range(1, cfg.epochs + 1):
             model.train()
             sums: dict[str, float] = {}
-            for _ in range(steps):
+            grad_sums: dict[str, float] = {}
+            for step in range(steps):
                 g, t, y = self._batch(batches, train, train_labels, source, gen)
                 terms = self.loss_fn(model(g, t), y)
+                if step % every == 0:
+                    norms = term_gradient_norms(terms, self.term_weights, params)
+                    for k, v in norms.items():
+                        grad_sums[k] = grad_sums.get(k, 0.0) + v
                 opt.zero_grad(set_to_none=True)
                 terms["total"].backward()
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -178,7 +214,9 @@ class PromptTrainer:
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 bar.update()
                 bar.set_postfix(epoch=epoch, loss=f"{float(terms['total'].detach()):.3f}")
-            log.losses.append({k: v / steps for k, v in sums.items()})
+            log.losses.append({k: sums[k] / steps for k in ("total", *self.term_weights)
+                               if k in sums})  # fmt: skip
+            log.terms.append(self._term_summary(sums, grad_sums, steps, every))
             if rule.criterion is not None:
                 crit = self._val_criteria(val, val_labels, val_pseudo)
                 log.val.append(crit)
@@ -195,6 +233,17 @@ class PromptTrainer:
             self.threshold = confidence_threshold(
                 1.0 - self._scores(val)[2], self.threshold_quantile
             )
+
+    def _term_summary(self, sums, grad_sums, steps: int, every: int) -> dict[str, float]:
+        """An epoch's diagnostics (means over steps) and per-term gradient norms and shares."""
+        out = {k: v / steps for k, v in sums.items() if k != "total" and k not in self.term_weights}
+        samples = len(range(0, steps, every))
+        norms = {k: v / samples for k, v in grad_sums.items()}
+        whole = sum(norms.values())
+        for k, v in norms.items():
+            out[f"grad_norm_{k}"] = v
+            out[f"grad_share_{k}"] = v / whole if whole > 0 else 0.0
+        return out
 
     def _batch(self, batches, train, labels, source, gen) -> tuple[Tensor, Tensor, Tensor]:
         real, pseudo = batches.next()
