@@ -218,7 +218,7 @@ def load_run_data(
         backbone,
         manifest,
         cache_dir=cache_root(cache_dir),
-        name=f"{spec.name}-{_root_tag(manifest.root)}/{_safe(backbone.name)}",
+        name=cache_entry_name(spec.name, manifest.root, backbone.name),
         batch_size=cfg.encode_batch_size,
         progress=progress,
     )
@@ -446,6 +446,11 @@ def _write_predictions(run_dir: Path, pred: Prediction, y_true, domains, classes
             target_class=np.asarray(classes),  # the true class name (unknowns keep theirs)
             known_classes=np.asarray(known),
         )
+
+
+def cache_entry_name(benchmark: str, root: Path, backbone: str, suffix: str = "") -> str:
+    """The feature-cache entry of a benchmark tree and a backbone (``suffix``: a subset)."""
+    return f"{benchmark}-{_root_tag(root)}/{_safe(backbone)}{suffix}"
 
 
 def _root_tag(root: Path) -> str:

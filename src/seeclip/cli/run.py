@@ -43,6 +43,26 @@ def _add(sub, command: str) -> None:
     p.add_argument("--force", action="store_true", help="recompute a finished run")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 suits tiny models)")
+    if command == "train":
+        p.add_argument(
+            "--validate",
+            choices=("lodo",),
+            help="also validate on the sources only: leave-one-source-domain-out folds with "
+            "held-out known classes; records fold H/AUROC/OSCR and a threshold calibrated on "
+            "them (rule lodo_threshold)",
+        )
+        p.add_argument(
+            "--held-out",
+            type=float,
+            default=0.3,
+            help="lodo: share of known classes held out per fold (default 0.3)",
+        )
+        p.add_argument(
+            "--class-splits",
+            type=int,
+            default=2,
+            help="lodo: class splits per pseudo-target domain (default 2)",
+        )
     p.add_argument(
         "overrides", nargs="*", help="config overrides key=value, e.g. zeroshot.score=mcm"
     )
@@ -94,15 +114,41 @@ def evaluate_all(
     cache_dir: str | None = None,
     force: bool = False,
     progress: bool = True,
+    validate=None,
 ) -> int:
-    """Run every config, print a line per run and the table of this invocation's runs."""
+    """Run every config, print a line per run and the table of this invocation's runs.
+
+    ``validate``: :class:`seeclip.validation.LodoSettings` to validate each run on its sources.
+    """
     from seeclip.runner import run_eval
 
-    results = (
-        run_eval(cfg, runs_dir=runs_dir, cache_dir=cache_dir, force=force, progress=progress)
-        for cfg in configs
+    def one(cfg: RunConfig):
+        result = run_eval(cfg, runs_dir=runs_dir, cache_dir=cache_dir, force=force,
+                          progress=progress)  # fmt: skip
+        if validate is None:
+            return result
+        return _validated(result, cfg, validate, cache_dir=cache_dir, force=force,
+                          progress=progress)  # fmt: skip
+
+    return print_results(one(cfg) for cfg in configs)
+
+
+def _validated(result, cfg: RunConfig, settings, *, cache_dir, force: bool, progress: bool):
+    """The run with its LODO validation (reused when its folder has one for these settings)."""
+    from seeclip.validation import RULE, attach_validation, read_validation, run_lodo
+
+    validation = None if force else read_validation(result.run_dir)
+    if validation is None or validation.get("settings") != dataclasses.asdict(settings):
+        validation = run_lodo(cfg, settings, cache_dir=cache_dir, progress=progress)
+    record = attach_validation(result.run_dir, validation)
+    mean, std = validation["mean"], validation["std"]
+    print(
+        f"{cfg.data.target:<14} seed {cfg.seed}: LODO on the sources, "
+        f"{len(validation['folds'])} folds: H {_num(mean['h_score'])} ± {_num(std['h_score'])}"
+        f"  AUROC {_num(mean['auroc'])}  OSCR {_num(mean['oscr'])}; {RULE} threshold "
+        f"{validation['threshold']:.4f} -> target H {_num(record['rules'][RULE]['h_score'])}"
     )
-    return print_results(results)
+    return dataclasses.replace(result, record=record)
 
 
 def print_results(results) -> int:
@@ -138,10 +184,16 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if getattr(args, "run", None):
         return print_results([eval_run(args.run, cache_dir=args.cache_dir, progress=progress)])
+    validate = None
+    if getattr(args, "validate", None) == "lodo":
+        from seeclip.validation import LodoSettings
+
+        validate = LodoSettings(held_out=args.held_out, class_splits=args.class_splits)
     return evaluate_all(
         configs_from_args(args),
         runs_dir=args.runs_dir,
         cache_dir=args.cache_dir,
         force=args.force,
         progress=progress,
+        validate=validate,
     )

@@ -1,0 +1,146 @@
+"""LODO validation on the sources: folds by class name, the calibrated threshold, and a run that
+never touches the target domain."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from seeclip.cli import main
+from seeclip.config import RunConfig, apply_overrides
+from seeclip.datasets import get_benchmark, make_split
+from seeclip.features import Prediction
+from seeclip.validation import LodoSettings, apply_threshold, fit_threshold, lodo_folds, run_lodo
+
+
+def test_full_folds_hold_out_known_classes_by_name_and_never_use_the_target():
+    split = make_split(get_benchmark("glyphs"), "full", "handwritten")
+    folds = lodo_folds(split, LodoSettings(held_out=0.25, class_splits=2, seed=0))
+    assert [(f.pseudo_target, f.class_split) for f in folds] == [
+        (d, j) for d in ("printed", "outline", "textured") for j in (0, 1)
+    ]
+    for f in folds:
+        s = f.split
+        assert s.target == f.pseudo_target and f.pseudo_target not in s.source_domains
+        assert "handwritten" not in (*s.source_domains, s.target)
+        assert len(f.held_out) == 3 and set(f.held_out) <= set(split.known)  # 12 known x 0.25
+        assert s.unknown == f.held_out and set(s.known) == set(split.known) - set(f.held_out)
+        assert list(s.known) == [c for c in split.known if c in s.known]  # label order kept
+        assert all(set(v) == set(s.known) for v in s.source_classes.values())
+        assert not set(s.unknown) & set(split.unknown)  # the real unknowns stay unseen
+    assert folds[0].held_out != folds[1].held_out
+    again = lodo_folds(split, LodoSettings(held_out=0.25, class_splits=2, seed=0))
+    assert [f.held_out for f in again] == [f.held_out for f in folds]
+    other = lodo_folds(split, LodoSettings(held_out=0.25, class_splits=2, seed=1))
+    assert [f.held_out for f in other] != [f.held_out for f in folds]
+
+
+def test_daml_folds_count_a_pseudo_targets_untrained_classes_as_unknown():
+    split = make_split(get_benchmark("digits"), "daml", "outline")
+    folds = lodo_folds(split, LodoSettings(held_out=0.3, class_splits=3))
+    by_target = {}
+    for f in folds:
+        by_target.setdefault(f.pseudo_target, []).append(f)
+    # handwritten {zero, one, two} vs the others' {two..six}: zero and one are unknown anyway,
+    # two is its only shared class and stays known; the three class splits are one fold
+    (hw,) = by_target["handwritten"]
+    assert hw.held_out == () and hw.split.unknown == ("zero", "one")
+    assert hw.split.target_known == ("two",) and hw.split.known == ("two", "three", "four",
+                                                                     "five", "six")  # fmt: skip
+    # printed {two, three, four}: three is untrained (unknown anyway), and one of the shared
+    # two and four (round(0.3 x 2) = 1) is held out per split; both splits occur
+    for f in by_target["printed"]:
+        assert len(f.held_out) == 1 and f.held_out[0] in ("two", "four")
+        assert set(f.split.unknown) == {"three", *f.held_out}
+        assert set(f.split.target_known) == {"two", "four"} - set(f.held_out)
+        assert "three" not in f.split.known
+    assert {f.held_out for f in by_target["printed"]} == {("two",), ("four",)}
+
+
+def test_fit_threshold_picks_the_best_mean_fold_h_and_apply_uses_the_closed_prediction():
+    y = np.array([0, 1, 0, -1, -1])
+    closed = np.array([0, 1, 0, 0, 1])
+    score = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
+    pred = Prediction(closed, closed, score)
+    # any threshold in [0.3, 0.8) gives H = 1; 0.2 rejects a known (H 0.8); the first is kept
+    thr = fit_threshold([(y, pred, 2), (y, pred, 2)])
+    assert 0.3 <= thr < 0.8
+    out = apply_threshold(pred, thr, 2)
+    np.testing.assert_array_equal(out.y_pred, [0, 1, 0, 2, 2])
+    np.testing.assert_array_equal(out.y_pred_closed, closed)
+    with pytest.raises(ValueError, match="held_out"):
+        LodoSettings(held_out=1.0)
+
+
+def _small_digits(tmp_path, monkeypatch, *, remove: str | None = None):
+    monkeypatch.setenv("SEECLIP_HOME", str(tmp_path / "home"))
+    assert main(["prepare", "digits", "--n-per-class", "5", "--no-progress"]) == 0
+    if remove is not None:
+        tree = tmp_path / "home" / "data" / "digits"
+        gone = [p for p in tree.rglob("*") if p.is_dir() and p.name == remove]
+        assert gone
+        for p in gone:
+            shutil.rmtree(p)  # the target's images are absent: validation must not need them
+
+
+def test_lodo_runs_without_the_target_images_and_opens_none(tmp_path, monkeypatch):
+    from PIL import Image
+
+    _small_digits(tmp_path, monkeypatch, remove="outline")
+    opened = []
+    real_open = Image.open
+
+    def spy(fp, *a, **k):
+        opened.append(str(fp))
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(Image, "open", spy)
+    cfg = apply_overrides(RunConfig(), ["data.benchmark=digits", "data.target=outline",
+                                        "backbone.name=tiny-digits", "method=coop",
+                                        "train.epochs=1", "train.batch_size=6"])  # fmt: skip
+    report = run_lodo(cfg, LodoSettings(class_splits=1), progress=False)
+    assert opened and not any("outline" in p for p in opened)
+    assert [f["pseudo_target"] for f in report["folds"]] == ["handwritten", "printed", "textured"]
+    for f in report["folds"]:
+        assert len(f["held_out"]) == 2 and f["n_known"] > 0 and f["n_unknown"] > 0  # 6 x 0.3
+        assert 0 <= f["h_score"] <= 1 and 0 <= f["auroc"] <= 1
+    hs = [f["h_score"] for f in report["folds"]]
+    assert report["mean"]["h_score"] == pytest.approx(np.mean(hs))
+    assert report["std"]["h_score"] == pytest.approx(np.std(hs))
+    assert report["target_left_out"] == "outline" and report["rule"] == "lodo_threshold"
+
+
+def test_train_validate_lodo_records_the_rule_and_reuses_the_folds(tmp_path, monkeypatch, capsys):
+    _small_digits(tmp_path, monkeypatch)
+    args = ["train", "--config", "configs/digits.yaml", "--target", "printed", "--runs-dir",
+            str(tmp_path / "runs"), "--no-progress", "--validate", "lodo", "--class-splits", "1",
+            "backbone.name=tiny-digits", "method=seeclip", "train.epochs=1",
+            "train.pseudo_unknowns=mixup"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "LODO on the sources, 3 folds" in out
+    (run_dir,) = [p.parent for p in (tmp_path / "runs").rglob("validation.json")]
+    record = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
+    rule = record["rules"]["lodo_threshold"]
+    assert rule["threshold"] == record["validation"]["threshold"]
+    with np.load(run_dir / "predictions.npz") as z:
+        c = len(z["known_classes"])
+        y_pred = np.where(z["unknown_score"] > rule["threshold"], c, z["y_pred_closed"])
+        y_true = z["y_true"]
+    from seeclip import metrics
+
+    assert rule["h_score"] == pytest.approx(metrics.h_score(y_true, y_pred, num_known=c))
+    assert record["h_score"] is not None  # the method's own rule is kept alongside
+    import seeclip.validation
+
+    def no_rerun(*a, **k):
+        raise AssertionError("the folds were run again")
+
+    monkeypatch.setattr(seeclip.validation, "run_lodo", no_rerun)
+    assert main(args) == 0  # a second call reuses the run and its folds
+    assert "(finished earlier, reused)" in capsys.readouterr().out
+    again = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
+    assert again["rules"] == record["rules"]
