@@ -13,7 +13,14 @@ from seeclip.cli import main
 from seeclip.config import RunConfig, apply_overrides
 from seeclip.datasets import get_benchmark, make_split
 from seeclip.features import Prediction
-from seeclip.validation import LodoSettings, apply_threshold, fit_threshold, lodo_folds, run_lodo
+from seeclip.validation import (
+    LodoSettings,
+    apply_threshold,
+    fit_threshold,
+    held_out_thresholds,
+    lodo_folds,
+    run_lodo,
+)
 
 
 def test_full_folds_hold_out_known_classes_by_name_and_never_use_the_target():
@@ -73,6 +80,12 @@ def test_fit_threshold_picks_the_best_mean_fold_h_and_apply_uses_the_closed_pred
     np.testing.assert_array_equal(out.y_pred_closed, closed)
     with pytest.raises(ValueError, match="held_out"):
         LodoSettings(held_out=1.0)
+    # out of sample: each fold's threshold is fitted on the other folds only
+    shifted = Prediction(closed, closed, score + 10)
+    folds = [(y, pred, 2), (y, pred, 2), (y, shifted, 2)]
+    thresholds = held_out_thresholds(folds)
+    assert thresholds[2] == fit_threshold(folds[:2]) and thresholds[2] < 1
+    assert thresholds[0] == fit_threshold(folds[1:])
 
 
 def _small_digits(tmp_path, monkeypatch, *, remove: str | None = None):
@@ -111,6 +124,7 @@ def test_lodo_runs_without_the_target_images_and_opens_none(tmp_path, monkeypatc
     assert report["mean"]["h_score"] == pytest.approx(np.mean(hs))
     assert report["std"]["h_score"] == pytest.approx(np.std(hs))
     assert report["target_left_out"] == "outline" and report["rule"] == "lodo_threshold"
+    assert all(0 <= f["h_score_lodo_threshold"] <= 1 for f in report["folds"])
 
 
 def test_train_validate_lodo_records_the_rule_and_reuses_the_folds(tmp_path, monkeypatch, capsys):
