@@ -127,6 +127,7 @@ def test_lodo_runs_without_the_target_images_and_opens_none(tmp_path, monkeypatc
     assert all(0 <= f["h_score_lodo_threshold"] <= 1 for f in report["folds"])
 
 
+@pytest.mark.slow
 def test_train_validate_lodo_records_the_rule_and_reuses_the_folds(tmp_path, monkeypatch, capsys):
     _small_digits(tmp_path, monkeypatch)
     args = ["train", "--config", "configs/digits.yaml", "--target", "printed", "--runs-dir",
@@ -158,3 +159,63 @@ def test_train_validate_lodo_records_the_rule_and_reuses_the_folds(tmp_path, mon
     assert "(finished earlier, reused)" in capsys.readouterr().out
     again = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
     assert again["rules"] == record["rules"]
+
+
+def test_setting_selection_takes_the_best_mean_fold_h_over_settings_and_rules():
+    from seeclip.selection import SETTING_SELECTIONS
+
+    rule = SETTING_SELECTIONS.get("lodo_h")
+    reports = {
+        "a": {"mean": {"h_score": 0.5, "h_score_lodo_threshold": 0.7}},
+        "b": {"mean": {"h_score": 0.72, "h_score_lodo_threshold": None}},
+        "c": {"mean": {"h_score": 0.72, "h_score_lodo_threshold": 0.1}},
+    }
+    assert rule.choose(reports) == ("b", "own", 0.72)  # c ties b: the first declared wins
+    reports["a"]["mean"]["h_score_lodo_threshold"] = 0.8
+    assert rule.choose(reports) == ("a", "lodo_threshold", 0.8)
+
+
+def test_grid_files_are_checked(tmp_path):
+    from seeclip.config import ConfigError
+    from seeclip.validation import load_grid
+
+    good = tmp_path / "g.yaml"
+    good.write_text("variants:\n  mixup: [train.pseudo_unknowns=mixup]\n  none: []\n")
+    assert load_grid(good) == {"mixup": ("train.pseudo_unknowns=mixup",), "none": ()}
+    for text in ("variants: {}\n", "mixup: [a=1]\n", "variants:\n  x: a=1\n"):
+        good.write_text(text)
+        with pytest.raises(ConfigError):
+            load_grid(good)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_grid(tmp_path / "missing.yaml")
+
+
+@pytest.mark.slow
+def test_train_grid_chooses_a_setting_on_the_folds_and_records_why(tmp_path, monkeypatch, capsys):
+    from seeclip.report import summarize
+
+    _small_digits(tmp_path, monkeypatch)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("variants:\n  mixup: [train.pseudo_unknowns=mixup]\n"
+                    "  none: [train.pseudo_unknowns=none]\n")  # fmt: skip
+    runs = tmp_path / "runs"
+    args = ["train", "--config", "configs/digits.yaml", "--target", "printed", "--runs-dir",
+            str(runs), "--no-progress", "--validate", "lodo", "--class-splits", "1", "--grid",
+            str(grid), "backbone.name=tiny-digits", "train.epochs=1"]  # fmt: skip
+    assert main(args) == 0
+    assert "chosen" in capsys.readouterr().out
+    (run_dir,) = [p.parent for p in runs.rglob("done")]
+    record = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
+    sel = record["setting_selection"]
+    assert record["method"] == "seeclip:lodo" and set(sel["grid"]) == {"mixup", "none"}
+    scores = [g[k] for g in sel["grid"].values() for k in ("h_score", "h_score_lodo_threshold")]
+    assert sel["fold_score"] == max(s for s in scores if s is not None)
+    key = "h_score" if sel["operating_rule"] == "own" else "h_score_lodo_threshold"
+    assert sel["grid"][sel["chosen"]][key] == sel["fold_score"]
+    assert record["config"]["train"]["pseudo_unknowns"] == sel["chosen"]
+    assert len(list((runs / "_lodo").glob("*.json"))) == 2  # one fold report per variant
+    assert record["validated"]["operating_rule"] == sel["operating_rule"]
+    other = dict(record, config_hash="x", setting_hash="y", target="outline")
+    summarize([record, other])  # one label, one grid: one row, though settings may differ
+    assert main(["train", "--config", "configs/digits.yaml", "--grid", str(grid)]) == 2
+    assert "add --validate lodo" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def check_labels(records: Iterable[dict]) -> None:
         if "setting_hash" not in r:
             continue  # a hand-made or old record: nothing to compare
         first = seen.setdefault(key, r)
-        if first["setting_hash"] != r["setting_hash"]:
+        if _setting(first) != _setting(r):
             keys = differing_keys(first.get("config", {}), r.get("config", {}))
             shown = ", ".join(
                 f"{k} ({_flatten(first.get('config', {})).get(k)!r} vs "
@@ -93,6 +93,12 @@ def check_labels(records: Iterable[dict]) -> None:
                 f"{shown or 'fields the records do not show'}; give one a different "
                 f"label=... or report one runs folder at a time"
             )
+
+
+def _setting(record: dict) -> str:
+    """What one table row must share: the setting, or for a run chosen by validation the grid
+    and rule it was chosen by (the chosen setting may differ between targets and seeds)."""
+    return record.get("selection_hash") or record["setting_hash"]
 
 
 def _fmt(values: Sequence[float | None]) -> str:

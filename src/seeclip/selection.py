@@ -65,4 +65,48 @@ def get_selection(name: str) -> Selection:
     return SELECTIONS.get(name)
 
 
-__all__ = ["SELECTIONS", "Selection", "get_selection"]
+OWN_RULE = "own"  # the method's own decision rule (argmax over C+1, or its source-val quantile)
+
+
+@dataclass(frozen=True)
+class SettingSelection:
+    """A rule that picks a setting and an operating rule from validation reports (LODO folds).
+
+    A report (:func:`seeclip.validation.run_lodo`) has ``mean[<metric>]`` under the method's
+    own rule and ``mean[<metric>_lodo_threshold]`` under the threshold calibrated on the other
+    folds; the pair with the highest mean wins, the first declared on ties.
+    """
+
+    name: str
+    metric: str  # the fold metric maximised
+    description: str
+
+    def choose(self, reports: Mapping[str, Mapping]) -> tuple[str, str, float]:
+        """(setting label, operating rule, its mean fold score) of the best pair."""
+        best: tuple[float, str, str] | None = None
+        for label, report in reports.items():
+            keys = ((OWN_RULE, self.metric), ("lodo_threshold", f"{self.metric}_lodo_threshold"))
+            for rule, key in keys:
+                value = report["mean"].get(key)
+                if value is not None and (best is None or value > best[0]):
+                    best = (float(value), label, rule)
+        if best is None:
+            raise ValueError(f"selection {self.name}: no report has a {self.metric} mean")
+        return best[1], best[2], best[0]
+
+
+SETTING_SELECTIONS: Registry[SettingSelection] = Registry("setting selection")
+SETTING_SELECTIONS.add(
+    "lodo_h",
+    SettingSelection("lodo_h", "h_score", "best mean H over the LODO folds of the sources"),
+)
+
+
+__all__ = [
+    "OWN_RULE",
+    "SELECTIONS",
+    "SETTING_SELECTIONS",
+    "Selection",
+    "SettingSelection",
+    "get_selection",
+]

@@ -16,6 +16,7 @@ without the target domain, and its features come from their own cache entry.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from seeclip import metrics
-from seeclip.config import RunConfig
+from seeclip.config import ConfigError, RunConfig, apply_overrides
 from seeclip.datasets import Manifest, OSDGSplit, get_benchmark, load_manifest, make_split, select
 from seeclip.features import Prediction
 from seeclip.io import write_json
@@ -36,13 +37,16 @@ from seeclip.runner import (
     BACKBONES,
     FEATURES,
     RunData,
+    RunResult,
     cache_entry_name,
     cache_root,
     data_hash,
     default_data_root,
     make_method,
+    run_eval,
     set_seed,
 )
+from seeclip.selection import OWN_RULE, SETTING_SELECTIONS
 
 __all__ = [
     "FOLD_SOURCES",
@@ -52,8 +56,10 @@ __all__ = [
     "attach_validation",
     "fit_threshold",
     "held_out_thresholds",
+    "load_grid",
     "lodo_folds",
     "run_lodo",
+    "select_by_lodo",
 ]
 
 # pseudo-unknown sources that are rebuilt from each fold's training features; a stored pool
@@ -309,3 +315,89 @@ def read_validation(run_dir: str | Path) -> dict | None:
     """A run folder's ``validation.json`` (None when it has none)."""
     path = Path(run_dir) / VALIDATION_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ------------------------------------------------------------------ setting selection (grid)
+
+
+def load_grid(path: str | Path) -> dict[str, tuple[str, ...]]:
+    """A grid file, ``variants: {label: [key=value, ...]}``: the settings to choose from."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    variants = raw.get("variants") if isinstance(raw, dict) else None
+    if not isinstance(variants, dict) or not variants or set(raw) - {"variants"}:
+        raise ConfigError(f"{path}: a grid is `variants: {{label: [key=value, ...]}}` and "
+                          "nothing else")  # fmt: skip
+    out = {}
+    for label, overrides in variants.items():
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise ConfigError(f"{path}: variant {label!r} must be a list of key=value strings")
+        out[str(label)] = tuple(overrides)
+    return out
+
+
+def _cached_lodo(cfg: RunConfig, settings: LodoSettings, store: Path, **kw) -> dict:
+    """:func:`run_lodo`, memoised on disk by config hash and settings."""
+    path = store / f"{cfg.hash()}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == dataclasses.asdict(settings):
+            return saved
+    report = run_lodo(cfg, settings, **kw)
+    write_json(path, report, indent=1)
+    return report
+
+
+def select_by_lodo(
+    cfg: RunConfig,
+    grid: dict[str, tuple[str, ...]],
+    settings: LodoSettings,
+    *,
+    rule: str = "lodo_h",
+    runs_dir: str | Path = "runs",
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Choose a setting of ``grid`` (overrides on ``cfg``) and an operating rule by the LODO
+    folds of ``cfg``'s sources, train the choice on all sources and evaluate it on the target.
+
+    The run is labelled ``<label or method>:lodo``; its record holds the choice, every
+    variant's fold means (``setting_selection``) and ``validated``: the target metrics under
+    the chosen operating rule. Fold reports are kept under ``runs_dir/_lodo/``.
+    """
+    selection = SETTING_SELECTIONS.get(rule)
+    variants = {label: apply_overrides(cfg, list(ov)) for label, ov in grid.items()}
+    store = Path(runs_dir) / "_lodo"
+    reports = {label: _cached_lodo(v, settings, store, cache_dir=cache_dir, progress=progress)
+               for label, v in variants.items()}  # fmt: skip
+    label, operating, score = selection.choose(reports)
+    base = cfg.label or cfg.method
+    chosen = dataclasses.replace(variants[label], label=f"{base}:lodo")
+    result = run_eval(chosen, runs_dir=runs_dir, cache_dir=cache_dir, force=force,
+                      progress=progress)  # fmt: skip
+    record = attach_validation(result.run_dir, reports[label])
+    if operating == OWN_RULE:
+        validated = {k: record.get(k) for k in METRICS}
+    else:
+        validated = {k: record["rules"][operating].get(k) for k in METRICS}
+    grid_blob = json.dumps([cfg.setting_hash(), sorted(grid.items()),
+                            dataclasses.asdict(settings), rule], sort_keys=True)  # fmt: skip
+    record["setting_selection"] = {
+        "rule": rule,
+        "chosen": label,
+        "operating_rule": operating,
+        "fold_score": score,
+        "grid": {lab: {"overrides": list(grid[lab]), "h_score": rep["mean"].get("h_score"),
+                       f"h_score_{RULE}": rep["mean"].get(f"h_score_{RULE}")}
+                 for lab, rep in reports.items()},
+    }  # fmt: skip
+    # one table row per (grid, rule): the chosen setting may differ between targets and seeds
+    record["selection_hash"] = hashlib.sha256(grid_blob.encode()).hexdigest()[:12]
+    record["validated"] = {"operating_rule": operating, **validated}
+    write_records(result.run_dir, record)
+    return dataclasses.replace(result, record=record)

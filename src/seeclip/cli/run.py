@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from collections.abc import Iterable, Sequence
 
-from seeclip.config import RunConfig, apply_overrides, load_config
+from seeclip.config import ConfigError, RunConfig, apply_overrides, load_config
 
 HELP = {
     "eval": "fit (if needed) and evaluate a method on target domain(s); --run re-evaluates",
@@ -63,6 +63,12 @@ def _add(sub, command: str) -> None:
             default=2,
             help="lodo: class splits per pseudo-target domain (default 2)",
         )
+        p.add_argument(
+            "--grid",
+            help="lodo: YAML of labelled variants (variants: {label: [key=value, ...]}); the one "
+            "with the best mean fold H, and its operating rule, is trained and evaluated as "
+            "<label>:lodo",
+        )
     p.add_argument(
         "overrides", nargs="*", help="config overrides key=value, e.g. zeroshot.score=mcm"
     )
@@ -115,14 +121,19 @@ def evaluate_all(
     force: bool = False,
     progress: bool = True,
     validate=None,
+    grid: dict | None = None,
 ) -> int:
     """Run every config, print a line per run and the table of this invocation's runs.
 
-    ``validate``: :class:`seeclip.validation.LodoSettings` to validate each run on its sources.
+    ``validate``: :class:`seeclip.validation.LodoSettings` to validate each run on its sources;
+    with ``grid`` (label -> overrides) the setting itself is chosen by those folds.
     """
     from seeclip.runner import run_eval
 
     def one(cfg: RunConfig):
+        if grid is not None:
+            return _selected(cfg, grid, validate, runs_dir=runs_dir, cache_dir=cache_dir,
+                             force=force, progress=progress)  # fmt: skip
         result = run_eval(cfg, runs_dir=runs_dir, cache_dir=cache_dir, force=force,
                           progress=progress)  # fmt: skip
         if validate is None:
@@ -131,6 +142,19 @@ def evaluate_all(
                           progress=progress)  # fmt: skip
 
     return print_results(one(cfg) for cfg in configs)
+
+
+def _selected(cfg: RunConfig, grid: dict, settings, **kw):
+    from seeclip.validation import select_by_lodo
+
+    result = select_by_lodo(cfg, grid, settings, **kw)
+    sel = result.record["setting_selection"]
+    scores = ", ".join(f"{lab} {_num(g['h_score'])}/{_num(g['h_score_lodo_threshold'])}"
+                       for lab, g in sel["grid"].items())  # fmt: skip
+    print(f"{cfg.data.target:<14} seed {cfg.seed}: fold H (own rule/lodo_threshold): {scores}; "
+          f"chosen {sel['chosen']} with rule {sel['operating_rule']} -> target H "
+          f"{_num(result.record['validated']['h_score'])}")  # fmt: skip
+    return result
 
 
 def _validated(result, cfg: RunConfig, settings, *, cache_dir, force: bool, progress: bool):
@@ -184,11 +208,14 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if getattr(args, "run", None):
         return print_results([eval_run(args.run, cache_dir=args.cache_dir, progress=progress)])
-    validate = None
+    validate, grid = None, None
     if getattr(args, "validate", None) == "lodo":
-        from seeclip.validation import LodoSettings
+        from seeclip.validation import LodoSettings, load_grid
 
         validate = LodoSettings(held_out=args.held_out, class_splits=args.class_splits)
+        grid = load_grid(args.grid) if args.grid else None
+    elif getattr(args, "grid", None):
+        raise ConfigError("--grid chooses a setting by validation folds: add --validate lodo")
     return evaluate_all(
         configs_from_args(args),
         runs_dir=args.runs_dir,
@@ -196,4 +223,5 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         progress=progress,
         validate=validate,
+        grid=grid,
     )
