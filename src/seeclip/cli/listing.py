@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from seeclip.builders import METHODS, sections_of
     from seeclip.datasets import BENCHMARKS, describe_benchmark
     from seeclip.pseudo import PSEUDO_UNKNOWNS
-    from seeclip.selection import SELECTIONS
+    from seeclip.selection import SELECTIONS, SETTING_SELECTIONS
 
     what = args.what
     if what in (None, "benchmarks"):
@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     if what in (None, "selection"):
         print("Model selection (train.selection=NAME; source domains only):")
         for name, rule in SELECTIONS.items():
+            print(f"  {name:<14} {rule.description}")
+        print("Setting selection (train --validate lodo --grid FILE; source domains only):")
+        for name, rule in SETTING_SELECTIONS.items():
             print(f"  {name:<14} {rule.description}")
     if what in (None, "backbones"):
         print("Backbones (--backbone NAME [--pretrained TAG|PATH]):")
