@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--per-domain", type=int, default=64, help="SeeCLIP-prompted samples")
     parser.add_argument("--class-guidance", type=float, default=4.0)
     parser.add_argument("--guidance", type=float, help="SeeCLIP-prompted g (default: preset's)")
+    parser.add_argument("--prompt", help="SeeCLIP-prompted positive prompt with {domain} "
+                        "(default: the preset's train.sd_prompt)")  # fmt: skip
     parser.add_argument("--projection", choices=("random", "text_inverse"),
                         help="tokens -> text conditioning (default: the preset's)")  # fmt: skip
     parser.add_argument("--no-images", action="store_true", help="do not write docs/img/")
@@ -226,7 +228,7 @@ def main() -> None:
     summaries = semantic_summaries(tokens[rows], queries)
     guidance = preset.diffusion.guidance if args.guidance is None else args.guidance
     projection = args.projection or preset.train.sd_projection
-    icfg = ImageDiffusionConfig(model=args.sd_model, prompt=preset.train.sd_prompt,
+    icfg = ImageDiffusionConfig(model=args.sd_model, prompt=args.prompt or preset.train.sd_prompt,
                                 sigma=preset.diffusion.sigma, guidance=guidance, batch_size=32,
                                 projection=projection)  # fmt: skip
     known_texts = [spec.class_text(c) for c in known]

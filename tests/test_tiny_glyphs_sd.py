@@ -42,6 +42,25 @@ def test_shipped_pipeline_is_small_and_conditioned_on_a_clip_text_tower(pipe):
     assert not list(FOLDER.rglob("*.bin")) and list(FOLDER.rglob("*.safetensors"))
 
 
+def test_shipped_text_encoder_is_tiny_glyphs_text_tower(pipe):
+    from seeclip.generate.sd_conditioning import conditioning_projection
+
+    clip = build_backbone("tiny-glyphs")
+    cfg = ImageDiffusionConfig(model="tiny-glyphs-sd", projection="text_inverse")
+    p = conditioning_projection(cfg, pipe, clip)  # raises if the towers differ
+    ids = clip.tokenizer(["a printed letter q"])
+    with torch.no_grad():
+        states = pipe.text_encoder(ids[:, : pipe.tokenizer.model_max_length])[0]
+        pooled = clip.model.encode_text(ids)
+    eos = int(ids.argmax(-1))  # the end token has the largest id
+    # the end state, projected by CLIP's own text projection, is CLIP's text feature; P maps it
+    # back to the state's component in the projection's row space
+    torch.testing.assert_close(states[0, eos] @ clip.text_projection.float(), pooled[0],
+                               atol=2e-2, rtol=2e-2)  # fmt: skip
+    back = (pooled @ p) @ clip.text_projection.float()
+    torch.testing.assert_close(back, pooled, atol=1e-3, rtol=1e-3)
+
+
 def test_shipped_model_generates_48px_pools_reproducibly(pipe, tmp_path):
     tokens = torch.randn(4, 4, 128, generator=torch.Generator().manual_seed(0))
     domains, sources = ["printed", "outline", "printed", "textured"], ["a", "b", "c", "d"]

@@ -149,6 +149,11 @@ def test_train_validate_lodo_records_the_rule_and_reuses_the_folds(tmp_path, mon
 
     assert rule["h_score"] == pytest.approx(metrics.h_score(y_true, y_pred, num_known=c))
     assert record["h_score"] is not None  # the method's own rule is kept alongside
+    from seeclip.report import under_rule
+
+    (view,) = under_rule([record], "lodo_threshold")
+    assert view["h_score"] == rule["h_score"] and view["method"] == record["method"]
+    assert under_rule([record], "validated") == []  # no --grid selection made this run
     import seeclip.validation
 
     def no_rerun(*a, **k):

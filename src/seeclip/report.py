@@ -116,6 +116,25 @@ def default_metrics(records: Iterable[dict]) -> tuple[str, ...]:
     return METRICS[:2] + tuple(present) + METRICS[2:]
 
 
+RULES = ("own", "lodo_threshold", "validated")  # which decision rule's metrics a table shows
+
+
+def under_rule(records: Iterable[dict], rule: str) -> list[dict]:
+    """The records with their metrics under ``rule``: ``own`` (the method's, as recorded),
+    ``lodo_threshold`` (the threshold calibrated on LODO folds, ``--validate lodo``) or
+    ``validated`` (the rule a ``--grid`` selection chose). Records without it are left out."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+    if rule == "own":
+        return list(records)
+    out = []
+    for r in records:
+        metrics = r.get("validated") if rule == "validated" else r.get("rules", {}).get(rule)
+        if metrics:
+            out.append({**r, **{k: v for k, v in metrics.items() if k in HEADERS}})
+    return out
+
+
 def summarize(
     records: Iterable[dict], *, metrics: Sequence[str] | None = None, per_target: bool = True
 ) -> str:

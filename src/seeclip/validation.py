@@ -54,6 +54,7 @@ __all__ = [
     "LodoSettings",
     "apply_threshold",
     "attach_validation",
+    "cached_lodo",
     "fit_threshold",
     "held_out_thresholds",
     "load_grid",
@@ -302,8 +303,16 @@ def attach_validation(run_dir: str | Path, validation: dict) -> dict:
     with np.load(run_dir / "predictions.npz") as z:
         y, closed, score = z["y_true"], z["y_pred_closed"], z["unknown_score"]
         num_known = len(z["known_classes"])
+        classes = z["target_class"].tolist() if "target_class" in z.files else None
     pred = apply_threshold(Prediction(closed, closed, score), validation["threshold"], num_known)
     validated = metrics.open_set_report(y, pred.y_pred, closed, score, num_known=num_known)
+    data = record.get("config", {}).get("data", {})
+    if classes is not None and data.get("benchmark"):  # AccU on hard/easy unknowns (glyphs)
+        spec = get_benchmark(data["benchmark"], classes_file=data.get("classes_file"),
+                             data_root=data.get("data_root"))  # fmt: skip
+        kinds = spec.unknown_kinds(data["protocol"])
+        validated.update(metrics.acc_unknown_by_group(pred.y_pred, classes, kinds,
+                                                      num_known=num_known))  # fmt: skip
     record["validation"] = {k: validation[k] for k in ("protocol", "settings", "mean", "std",
                                                        "threshold", "seconds")}  # fmt: skip
     record["rules"] = {RULE: {"threshold": validation["threshold"], **_clean(validated)}}
@@ -340,7 +349,7 @@ def load_grid(path: str | Path) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def _cached_lodo(cfg: RunConfig, settings: LodoSettings, store: Path, **kw) -> dict:
+def cached_lodo(cfg: RunConfig, settings: LodoSettings, store: Path, **kw) -> dict:
     """:func:`run_lodo`, memoised on disk by config hash and settings."""
     path = store / f"{cfg.hash()}.json"
     if path.is_file():
@@ -373,7 +382,7 @@ def select_by_lodo(
     selection = SETTING_SELECTIONS.get(rule)
     variants = {label: apply_overrides(cfg, list(ov)) for label, ov in grid.items()}
     store = Path(runs_dir) / "_lodo"
-    reports = {label: _cached_lodo(v, settings, store, cache_dir=cache_dir, progress=progress)
+    reports = {label: cached_lodo(v, settings, store, cache_dir=cache_dir, progress=progress)
                for label, v in variants.items()}  # fmt: skip
     label, operating, score = selection.choose(reports)
     base = cfg.label or cfg.method
