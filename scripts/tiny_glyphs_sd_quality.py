@@ -24,6 +24,7 @@ is printed too: it bounds what any UNet on that VAE can reach on bar 1.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -232,7 +233,8 @@ def main() -> None:
                                 sigma=preset.diffusion.sigma, guidance=guidance, batch_size=32,
                                 projection=projection)  # fmt: skip
     known_texts = [spec.class_text(c) for c in known]
-    out = seeclip_home() / "pools" / "images" / f"quality-{args.target}"
+    tag = hashlib.sha1(json.dumps([args.sd_model, str(icfg)]).encode()).hexdigest()[:10]
+    out = seeclip_home() / "pools" / "images" / f"quality-{args.target}-{tag}"  # per setting
     manifest = generate_image_pool(pipe, summaries, [doms[i] for i in rows],
                                    [f"{doms[i]}:{i}" for i in rows], known_texts, out_dir=out,
                                    cfg=icfg, seed=0, overwrite=True, progress=True,

@@ -120,16 +120,17 @@ def lodo_folds(split: OSDGSplit, settings: LodoSettings) -> list[Fold]:
             continue  # p shares a single class with the others and has no other: no fold
         for j, held in enumerate(_class_splits(eligible, n, settings, i, split.known.index)):
             known = tuple(c for c in split.known if c in trained and c not in held)
+            per_source = {d: tuple(c for c in split.source_classes[d] if c in known)
+                          for d in others}  # fmt: skip
+            per_source = {d: cs for d, cs in per_source.items() if cs}  # a domain left empty
             fold = OSDGSplit(
                 benchmark=split.benchmark,
                 protocol=f"{split.protocol}/lodo",
                 target=p,
-                source_domains=others,
+                source_domains=tuple(per_source),
                 known=known,
                 unknown=tuple(c for c in split.known if c in own and c not in known),
-                source_classes=MappingProxyType(
-                    {d: tuple(c for c in split.source_classes[d] if c in known) for d in others}
-                ),
+                source_classes=MappingProxyType(per_source),
                 target_known=tuple(c for c in known if c in own),
                 target_unknown=tuple(c for c in split.known if c in own and c not in known),
             )
