@@ -25,7 +25,7 @@ from scipy.stats import spearmanr
 
 from seeclip.config import apply_overrides, load_config
 from seeclip.datasets import get_benchmark
-from seeclip.runner import run_eval
+from seeclip.runner import prepare_benchmark, run_eval
 from seeclip.selection import SETTING_SELECTIONS
 from seeclip.validation import LodoSettings, attach_validation, cached_lodo
 
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", help="default: every target")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    prepare_benchmark(args.benchmark, progress=False)  # an embedded benchmark: generated once
     base = load_config(ROOT / "configs" / f"{args.benchmark}.yaml")
     base = apply_overrides(base, [f"data.protocol={args.protocol}"])
     targets = args.targets or list(get_benchmark(args.benchmark).targets)
