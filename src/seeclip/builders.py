@@ -60,7 +60,7 @@ def _trainer(
     return PromptTrainer(
         model,
         loss_fn,
-        term_weights=term_weights or {"ali": 1.0},
+        term_weights=term_weights,
         train=train,
         selection=get_selection(train.selection),
         pseudo=env.pseudo,
