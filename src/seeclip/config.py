@@ -276,11 +276,25 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML preset (missing keys keep their defaults) and apply overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    path = preset_path(path)
     raw = yaml.safe_load(path.read_text()) or {}
     return apply_overrides(from_dict(RunConfig, raw, where=""), overrides)
+
+
+PRESETS = Path(__file__).parent / "presets"  # shipped presets (the repo's configs/ links here)
+
+
+def preset_path(name: str | Path) -> Path:
+    """A config file, or the name of a shipped preset (``digits`` -> presets/digits.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = PRESETS / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") or str(path.parent) == "configs":
+        if shipped.is_file():
+            return shipped
+    names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+    raise ConfigError(f"config file {path} does not exist (shipped presets: {names})")
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

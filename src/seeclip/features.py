@@ -69,3 +69,8 @@ class PseudoSources:
 
     def val(self) -> PseudoUnknownSource | None:
         return self._get("val")
+
+    def built(self, which: str) -> PseudoUnknownSource | None:
+        """The ``which`` ("train" or "val") source if something already built it, else None
+        (never builds one: a method that used no pseudo-unknowns costs nothing here)."""
+        return self._built.get(which)

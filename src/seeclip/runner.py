@@ -38,15 +38,17 @@ from seeclip.datasets import (
     select,
 )
 from seeclip.datasets.digits import installed_versions, read_meta
-from seeclip.features import Features, Prediction, PseudoSources
+from seeclip.features import Features, Prediction, PseudoSources, PseudoUnknownSource
 from seeclip.io import atomic_path, write_text
 from seeclip.methods import Method, MethodEnv
 from seeclip.paths import seeclip_home
-from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoContext
+from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoContext, draw
 from seeclip.records import FINAL, final_record, write_records
 
 # the embedded benchmarks and what generates each (seeclip prepare NAME [--seed N])
 EMBEDDED = {"digits": digits.generate_benchmark, "glyphs": glyphs.generate_benchmark}
+# the tiny CLIP pretrained on each embedded world: the backbone when none is named
+WORLD_BACKBONES = {"digits": "tiny-digits", "glyphs": "tiny-glyphs"}
 # the install a record names: what computes features, trains and scores
 RECORD_PACKAGES = ("seeclip", "torch", "open_clip_torch", "numpy", "scikit-learn", "pillow")
 
@@ -96,7 +98,7 @@ def prepare_benchmark(
     else:
         root = Path(data_root)
     spec = get_benchmark(benchmark, classes_file=classes_file, data_root=root)
-    return prepare(spec, root, skip_corrupt=skip_corrupt)
+    return prepare(spec, root, skip_corrupt=skip_corrupt, progress=progress)
 
 
 def data_hash(manifest: Manifest) -> tuple[str, str]:
@@ -278,15 +280,38 @@ def pseudo_sources(
 
 
 def make_method(
-    cfg: RunConfig, run: RunData, *, cache_dir: str | Path | None = None, progress: bool = True
+    cfg: RunConfig,
+    run: RunData,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    pseudo: PseudoSources | None = None,
 ) -> Method:
-    """Build ``cfg.method`` on the run's backbone, with the config sections it asks for."""
+    """Build ``cfg.method`` on the run's backbone, with the config sections it asks for
+    (``pseudo``: its pseudo-unknown sources; default :func:`pseudo_sources`)."""
+    if pseudo is None:
+        pseudo = pseudo_sources(cfg, run, cache_dir=cache_dir, progress=progress)
+    return method_for(cfg, run.backbone, run.class_texts, run.spec.template, pseudo=pseudo,
+                      progress=progress)  # fmt: skip
+
+
+def method_for(
+    cfg: RunConfig,
+    backbone: Backbone,
+    class_texts: tuple[str, ...],
+    template: str,
+    *,
+    pseudo: PseudoSources | None,
+    progress: bool = True,
+) -> Method:
+    """``cfg.method`` on ``backbone`` for these known classes (no data needed: a fitted run's
+    state is loaded into it afterwards, as :mod:`seeclip.predict` does)."""
     env = MethodEnv(
-        backbone=run.backbone,
-        class_texts=run.class_texts,
-        template=run.spec.template,
+        backbone=backbone,
+        class_texts=class_texts,
+        template=template,
         seed=cfg.seed,
-        pseudo=pseudo_sources(cfg, run, cache_dir=cache_dir, progress=progress),
+        pseudo=pseudo,
         progress=progress,
     )
     sections = {"zeroshot": cfg.zeroshot, "prompt": cfg.prompt, "loss": cfg.loss,
@@ -318,7 +343,8 @@ def run_eval(
     METHODS.get(cfg.method)  # fail on a bad method name before any work
     set_seed(cfg.seed)
     run = load_run_data(cfg, cache_dir=cache_dir, progress=progress)
-    method = make_method(cfg, run, cache_dir=cache_dir, progress=progress)
+    pseudo = pseudo_sources(cfg, run, cache_dir=cache_dir, progress=progress)
+    method = make_method(cfg, run, cache_dir=cache_dir, progress=progress, pseudo=pseudo)
     data = run.data
     start = time.perf_counter()
     method.fit(
@@ -338,8 +364,26 @@ def run_eval(
     trained = {"selection": cfg.train.selection, "selected_epoch": chosen[0]} if epochs else {}
     extra = {"selection": None, "selected_epoch": None, **trained}
     extra["fit_seconds"] = round(fit_seconds, 3)
-    record = _evaluate(cfg, run, method, run_dir, epochs=epochs, extra=extra)
+    pseudo_scores = pseudo_unknown_scores(method, pseudo.built("train"), run.split.source_domains)
+    record = _evaluate(cfg, run, method, run_dir, epochs=epochs, extra=extra,
+                       pseudo_scores=pseudo_scores)  # fmt: skip
     return RunResult(run_dir, record, cached=False)
+
+
+PSEUDO_SCORED = 200  # pseudo-unknowns per source domain whose unknown score a run saves
+
+
+def pseudo_unknown_scores(
+    method: Method, source: PseudoUnknownSource | None, domains: tuple[str, ...]
+) -> np.ndarray | None:
+    """The trained method's unknown score on fresh draws of the pseudo-unknowns it trained
+    with (:data:`PSEUDO_SCORED` per source domain, a fixed generator apart from training's);
+    None for a method that drew none. For the report's score histograms."""
+    if source is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    g, t = draw(source, domains, PSEUDO_SCORED, gen)
+    return method.predict(Features(g, t, ("pseudo-unknown",) * g.shape[0])).unknown_score
 
 
 def eval_run(
@@ -360,6 +404,19 @@ def restore_run(
     run_dir: Path, *, cache_dir: str | Path | None = None, progress: bool = True
 ) -> tuple[RunConfig, RunData, Method]:
     """(config, run data, fitted method) of a run folder, from its config and checkpoint."""
+    cfg = run_config(run_dir)
+    run = load_run_data(cfg, cache_dir=cache_dir, progress=progress)
+    method = make_method(cfg, run, cache_dir=cache_dir, progress=progress)
+    state = load_file(str(run_dir / "model.safetensors"))
+    try:
+        method.load_state(state)
+    except (RuntimeError, KeyError) as err:
+        raise ValueError(f"{run_dir}/model.safetensors does not fit its config: {err}") from err
+    return cfg, run, method
+
+
+def run_config(run_dir: Path) -> RunConfig:
+    """The config of a trained run folder, checked against the folder's name."""
     for name in ("config.yaml", "model.safetensors"):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(
@@ -372,14 +429,7 @@ def restore_run(
             f"{run_dir}/config.yaml hashes to {cfg.hash()}, not to the folder name: it was edited "
             f"after training; train a new run instead"
         )
-    run = load_run_data(cfg, cache_dir=cache_dir, progress=progress)
-    method = make_method(cfg, run, cache_dir=cache_dir, progress=progress)
-    state = load_file(str(run_dir / "model.safetensors"))
-    try:
-        method.load_state(state)
-    except (RuntimeError, KeyError) as err:
-        raise ValueError(f"{run_dir}/model.safetensors does not fit its config: {err}") from err
-    return cfg, run, method
+    return cfg
 
 
 def _evaluate(
@@ -390,8 +440,12 @@ def _evaluate(
     *,
     epochs: list[dict] | None,
     extra: dict,
+    pseudo_scores: np.ndarray | None = None,
 ) -> dict:
-    """Predict the target (no label goes in), score it, write predictions and records."""
+    """Predict the target (no label goes in), score it, write predictions and records.
+
+    ``pseudo_scores``: unknown scores of pseudo-unknowns (saved as ``pseudo_unknown_score``);
+    a re-evaluation keeps the ones the run saved when it trained."""
     split, data = run.split, run.data
     target = run.features(data.target)
     pred: Prediction = method.predict(target)  # no label goes in
@@ -428,16 +482,31 @@ def _evaluate(
         "config": to_dict(cfg),
     }
     record = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in record.items()}
-    _write_predictions(run_dir, pred, y_true, target.domains, target_classes, split.known)
+    if pseudo_scores is None and epochs is None:  # re-evaluation: keep what training saved
+        pseudo_scores = _saved_pseudo_scores(run_dir)
+    _write_predictions(run_dir, pred, y_true, target.domains, target_classes, split.known,
+                       pseudo_scores)  # fmt: skip
     write_records(run_dir, record, epochs)
     write_text(run_dir / "done", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     return record
 
 
-def _write_predictions(run_dir: Path, pred: Prediction, y_true, domains, classes, known) -> None:
+def _saved_pseudo_scores(run_dir: Path) -> np.ndarray | None:
+    path = run_dir / "predictions.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        return z["pseudo_unknown_score"] if "pseudo_unknown_score" in z.files else None
+
+
+def _write_predictions(
+    run_dir: Path, pred: Prediction, y_true, domains, classes, known, pseudo_scores=None
+) -> None:
+    extra = {} if pseudo_scores is None else {"pseudo_unknown_score": pseudo_scores}
     with atomic_path(run_dir / "predictions.npz") as tmp:
         np.savez(
             tmp,
+            **extra,
             y_true=y_true.astype(np.int64),
             y_pred=pred.y_pred.astype(np.int64),
             y_pred_closed=pred.y_pred_closed.astype(np.int64),

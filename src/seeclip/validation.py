@@ -321,6 +321,24 @@ def attach_validation(run_dir: str | Path, validation: dict) -> dict:
     return record
 
 
+def validate_run(
+    result: RunResult,
+    cfg: RunConfig,
+    settings: LodoSettings,
+    *,
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> tuple[RunResult, dict]:
+    """``result`` (a finished run of ``cfg``) with its LODO validation attached; the folds are
+    reused when the folder already holds them for these settings. Returns (run, validation)."""
+    validation = None if force else read_validation(result.run_dir)
+    if validation is None or validation.get("settings") != dataclasses.asdict(settings):
+        validation = run_lodo(cfg, settings, cache_dir=cache_dir, progress=progress)
+    record = attach_validation(result.run_dir, validation)
+    return dataclasses.replace(result, record=record), validation
+
+
 def read_validation(run_dir: str | Path) -> dict | None:
     """A run folder's ``validation.json`` (None when it has none)."""
     path = Path(run_dir) / VALIDATION_FILE

@@ -104,6 +104,12 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
     }
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
     cfg = apply_overrides(cfg, overrides)
+    if not args.config and args.backbone is None and args.pretrained is None:
+        from seeclip.runner import WORLD_BACKBONES
+
+        named = any(o.startswith("backbone.") for o in args.overrides)
+        if not named and cfg.data.benchmark in WORLD_BACKBONES:  # not random tiny-vit weights
+            cfg = apply_overrides(cfg, [f"backbone.name={WORLD_BACKBONES[cfg.data.benchmark]}"])
     if args.target not in (None, "all"):
         targets = [args.target]
     elif args.target is None and cfg.data.target:
@@ -159,20 +165,18 @@ def _selected(cfg: RunConfig, grid: dict, settings, **kw):
 
 def _validated(result, cfg: RunConfig, settings, *, cache_dir, force: bool, progress: bool):
     """The run with its LODO validation (reused when its folder has one for these settings)."""
-    from seeclip.validation import RULE, attach_validation, read_validation, run_lodo
+    from seeclip.validation import RULE, validate_run
 
-    validation = None if force else read_validation(result.run_dir)
-    if validation is None or validation.get("settings") != dataclasses.asdict(settings):
-        validation = run_lodo(cfg, settings, cache_dir=cache_dir, progress=progress)
-    record = attach_validation(result.run_dir, validation)
+    result, validation = validate_run(result, cfg, settings, cache_dir=cache_dir, force=force,
+                                      progress=progress)  # fmt: skip
     mean, std = validation["mean"], validation["std"]
     print(
         f"{cfg.data.target:<14} seed {cfg.seed}: LODO on the sources, "
         f"{len(validation['folds'])} folds: H {_num(mean['h_score'])} ± {_num(std['h_score'])}"
         f"  AUROC {_num(mean['auroc'])}  OSCR {_num(mean['oscr'])}; {RULE} threshold "
-        f"{validation['threshold']:.4f} -> target H {_num(record['rules'][RULE]['h_score'])}"
+        f"{validation['threshold']:.4f} -> target H {_num(result.record['rules'][RULE]['h_score'])}"
     )
-    return dataclasses.replace(result, record=record)
+    return result
 
 
 def print_results(results) -> int:

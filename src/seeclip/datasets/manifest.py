@@ -70,10 +70,16 @@ def _is_corrupt(path: Path) -> bool:
         return True
 
 
-def find_corrupt(root: Path, samples: Sequence[Sample], *, workers: int = 4) -> list[str]:
+def find_corrupt(
+    root: Path, samples: Sequence[Sample], *, workers: int = 4, progress: bool = False
+) -> list[str]:
     """Paths (relative to ``root``) of the samples PIL cannot open and verify."""
+    from tqdm.auto import tqdm
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
         bad = pool.map(_is_corrupt, [root / s.path for s in samples], chunksize=64)
+        bad = list(tqdm(bad, total=len(samples), desc="checking images", unit="img",
+                        disable=not progress))  # fmt: skip
         return [s.path for s, b in zip(samples, bad, strict=True) if b]
 
 
@@ -94,6 +100,7 @@ def prepare(
     out: Path | None = None,
     skip_corrupt: bool = False,
     check_images: bool = True,
+    progress: bool = False,
 ) -> Manifest:
     """Scan and validate ``data_root`` for ``spec`` and write its manifest (CSV + JSON sidecar).
 
@@ -110,7 +117,7 @@ def prepare(
     samples = load_samples(spec, root)
     skipped: list[str] = []
     if check_images:
-        skipped = find_corrupt(root, samples)
+        skipped = find_corrupt(root, samples, progress=progress)
         if skipped and not skip_corrupt:
             shown = ", ".join(skipped[:10])
             raise CorruptImagesError(
