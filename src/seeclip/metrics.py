@@ -38,6 +38,7 @@ __all__ = [
     "closed_set_acc",
     "h_score",
     "open_set_report",
+    "oracle_h_score",
     "oscr",
 ]
 
@@ -208,6 +209,18 @@ def auroc(y_true: Any, unknown_score: Any) -> float:
     return float(roc_auc_score(unknown, s))
 
 
+def _ranking_inputs(y_true: Any, y_pred_closed: Any, unknown_score: Any):
+    """(scores, unknown mask, correct-known mask) checked, or None without knowns or unknowns."""
+    t = _labels("y_true", y_true)
+    p = _labels("y_pred_closed", y_pred_closed)
+    s = _scores("unknown_score", unknown_score)
+    _check_lengths(y_true=t, y_pred_closed=p, unknown_score=s)
+    unknown = t < 0
+    if unknown.all() or not unknown.any():
+        return None
+    return s, unknown, (~unknown) & (p == t)
+
+
 def oscr(y_true: Any, y_pred_closed: Any, unknown_score: Any) -> float:
     """Open-Set Classification Rate: area under CCR vs FPR as the rejection threshold sweeps.
 
@@ -226,22 +239,46 @@ def oscr(y_true: Any, y_pred_closed: Any, unknown_score: Any) -> float:
         >>> oscr(y_true, [0, 0, 0, 0], scores)  # the known sample at 0.5 misclassified
         0.5
     """
-    t = _labels("y_true", y_true)
-    p = _labels("y_pred_closed", y_pred_closed)
-    s = _scores("unknown_score", unknown_score)
-    _check_lengths(y_true=t, y_pred_closed=p, unknown_score=s)
-    unknown = t < 0
-    n_unknown = int(unknown.sum())
-    n_known = len(t) - n_unknown
-    if n_unknown == 0 or n_known == 0:
+    inputs = _ranking_inputs(y_true, y_pred_closed, unknown_score)
+    if inputs is None:
         return NAN
-    correct = (~unknown) & (p == t)
+    s, unknown, correct = inputs
+    n_unknown, n_known = int(unknown.sum()), int((~unknown).sum())
     # Lowering the confidence threshold accepts samples in ascending unknown_score; each
     # distinct score value is one step of the curve, so ties move together.
     _, group = np.unique(s, return_inverse=True)
     ccr = np.concatenate([[0.0], np.cumsum(np.bincount(group, weights=correct))]) / n_known
     fpr = np.concatenate([[0.0], np.cumsum(np.bincount(group, weights=unknown))]) / n_unknown
     return float(np.sum(np.diff(fpr) * (ccr[1:] + ccr[:-1]) / 2))
+
+
+def oracle_h_score(y_true: Any, y_pred_closed: Any, unknown_score: Any) -> float:
+    """ORACLE: the best :func:`h_score` over every threshold on ``unknown_score``, chosen
+    with the target labels. Not a valid result; it is what DAML's and MEDIC's published H
+    computes (PROTOCOLS.md), offered so users can compare like with like.
+
+    A sample is called unknown when its score is above the threshold, otherwise it keeps its
+    closed-set prediction; tied scores move together, and "reject none" and "reject all" are
+    candidates.
+
+    Example:
+        >>> oracle_h_score([0, 1, -1, -1], [0, 1, 0, 0], [0.1, 0.5, 0.3, 0.9])
+        0.6666666666666666
+    """
+    inputs = _ranking_inputs(y_true, y_pred_closed, unknown_score)
+    if inputs is None:
+        return NAN
+    s, unknown, correct = inputs
+    n_unknown, n_known = int(unknown.sum()), int((~unknown).sum())
+    # rejecting every score above a threshold: walk distinct scores from the highest down
+    values, group = np.unique(-s, return_inverse=True)
+    rejected_unknown = np.concatenate([[0.0], np.cumsum(np.bincount(group, weights=unknown))])
+    rejected_correct = np.concatenate([[0.0], np.cumsum(np.bincount(group, weights=correct))])
+    acc_k = (correct.sum() - rejected_correct) / n_known
+    acc_u = rejected_unknown / n_unknown
+    with np.errstate(invalid="ignore", divide="ignore"):
+        h = np.where(acc_k + acc_u > 0, 2 * acc_k * acc_u / (acc_k + acc_u), 0.0)
+    return float(h.max())
 
 
 def open_set_report(

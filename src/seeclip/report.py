@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ HEADERS = {
     "closed_set_acc": "Closed",
     "auroc": "AUROC",
     "oscr": "OSCR",
+    "h_score_oracle": "H ORACLE (target-chosen threshold)",
 }
 
 
@@ -190,3 +192,87 @@ def summarize(
             f"| {' | '.join(key)} | **mean** | {len(per_seed)} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the paper's layout (issue 11)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table cell: mean and std (fractions) over seeds, and how many seeds."""
+
+    mean: float | None
+    std: float | None
+    seeds: int
+
+    def text(self) -> str:
+        if self.mean is None:
+            return "n/a"
+        if self.seeds < 2 or self.std is None:
+            return f"{self.mean * 100:.1f}"
+        return f"{self.mean * 100:.1f} ± {self.std * 100:.1f}"
+
+
+@dataclass(frozen=True)
+class Table:
+    """Methods x targets (and their mean) for one benchmark, protocol and metric."""
+
+    benchmark: str
+    protocol: str
+    metric: str
+    targets: tuple[str, ...]
+    cells: dict[str, dict[str, Cell]]  # method -> target (or "mean") -> cell
+
+    @property
+    def title(self) -> str:
+        return f"{self.benchmark} / {self.protocol}: {HEADERS.get(self.metric, self.metric)}"
+
+    @property
+    def header(self) -> tuple[str, ...]:
+        return ("method", *self.targets, "mean")
+
+    def rows(self) -> list[tuple[str, ...]]:
+        return [(m, *(c[t].text() for t in (*self.targets, "mean"))) for m, c in
+                self.cells.items()]  # fmt: skip
+
+
+def _cell(values: list[float]) -> Cell:
+    vals = np.array([v for v in values if v is not None and not np.isnan(v)], dtype=float)
+    if vals.size == 0:
+        return Cell(None, None, 0)
+    return Cell(float(vals.mean()), float(vals.std()), int(vals.size))
+
+
+def paper_tables(records: Iterable[dict], metrics: Sequence[str] | None = None) -> list[Table]:
+    """One :class:`Table` per (benchmark, protocol, metric), the layout of the paper's tables:
+    a row per method, a column per target and the mean over targets. A cell is mean ± std over
+    seeds; the mean column averages the targets within each seed first (as :func:`summarize`).
+    Methods keep their first-seen order; each run counts once and labels are checked."""
+    records = dedupe(records)
+    check_labels(records)
+    if metrics is None:
+        metrics = default_metrics(records)
+    groups: dict[tuple[str, str], dict] = {}
+    for r in records:
+        methods = groups.setdefault((r["benchmark"], r["protocol"]), {})
+        per_target = methods.setdefault(r["method"], defaultdict(dict))
+        per_target[r["target"]][r["seed"]] = r
+    tables = []
+    for (bench, protocol), methods in groups.items():
+        targets = tuple(sorted({t for m in methods.values() for t in m}))
+        for metric in metrics:
+            cells: dict[str, dict[str, Cell]] = {}
+            for method, per_target in methods.items():
+                row = {t: _cell([r.get(metric) for r in per_target.get(t, {}).values()])
+                       for t in targets}  # fmt: skip
+                seeds = sorted({s for runs in per_target.values() for s in runs})
+                complete = [s for s in seeds if all(s in per_target.get(t, {}) for t in targets)]
+                means = []
+                for s in complete:  # a seed missing a target has no mean over targets
+                    vals = [per_target[t][s].get(metric) for t in targets]
+                    vals = [v for v in vals if v is not None]
+                    means.append(float(np.mean(vals)) if vals else None)
+                row["mean"] = _cell(means)
+                cells[method] = row
+            tables.append(Table(bench, protocol, metric, targets, cells))
+    return tables
