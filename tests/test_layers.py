@@ -16,7 +16,6 @@ SRC = Path(__file__).parents[1] / "src" / "seeclip"
 # module (or package) prefix -> layer; the longest matching prefix wins
 LAYERS = {
     # 1. leaves
-    "seeclip": 1,
     "seeclip.config": 1,
     "seeclip.registry": 1,
     "seeclip.paths": 1,
@@ -24,6 +23,7 @@ LAYERS = {
     "seeclip.features": 1,
     "seeclip.metrics": 1,
     "seeclip.records": 1,
+    "seeclip.figures": 1,  # matplotlib drawings of plain arrays
     "seeclip.generate.feature_config": 1,  # a config section that lives with its generator
     # 2. data and model
     "seeclip.datasets": 2,
@@ -50,12 +50,22 @@ LAYERS = {
     "seeclip.runner": 6,
     "seeclip.report": 6,
     "seeclip.validation": 6,
+    "seeclip.sweep": 6,
+    "seeclip.predict": 6,
+    "seeclip.report_files": 6,
     # 7. the app
     "seeclip.cli": 7,
 }
 
 
+# the package itself is the public facade: ``seeclip.load`` reaches the experiment layer (lazily);
+# no seeclip module imports the bare package
+ROOT_LAYER = 7
+
+
 def layer(module: str) -> int:
+    if module == "seeclip":
+        return ROOT_LAYER
     parts = module.split(".")
     for i in range(len(parts), 0, -1):
         prefix = ".".join(parts[:i])

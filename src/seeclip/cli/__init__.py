@@ -14,17 +14,30 @@ from seeclip.cli import (
     demo,
     generate,
     listing,
+    predict,
     prepare,
     pretrain,
     pretrain_diffusion,
     report,
     run,
+    sweep,
 )
 from seeclip.config import ConfigError
 from seeclip.hub import WeightsUnavailableError
 
 # in `--help` order
-SUBCOMMANDS = (listing, prepare, run, report, generate, pretrain, pretrain_diffusion, demo)
+SUBCOMMANDS = (
+    listing,
+    prepare,
+    run,
+    sweep,
+    report,
+    predict,
+    generate,
+    pretrain,
+    pretrain_diffusion,
+    demo,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

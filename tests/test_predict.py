@@ -1,0 +1,97 @@
+"""seeclip predict / seeclip.load(run).predict: round trip, inputs, bad files."""
+
+import csv
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import seeclip
+from seeclip.cli import main
+from seeclip.datasets import get_benchmark, load_manifest
+from seeclip.report import read_records
+from seeclip.report_files import run_dir_of
+
+
+@pytest.fixture(scope="module")
+def trained(small_digits, tmp_path_factory):
+    """A finished coop run (learned prompt + threshold) on the small digits benchmark."""
+    runs = tmp_path_factory.mktemp("predict_runs")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SEECLIP_HOME", str(small_digits))
+    argv = ["eval", "--benchmark", "digits", "--target", "printed", "--method", "coop",
+            "--backbone", "tiny-vit", "--runs-dir", str(runs), "--no-progress",
+            "train.epochs=1", "train.batch_size=8"]  # fmt: skip
+    assert main(argv) == 0
+    mp.undo()
+    (record,) = read_records(runs)
+    return run_dir_of(runs, record), small_digits
+
+
+def _target_paths(home, run_dir):
+    z = np.load(run_dir / "predictions.npz")
+    spec = get_benchmark("digits")
+    manifest = load_manifest(spec, home / "data" / "digits")
+    paths = [manifest.root / s.path for s in manifest.samples if s.domain == "printed"]
+    return paths, z
+
+
+def test_predicting_the_target_reproduces_the_recorded_predictions(trained, monkeypatch):
+    run_dir, home = trained
+    monkeypatch.setenv("SEECLIP_HOME", str(home))
+    paths, z = _target_paths(home, run_dir)
+    assert len(paths) == len(z["y_true"])
+    rows = seeclip.load(run_dir).predict(paths)
+    names = [*z["known_classes"].tolist(), "unknown"]
+    assert [r.label for r in rows] == [names[i] for i in z["y_pred"]]
+    assert [r.closed_label for r in rows] == [names[i] for i in z["y_pred_closed"]]
+    np.testing.assert_array_equal([r.unknown_score for r in rows], z["unknown_score"])
+    assert all(r.confidence == pytest.approx(1 - r.unknown_score) for r in rows)
+
+
+def test_pil_and_tensor_inputs_give_the_same_answer_as_the_file(trained, monkeypatch):
+    run_dir, home = trained
+    monkeypatch.setenv("SEECLIP_HOME", str(home))
+    paths, _ = _target_paths(home, run_dir)
+    predictor = seeclip.load(run_dir)
+    pil = Image.open(paths[0]).convert("RGB")
+    tensor = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255
+    by_path, by_pil, by_tensor, *batch = predictor.predict(
+        [paths[0], pil, tensor, torch.stack([tensor, tensor])]
+    )
+    assert by_pil.source == "<image 1>" and len(batch) == 2
+    for r in (by_pil, by_tensor, *batch):
+        assert (r.label, r.unknown_score) == (by_path.label, by_path.unknown_score)
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        predictor.predict([torch.zeros(2, 2)])
+    with pytest.raises(TypeError, match="PIL images, tensors or paths"):
+        predictor.predict([42])
+
+
+def test_cli_predict_folder_with_a_corrupt_file(trained, tmp_path, monkeypatch, capsys):
+    run_dir, home = trained
+    monkeypatch.setenv("SEECLIP_HOME", str(home))
+    paths, _ = _target_paths(home, run_dir)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i, p in enumerate(paths[:3]):
+        (folder / f"{i}.png").write_bytes(p.read_bytes())
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not listed: not an image suffix")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", "--run", str(run_dir), str(folder), str(tmp_path / "gone.jpg"),
+                 "--out", str(out)]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    assert "5 images" in captured.out and "2 unreadable" in captured.out
+    assert "broken.png" in captured.err and "gone.jpg" in captured.err
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert [r["path"].rsplit("/", 1)[-1] for r in rows] == ["0.png", "1.png", "2.png",
+                                                            "broken.png", "gone.jpg"]  # fmt: skip
+    good, bad = rows[:3], rows[3:]
+    assert all(r["prediction"] and not r["error"] and 0 <= float(r["confidence"]) <= 1
+               for r in good)  # fmt: skip
+    assert all(r["error"] and not r["prediction"] for r in bad)
+    assert main(["predict", "--run", str(tmp_path), str(folder)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
