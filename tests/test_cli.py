@@ -234,3 +234,32 @@ def test_bad_choices_fail_when_the_config_is_parsed(override, message, tmp_path,
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing was written
+
+
+def test_eval_without_a_backbone_uses_the_worlds_tiny_clip(small_digits, tmp_path, monkeypatch,
+                                                           capsys):  # fmt: skip
+    monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
+    argv = ["eval", "--benchmark", "digits", "--target", "printed", "--method", "zeroshot",
+            "--runs-dir", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM" not in out
+    (path,) = tmp_path.glob("*/*/results.jsonl")
+    assert json.loads(path.read_text().splitlines()[-1])["backbone"] == "tiny-digits"
+    assert main([*argv, "--backbone", "tiny-vit"]) == 0  # naming one still wins
+    assert "RANDOM weights" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_trains_three_methods_on_every_target_and_writes_the_report(tmp_path, capsys):
+    runs = tmp_path / "demo"
+    assert main(["demo", "--runs-dir", str(runs), "--no-progress", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("| method | handwritten | outline | printed | textured | mean |") :]
+    assert all(f"| {m} |" in table for m in ("zeroshot", "coop", "seeclip"))
+    assert str(runs / "report" / "index.html") in out
+    assert len(list(runs.glob("digits_full_*/*/done"))) == 12
+    kinds = {p.name.split("_")[0] for p in (runs / "report" / "figures").glob("*.png")}
+    assert kinds == {"roc", "scores", "h", "confusion"}
+    assert main(["demo", "--runs-dir", str(runs), "--no-progress"]) == 0  # all reused
+    assert "all 12 runs finished earlier" in capsys.readouterr().out
