@@ -150,6 +150,10 @@ def main() -> None:
                         "(default: the preset's train.sd_prompt)")  # fmt: skip
     parser.add_argument("--projection", choices=("random", "text_inverse"),
                         help="tokens -> text conditioning (default: the preset's)")  # fmt: skip
+    parser.add_argument("--strength", type=float, default=1.0,
+                        help="SeeCLIP-prompted: 1 = from noise (the paper's); below 1 = SDEdit "
+                        "from each sample's source image")  # fmt: skip
+    parser.add_argument("--skip-class-prompts", action="store_true", help="only part 2")
     parser.add_argument("--no-images", action="store_true", help="do not write docs/img/")
     parser.add_argument("--judge-only", action="store_true", help="train and cache the judge")
     args = parser.parse_args()
@@ -189,24 +193,25 @@ def main() -> None:
 
     # 1. class-prompted
     domains = spec.domains
-    prompts, want = [], []
-    for c, name in enumerate(spec.classes):
-        for j in range(args.per_class):
-            prompts.append(f"a {ADJ[domains[j % len(domains)]]} {spec.class_text(name)}")
-            want.append(c)
-    want = np.array(want)
-    images = sample(pipe, prompts, seed=0, steps=20, guidance=args.class_guidance)
-    by_clip = clip_probs(clip, images, texts, templates).argmax(-1)
-    by_judge = judge_predict(judge, images)
-    report["class_prompted"] = {
-        "n": len(images), "guidance": args.class_guidance, "steps": 20,
-        "tiny_glyphs_agrees": float((by_clip == want).mean()),
-        "judge_agrees": float((by_judge == concept_of[want]).mean()),
-        "chance_tiny_glyphs": 1 / len(texts), "chance_judge": 1 / len(NAMES),
-    }  # fmt: skip
-    first4 = images.reshape(len(spec.classes), args.per_class, 48, 48, 3)[:, :4]
-    if not args.no_images:
-        save_grid(first4.reshape(-1, 48, 48, 3), IMG / "glyphs_sd_class_prompts.png", cols=16)
+    if not args.skip_class_prompts:
+        prompts, want = [], []
+        for c, name in enumerate(spec.classes):
+            for j in range(args.per_class):
+                prompts.append(f"a {ADJ[domains[j % len(domains)]]} {spec.class_text(name)}")
+                want.append(c)
+        want = np.array(want)
+        images = sample(pipe, prompts, seed=0, steps=20, guidance=args.class_guidance)
+        by_clip = clip_probs(clip, images, texts, templates).argmax(-1)
+        by_judge = judge_predict(judge, images)
+        report["class_prompted"] = {
+            "n": len(images), "guidance": args.class_guidance, "steps": 20,
+            "tiny_glyphs_agrees": float((by_clip == want).mean()),
+            "judge_agrees": float((by_judge == concept_of[want]).mean()),
+            "chance_tiny_glyphs": 1 / len(texts), "chance_judge": 1 / len(NAMES),
+        }  # fmt: skip
+        first4 = images.reshape(len(spec.classes), args.per_class, 48, 48, 3)[:, :4]
+        if not args.no_images:
+            save_grid(first4.reshape(-1, 48, 48, 3), IMG / "glyphs_sd_class_prompts.png", cols=16)
 
     # 2. SeeCLIP-prompted: sources of one leave-one-domain-out split, the preset's settings
     known = spec.protocols["full"].known
@@ -231,15 +236,15 @@ def main() -> None:
     projection = args.projection or preset.train.sd_projection
     icfg = ImageDiffusionConfig(model=args.sd_model, prompt=args.prompt or preset.train.sd_prompt,
                                 sigma=preset.diffusion.sigma, guidance=guidance, batch_size=32,
-                                projection=projection)  # fmt: skip
+                                projection=projection, strength=args.strength)  # fmt: skip
     known_texts = [spec.class_text(c) for c in known]
     tag = hashlib.sha1(json.dumps([args.sd_model, str(icfg)]).encode()).hexdigest()[:10]
     out = seeclip_home() / "pools" / "images" / f"quality-{args.target}-{tag}"  # per setting
     manifest = generate_image_pool(pipe, summaries, [doms[i] for i in rows],
                                    [f"{doms[i]}:{i}" for i in rows], known_texts, out_dir=out,
                                    cfg=icfg, seed=0, overwrite=True, progress=True,
-                                   projection=conditioning_projection(icfg, pipe,
-                                                                      clip))  # fmt: skip
+                                   projection=conditioning_projection(icfg, pipe, clip),
+                                   init_images=[imgs[i] for i in rows])  # fmt: skip
     pool = load_image_pool(manifest)
     gen_images = np.stack(
         [np.asarray(Image.open(pool.root / p).convert("RGB")) for p in pool.paths]
@@ -261,6 +266,7 @@ def main() -> None:
         "guidance": icfg.guidance,
         "steps": icfg.steps,
         "projection": icfg.projection,
+        "strength": icfg.strength,
         "outside_known_by_judge": float(outside.mean()),
         "judged_hard_unknown": float(is_hard.mean()),
         "nearest_known_is_source_class": float((nearest == source_class).mean()),
@@ -275,7 +281,8 @@ def main() -> None:
     if args.no_images:
         print(json.dumps(report, indent=1))
         return
-    save_grid(gen_images[:64], IMG / "glyphs_sd_seeclip_prompts.png", cols=16)
+    suffix = "" if args.strength == 1.0 else f"_sdedit{args.strength:g}"
+    save_grid(gen_images[:64], IMG / f"glyphs_sd_seeclip_prompts{suffix}.png", cols=16)
 
     # histogram: tiny-glyphs known score of samples vs real knowns vs real unknowns
     import matplotlib
@@ -297,7 +304,7 @@ def main() -> None:
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(IMG / "glyphs_sd_scores.png", dpi=120)
+    fig.savefig(IMG / f"glyphs_sd_scores{suffix}.png", dpi=120)
     report["known_score_mean"] = {"real_known": float(real_score[is_known].mean()),
                                   "real_unknown": float(real_score[~is_known].mean()),
                                   "pseudo_unknown": float(gen_score.mean())}  # fmt: skip

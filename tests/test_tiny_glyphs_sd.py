@@ -106,3 +106,47 @@ def test_sd_images_source_runs_the_shipped_model_on_demand(tmp_path):
     sd_image_unknowns(ctx)  # the same inputs reuse the pool
     assert len(list((tmp_path / "pools" / "images").iterdir())) == 1
     assert pick_sources(("a", "a", "b"), 5, torch.Generator()) in ([0, 1, 2], [1, 0, 2])
+
+
+def test_sdedit_keeps_its_source_image(pipe, tmp_path):
+    """SDEdit at low strength from a dark glyph on light paper and its inverse: each sample keeps
+    its own source's brightness, and swapping the sources swaps the samples' brightness."""
+    light = np.full((48, 48, 3), 235, np.uint8)
+    light[14:34, 20:28] = 20  # a dark bar
+    dark = 255 - light
+    tokens = torch.randn(2, 4, 128, generator=torch.Generator().manual_seed(0))
+    cfg = ImageDiffusionConfig(model="tiny-glyphs-sd", prompt="an unknown sign, {domain}",
+                               steps=8, batch_size=2, strength=0.3)  # fmt: skip
+
+    def brightness(inits, out):
+        pool = load_image_pool(generate_image_pool(
+            pipe, tokens, ["printed", "printed"], ["a", "b"], KNOWN, out_dir=tmp_path / out,
+            cfg=cfg, seed=0, progress=False, init_images=inits))  # fmt: skip
+        return [np.asarray(Image.open(pool.root / p).convert("L"), float).mean()
+                for p in pool.paths]  # fmt: skip
+
+    kept = brightness([light, dark], "a")
+    swapped = brightness([dark, light], "b")
+    assert kept[0] - kept[1] > 100 and swapped[1] - swapped[0] > 100
+
+
+def test_sd_images_source_passes_source_images_for_sdedit(tmp_path):
+    from seeclip.generate.feature_config import FeatureDiffusionConfig
+
+    backbone = build_backbone("tiny-glyphs-random")
+    feats = Features(torch.nn.functional.normalize(torch.randn(4, 128), dim=-1),
+                     torch.randn(4, 36, 128), ("printed",) * 4)  # fmt: skip
+    files = []
+    for i in range(4):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((48, 48, 3), 60 * i, np.uint8)).save(files[-1])
+    kw = dict(backbone=backbone, class_texts=tuple(KNOWN), seed=0,
+              diffusion=FeatureDiffusionConfig(k=2, pool_per_domain=2, sample_steps=2),
+              sd_model="tiny-glyphs-sd", sd_prompt="an unknown sign, {domain}",
+              cache_dir=tmp_path, progress=False, sd_strength=0.5)  # fmt: skip
+    with pytest.raises(ValueError, match="needs the source image of every feature row"):
+        sd_image_unknowns(PseudoContext(feats, torch.arange(4) % 3, **kw))
+    source = sd_image_unknowns(PseudoContext(feats, torch.arange(4) % 3, image_paths=tuple(files),
+                                             **kw))  # fmt: skip
+    assert source.sample("printed", 2, torch.Generator().manual_seed(0))[0].shape == (2, 128)
+    assert len(list((tmp_path / "pools" / "images").glob("sd-*/manifest.csv"))) == 1

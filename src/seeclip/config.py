@@ -138,6 +138,9 @@ class TrainConfig:
     # semi-orthogonal map) | text_inverse (pseudo-inverse of the backbone's text projection;
     # the model's text encoder must be the backbone's text tower, as tiny-glyphs-sd's is)
     sd_projection: Literal["random", "text_inverse"] = "random"
+    # sd_images: 1.0 = text-to-image from noise (the paper's); below 1 = SDEdit, each sample
+    # starts from its source image noised to this share of the schedule (near misses)
+    sd_strength: float = 1.0
     # model selection (seeclip.selection): last | val_acc (source-val closed-set accuracy) |
     # val_h (H of source-val knowns and pseudo-unknowns made from source-val images)
     selection: Literal["last", "val_acc", "val_h"] = "last"
@@ -152,6 +155,8 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check_unit("train.pseudo_fraction", self.pseudo_fraction)
+        if not 0.0 < self.sd_strength <= 1.0:
+            raise ConfigError(f"train.sd_strength must be in (0, 1], got {self.sd_strength}")
         if "{domain}" not in self.sd_prompt:
             raise ConfigError(f"train.sd_prompt needs a {{domain}}, got {self.sd_prompt!r}")
         if self.pseudo_unknowns in ("images", "pool") and not self.pseudo_pool:
@@ -180,12 +185,12 @@ class RunConfig:
 
     def hash(self) -> str:
         """A short stable hash of every field: the run folder's name."""
-        blob = json.dumps(to_dict(self), sort_keys=True).encode()
+        blob = json.dumps(_hashed(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def setting_hash(self) -> str:
         """The hash of every field but the seed and the target: what seeds of one row share."""
-        data = to_dict(self)
+        data = _hashed(self)
         data["seed"] = None
         data["data"]["target"] = None
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
@@ -193,6 +198,19 @@ class RunConfig:
     def run_name(self) -> str:
         d = self.data
         return f"{d.benchmark}_{d.protocol}_{d.target}_{self.label or self.method}"
+
+
+# Keys added after runs existed: at these values a config is the experiment it was before the
+# key existed, so they stay out of the hashes and earlier run folders keep their names.
+HASH_NEUTRAL = {("train", "sd_strength"): 1.0}
+
+
+def _hashed(cfg: RunConfig) -> dict[str, Any]:
+    data = to_dict(cfg)
+    for (section, key), neutral in HASH_NEUTRAL.items():
+        if data[section].get(key) == neutral:
+            del data[section][key]
+    return data
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

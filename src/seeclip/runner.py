@@ -194,6 +194,13 @@ class RunData:
     classes: tuple[str, ...]  # per manifest sample: its class name
     data_hash: str  # see :func:`data_hash`
     data_hash_kind: str
+    root: Path | None = None  # the dataset root the cache's relative paths hang from
+
+    def image_paths(self, indices: np.ndarray) -> tuple[str, ...]:
+        """Absolute image files of manifest rows (empty when the root is not known)."""
+        if self.root is None:
+            return ()
+        return tuple(str(self.root / self.feats.paths[i]) for i in indices)
 
     def features(self, indices: np.ndarray) -> Features:
         g = torch.from_numpy(np.ascontiguousarray(self.feats.global_[indices]))
@@ -229,7 +236,8 @@ def load_run_data(
     key = (str(manifest.root), manifest.path)
     if key not in _DATA_HASHES:  # once per process: a real dataset's listing stats every file
         _DATA_HASHES[key] = data_hash(manifest)
-    return RunData(spec, split, data, backbone, feats, domains, classes, *_DATA_HASHES[key])
+    return RunData(spec, split, data, backbone, feats, domains, classes, *_DATA_HASHES[key],
+                   root=manifest.root)  # fmt: skip
 
 
 def pseudo_sources(
@@ -254,6 +262,8 @@ def pseudo_sources(
             sd_model=cfg.train.sd_model,
             sd_prompt=cfg.train.sd_prompt,
             sd_projection=cfg.train.sd_projection,
+            sd_strength=cfg.train.sd_strength,
+            image_paths=run.image_paths(indices) if cfg.train.sd_strength < 1 else (),
             cache_dir=cache_root(cache_dir),
             progress=progress,
         )

@@ -236,7 +236,8 @@ def run_lodo(
     for fold in lodo_folds(split, settings):
         set_seed(cfg.seed)
         data = select(sources, fold.split, val_fraction=d.val_fraction, val_seed=d.val_seed)
-        run = RunData(spec, fold.split, data, backbone, feats, domains, classes, hash_, kind)
+        run = RunData(spec, fold.split, data, backbone, feats, domains, classes, hash_, kind,
+                      root=sources.root)  # fmt: skip
         method = make_method(cfg, run, cache_dir=cache_dir, progress=progress)
         method.fit(
             run.features(data.source_train),

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
@@ -78,12 +80,16 @@ def _derive_seed(seed: int, i: int, stream: str) -> int:
 
 
 def _fingerprint(pipe, tokens: Tensor, domains, sources, negative: str, cfg, seed: int,
-                 projection: Tensor) -> str:  # fmt: skip
+                 projection: Tensor, init_images=None) -> str:  # fmt: skip
     h = hashlib.sha256()
+    for image in init_images or ():
+        h.update(np.asarray(image).tobytes())
     h.update(tokens.detach().float().cpu().contiguous().numpy().tobytes())
     if cfg.projection != "random":  # the random map is a function of cfg; others are not
         h.update(projection.contiguous().numpy().tobytes())
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"}
+    if settings.get("strength") == 1.0:  # text-to-image: pools made before the option keep theirs
+        settings.pop("strength")
     blob = [list(tokens.shape), list(domains), list(sources), negative, settings, seed]
     h.update(json.dumps([blob, pipeline_name(pipe)], sort_keys=True).encode())
     return h.hexdigest()
@@ -102,6 +108,7 @@ def generate_image_pool(
     overwrite: bool = False,
     progress: bool = True,
     projection: Tensor | None = None,
+    init_images: Sequence | None = None,
 ) -> Path:
     """Generates one pseudo-unknown image per row of ``semantic_tokens``; returns the manifest.
 
@@ -126,6 +133,8 @@ def generate_image_pool(
         projection: the map P [d, D] of the tokens into the text conditioning
             (:func:`~seeclip.generate.sd_conditioning.conditioning_projection`); None: the
             seeded random map of ``cfg.projection_seed`` (``cfg.projection`` must be "random").
+        init_images: with ``cfg.strength < 1`` (SDEdit), row i's source image (PIL or uint8
+            array [H, W, 3]), noised to ``strength`` of the schedule and denoised from there.
 
     Returns:
         ``out_dir / "manifest.csv"`` with columns :data:`MANIFEST_FIELDS`, written last.
@@ -149,9 +158,14 @@ def generate_image_pool(
     if tuple(projection.shape) != (tokens.shape[2], width):
         raise ValueError(f"projection must be [{tokens.shape[2]}, {width}], got "
                          f"{tuple(projection.shape)}")  # fmt: skip
+    if cfg.strength < 1.0 and (init_images is None or len(init_images) != n):
+        raise ValueError(f"strength {cfg.strength} < 1 (SDEdit) needs init_images, one source "
+                         f"image per token row ({n})")  # fmt: skip
     out = Path(out_dir)
     negative = known_classes_prompt(known_class_names)
-    fingerprint = _fingerprint(pipe, tokens, domains, source_ids, negative, cfg, seed, projection)
+    inits = init_images if cfg.strength < 1.0 else None
+    fingerprint = _fingerprint(pipe, tokens, domains, source_ids, negative, cfg, seed, projection,
+                               inits)  # fmt: skip
     manifest = out / "manifest.csv"
     _claim(out, fingerprint, overwrite, _pool_meta(pipe, tokens, cfg, seed, negative, fingerprint))
     if manifest.is_file():
@@ -191,15 +205,14 @@ def generate_image_pool(
             generators = [
                 torch.Generator(device).manual_seed(_derive_seed(seed, i, "latents")) for i in batch
             ]
-            images = pipe(
-                prompt_embeds=pos,
-                negative_prompt_embeds=neg,
-                guidance_scale=cfg.guidance,
-                num_inference_steps=cfg.steps,
-                height=size,
-                width=size,
-                generator=generators,
-            ).images
+            common = dict(prompt_embeds=pos, negative_prompt_embeds=neg,
+                          guidance_scale=cfg.guidance, num_inference_steps=cfg.steps,
+                          generator=generators)  # fmt: skip
+            if inits is None:
+                images = pipe(**common, height=size, width=size).images
+            else:
+                start_from = [_as_pil(inits[i], size) for i in batch]
+                images = _img2img(pipe)(**common, image=start_from, strength=cfg.strength).images
             for i, image in zip(batch, images, strict=True):
                 write_with(out / rel[i], lambda tmp, image=image: image.save(tmp, format="PNG"))
             bar.update(len(batch))
@@ -214,6 +227,22 @@ def generate_image_pool(
         )
     write_text(manifest, text.getvalue())
     return manifest
+
+
+def _img2img(pipe):
+    """The SDEdit pipeline sharing ``pipe``'s modules (built once per pipe)."""
+    if not hasattr(pipe, "_seeclip_img2img"):
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        pipe._seeclip_img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+        pipe._seeclip_img2img.set_progress_bar_config(disable=True)
+    return pipe._seeclip_img2img
+
+
+def _as_pil(image, size: int | None) -> Image.Image:
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    pil = pil.convert("RGB")
+    return pil if size is None or pil.size == (size, size) else pil.resize((size, size))
 
 
 def _pool_meta(pipe, tokens: Tensor, cfg, seed: int, negative: str, fingerprint: str) -> dict:

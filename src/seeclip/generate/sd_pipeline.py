@@ -50,6 +50,9 @@ class ImageDiffusionConfig:
     projection_seed: int = 0  # seeds the fixed token projection P ("random")
     placement: str = "append"  # "append": 77 + K positions; "replace_padding": last K padding
     batch_size: int = 4  # images per pipeline call (does not change the images)
+    # 1.0: text-to-image from pure noise (the paper's). Below 1: SDEdit, each sample starts from
+    # its source image noised to this share of the schedule, so it keeps the source's layout
+    strength: float = 1.0
 
     def __post_init__(self) -> None:
         if "{domain}" not in self.prompt:
@@ -59,6 +62,8 @@ class ImageDiffusionConfig:
                 "need guidance >= 0, steps >= 1, sigma >= 0, batch_size >= 1; got "
                 f"{self.guidance}, {self.steps}, {self.sigma}, {self.batch_size}"
             )
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         if self.image_size is not None and (self.image_size < 8 or self.image_size % 8):
             raise ValueError(f"image_size must be a multiple of 8, got {self.image_size}")
         if self.placement not in _PLACEMENTS:

@@ -35,6 +35,8 @@ class PseudoContext:
     sd_model: str | None = None  # sd_images: text-to-image model (name, folder or repo id)
     sd_prompt: str = "a {domain} of an unknown object"  # sd_images: positive prompt
     sd_projection: str = "random"  # sd_images: tokens -> text conditioning (ImageDiffusionConfig)
+    sd_strength: float = 1.0  # sd_images: below 1, SDEdit from the source images (image_paths)
+    image_paths: tuple[str, ...] = ()  # the image file of each feature row (for SDEdit)
     cache_dir: Path | None = None  # feature cache and pool folder root (None: SEECLIP_HOME)
     progress: bool = True  # progress bars while a source generates
 

@@ -49,7 +49,10 @@ def sd_image_unknowns(ctx: PseudoContext) -> DomainPool:
     icfg = ImageDiffusionConfig(
         model=ctx.sd_model, prompt=ctx.sd_prompt, sigma=config.sigma, guidance=config.guidance,
         steps=config.sample_steps, batch_size=16, projection=ctx.sd_projection,
+        strength=ctx.sd_strength,
     )  # fmt: skip
+    if icfg.strength < 1.0 and len(ctx.image_paths) != len(ctx.features):
+        raise ValueError("sd_strength < 1 (SDEdit) needs the source image of every feature row")
     gen = torch.Generator().manual_seed(seed)
     features = ctx.features
     rows = pick_sources(features.domains, config.pool_per_domain, gen)
@@ -58,15 +61,25 @@ def sd_image_unknowns(ctx: PseudoContext) -> DomainPool:
     domains = [features.domains[i] for i in rows]
     root = Path(ctx.cache_dir) if ctx.cache_dir else seeclip_home()
     key = hashlib.sha256(tokens.numpy().tobytes())
-    key.update(json.dumps([domains, ctx.class_texts, asdict(icfg), seed]).encode())
+    settings = asdict(icfg)
+    if settings["strength"] == 1.0:  # text-to-image: pools made before the option keep their key
+        del settings["strength"]
+    key.update(json.dumps([domains, ctx.class_texts, settings, seed]).encode())
     out = root / "pools" / "images" / f"sd-{key.hexdigest()[:16]}"
     pipe = load_pipeline(icfg.model, device=device, dtype=icfg.torch_dtype(device))
     manifest = generate_image_pool(
         pipe, tokens, domains, [f"{d}:{i}" for d, i in zip(domains, rows, strict=True)],
         ctx.class_texts, out_dir=out, cfg=icfg, seed=seed, progress=ctx.progress,
         projection=conditioning_projection(icfg, pipe, ctx.backbone),
+        init_images=[_read(ctx.image_paths[i]) for i in rows] if icfg.strength < 1 else None,
     )  # fmt: skip
     feats = image_pool_features(
         ctx.backbone, manifest, cache_dir=root / "features", progress=ctx.progress
     )
     return DomainPool(feats)
+
+
+def _read(path: str):
+    from seeclip.datasets.images import load_image
+
+    return load_image(Path(path))
