@@ -83,7 +83,7 @@ def test_shipped_model_generates_48px_pools_reproducibly(pipe, tmp_path):
         rows = list(csv.DictReader(fh))
     assert rows[0]["prompt"] == "an unknown sign, printed"
     assert rows[0]["negative_prompt"] == "letter o, letter e, letter p"
-    assert rows[0]["model"].endswith("tiny-glyphs-sd")
+    assert rows[0]["model"] == "tiny-glyphs-sd"
 
 
 def test_sd_images_source_runs_the_shipped_model_on_demand(tmp_path):
@@ -105,6 +105,11 @@ def test_sd_images_source_runs_the_shipped_model_on_demand(tmp_path):
     assert len(pools) == 1 and len(load_image_pool(pools[0]).paths) == 4
     sd_image_unknowns(ctx)  # the same inputs reuse the pool
     assert len(list((tmp_path / "pools" / "images").iterdir())) == 1
+    meta = pools[0].parent / "pool.json"
+    assert '"model": "tiny-glyphs-sd"' in meta.read_text()  # its name, not the install folder
+    meta.write_text(meta.read_text().replace('"fingerprint": "', '"fingerprint": "stale'))
+    sd_image_unknowns(ctx)  # a stale cache entry (e.g. another seeclip version) is remade
+    assert '"fingerprint": "stale' not in meta.read_text()
     assert pick_sources(("a", "a", "b"), 5, torch.Generator()) in ([0, 1, 2], [1, 0, 2])
 
 

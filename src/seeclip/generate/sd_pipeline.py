@@ -108,7 +108,8 @@ def load_pipeline(
         WeightsUnavailableError: the weights are not on this machine (fails without network).
     """
     diffusers = _diffusers()
-    if model in SHIPPED_SD_MODELS:
+    shipped = model if model in SHIPPED_SD_MODELS else None
+    if shipped:
         if not (SHIPPED_SD_MODELS[model] / "model_index.json").is_file():
             raise WeightsUnavailableError(
                 f"{model}: the shipped pipeline {SHIPPED_SD_MODELS[model]} is missing; reinstall "
@@ -137,6 +138,8 @@ def load_pipeline(
     except (OSError, ValueError) as err:  # HF's LocalEntryNotFoundError is an OSError
         raise WeightsUnavailableError(f"{hint} ({type(err).__name__}: {err})") from err
     pipe.set_progress_bar_config(disable=True)
+    if shipped:  # its name, not the install folder: pools stay valid when the package moves
+        pipe._seeclip_name = shipped
     # dtype through .to(): from_pretrained's keyword changed name (torch_dtype -> dtype)
     return pipe.to(device=device, dtype=dtype)
 
@@ -147,8 +150,9 @@ def pipeline_device(pipe) -> torch.device:
 
 
 def pipeline_name(pipe) -> str:
-    """The pipeline's model name (repo id or folder), recorded in a pool's files."""
-    return str(getattr(pipe, "name_or_path", None) or "unnamed")
+    """The pipeline's model name (shipped name, repo id or folder), recorded in a pool's files."""
+    return str(getattr(pipe, "_seeclip_name", None) or getattr(pipe, "name_or_path", None)
+               or "unnamed")  # fmt: skip
 
 
 def encode_prompts(pipe, texts: Sequence[str]) -> Tensor:

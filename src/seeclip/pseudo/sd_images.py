@@ -70,6 +70,7 @@ def sd_image_unknowns(ctx: PseudoContext) -> DomainPool:
     manifest = generate_image_pool(
         pipe, tokens, domains, [f"{d}:{i}" for d, i in zip(domains, rows, strict=True)],
         ctx.class_texts, out_dir=out, cfg=icfg, seed=seed, progress=ctx.progress,
+        overwrite=True,  # the folder is this source's cache: a stale entry is remade, not an error
         projection=conditioning_projection(icfg, pipe, ctx.backbone),
         init_images=[_read(ctx.image_paths[i]) for i in rows] if icfg.strength < 1 else None,
     )  # fmt: skip
