@@ -123,6 +123,33 @@ def rank_agreement(records) -> str:
     return "\n".join(out)
 
 
+def loss_shares(records, runs_dir, order) -> str:
+    """Each SeeCLIP-family variant's last-epoch loss terms and gradient shares (mean over runs),
+    read from the runs' epoch records: which terms act at which setting."""
+    from seeclip.records import read_records
+    from seeclip.report_files import run_dir_of
+
+    keys = ("grad_share_ali", "grad_share_rep", "grad_share_coh", "grad_share_reg", "rep_active",
+            "cos_uy")  # fmt: skip
+    rows = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        epochs = [e for e in read_records(run_dir_of(runs_dir, r)) if e.get("kind") == "epoch"]
+        if epochs and "grad_share_rep" in epochs[-1]:
+            for k in keys:
+                if epochs[-1].get(k) is not None:
+                    rows[r["method"]][k].append(epochs[-1][k])
+    lines = ["| variant | runs | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+    for m in order:
+        if m in rows:
+            n = len(rows[m]["grad_share_ali"])
+            lines.append(
+                f"| {m} | {n} | "
+                + " | ".join(f"{np.mean(rows[m][k]):.3f}" if rows[m][k] else "n/a" for k in keys)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--benchmark", default="digits")
@@ -164,6 +191,8 @@ def main() -> None:
         print(summary(rs, order, hard_easy))
         print()
         print(rank_agreement(rs))
+        print(f"\nLast-epoch gradient shares and L_rep activity ({protocol}, every seed):\n")
+        print(loss_shares(rs, runs_dir, order))
         for t in paper_tables(rs, ["h_score"]):
             print(f"\n{t.title}, paper rule, per target\n\n{table_md(t)}")
         cal = under_rule(rs, "lodo_threshold")
