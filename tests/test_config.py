@@ -54,3 +54,24 @@ def test_yaml_round_trip_and_stable_hash(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/preset.yaml")
+
+
+def test_shipped_presets_by_name_and_hash_neutral_keys():
+    import hashlib
+    import json
+
+    from seeclip.config import RunConfig, apply_overrides, load_config, to_dict
+
+    by_name = load_config("digits")
+    assert by_name == load_config("configs/digits.yaml")
+    with pytest.raises(ConfigError, match="shipped presets: digits, glyphs"):
+        load_config("nope")
+    # a key added later stays out of the hash at its neutral value: old run folders keep names
+    cfg = RunConfig()
+    data = to_dict(cfg)
+    del data["train"]["sd_strength"]
+    old = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    assert cfg.hash() == old
+    assert apply_overrides(cfg, ["train.sd_strength=0.6"]).hash() != old
+    with pytest.raises(ConfigError, match="sd_strength must be in"):
+        apply_overrides(cfg, ["train.sd_strength=0"])
