@@ -13,6 +13,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from seeclip import metrics
+
 SCORE_GROUPS = ("known", "unknown", "pseudo-unknown")
 _COLOURS = {"known": "tab:blue", "unknown": "tab:red", "pseudo-unknown": "tab:orange"}
 
@@ -35,7 +37,7 @@ def roc_figure(
         if unknown.all() or not unknown.any():
             continue
         fpr, tpr, _ = roc_curve(unknown, score)
-        auc = float(np.trapezoid(tpr, fpr))
+        auc = metrics.auroc(y_true, score)  # the number the tables show
         ax.plot(fpr, tpr, label=f"{label} ({auc * 100:.1f})", lw=1.4)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.set(xlabel="known called unknown (FPR)", ylabel="unknown called unknown (TPR)",

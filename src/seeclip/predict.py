@@ -95,8 +95,8 @@ class Predictor:
         if isinstance(img, str | Path):
             try:
                 return [(str(img), load_image(Path(img)), None)]
-            except (ImageReadError, OSError) as err:
-                return [(str(img), None, str(err).split(". Rerun")[0])]
+            except ImageReadError as err:  # the decoder's own words, not prepare's advice
+                return [(str(img), None, f"cannot read image: {err.__cause__ or err}")]
         if isinstance(img, Image.Image):
             return [(f"<image {i}>", img.convert("RGB"), None)]
         if isinstance(img, torch.Tensor):
