@@ -51,8 +51,18 @@ def _features(backbone, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for i in range(0, len(images), 256):
         a, b = backbone.encode_image(to_input(images[i : i + 256]))
         g.append(a.numpy())
-        t.append(b.reshape(len(b), -1).numpy())
+        t.append(b.numpy())
     return np.concatenate(g), np.concatenate(t)
+
+
+def _flat(tokens: np.ndarray) -> np.ndarray:
+    """The 36 tokens side by side: a weight per position (position-specific)."""
+    return tokens.reshape(len(tokens), -1)
+
+
+def _pooled(tokens: np.ndarray) -> np.ndarray:
+    """Mean and max over the 36 positions, per channel: a fixed, position-invariant reading."""
+    return np.concatenate([tokens.mean(axis=1), tokens.max(axis=1)], axis=1)
 
 
 PROBE_CS = (0.001, 0.01, 0.1, 1.0)  # L2 strengths; one is chosen per probe on the fit set only
@@ -99,8 +109,9 @@ def main() -> None:
     print("| **mean** | " + " | ".join(f"**{m:.1%}**" for m in means) + " |")
 
     print("\n## linear probes on (hard unknown, look-alike) pairs, held-out fonts and photos\n")
-    print("| pair | tokens | global | random-init tokens |")
-    print("| --- | --- | --- | --- |")
+    print("| pair | tokens (flattened) | tokens (mean+max pooled) | global | random-init tokens "
+          "(flattened) | random-init tokens (mean+max pooled) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- |")
     rows = []
     for hard, known in spec.lookalikes.items():
         fit = np.concatenate(
@@ -111,8 +122,11 @@ def main() -> None:
         y_fit, y_test = np.repeat([0, 1], N_FIT), np.repeat([0, 1], N_TEST)
         (gf, tf), (gt, tt) = _features(trained, fit), _features(trained, test)
         (_, rf), (_, rt) = _features(random, fit), _features(random, test)
-        row = (_probe(tf, y_fit, tt, y_test), _probe(gf, y_fit, gt, y_test),
-               _probe(rf, y_fit, rt, y_test))  # fmt: skip
+        row = (_probe(_flat(tf), y_fit, _flat(tt), y_test),
+               _probe(_pooled(tf), y_fit, _pooled(tt), y_test),
+               _probe(gf, y_fit, gt, y_test),
+               _probe(_flat(rf), y_fit, _flat(rt), y_test),
+               _probe(_pooled(rf), y_fit, _pooled(rt), y_test))  # fmt: skip
         rows.append(row)
         print(f"| {hard}/{known} | " + " | ".join(f"{v:.1%}" for v in row) + " |")
     mean = np.mean(rows, axis=0)

@@ -71,6 +71,18 @@ def test_sweep_file(tmp_path, preset):
     spec = load_sweep(f)
     assert spec.seeds == (3,) and spec.targets == ("printed",) and spec.protocols == ("full",)
     assert [v.label for v in spec.variants] == ["zs", "coop"]
+    with pytest.raises(ConfigError, match="unknown method 'no_such'"):
+        plan(dataclasses.replace(spec, variants=(Variant("x", ("method=no_such",)),)))
+    from seeclip.cli import build_parser
+    from seeclip.cli.sweep import spec_from_args
+
+    # --methods with --sweep: a label of the file selects that variant, anything else is
+    # METHOD[:key=value]
+    args = build_parser().parse_args(["sweep", "--sweep", str(f), "--methods", "zs",
+                                      "coop:label=c2,train.epochs=2"])  # fmt: skip
+    chosen = spec_from_args(args).variants
+    assert chosen == (Variant("zs", ("method=zeroshot",)),
+                      Variant("c2", ("method=coop", "train.epochs=2")))  # fmt: skip
     f.write_text("config: x.yaml\nvariants: {a: [method=coop]}\nepochs: 3\n")
     with pytest.raises(ConfigError, match="nothing else"):
         load_sweep(f)

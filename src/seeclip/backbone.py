@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from seeclip import hub, tiny_clip
 from seeclip.hub import WeightsUnavailableError
+from seeclip.io import load_checkpoint, load_tensors
 from seeclip.registry import Registry
 
 __all__ = [
@@ -443,11 +444,9 @@ def _looks_like_path(value: str) -> bool:
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
+        state = load_tensors(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(path)
         if isinstance(state, torch.jit.ScriptModule):  # OpenAI's original TorchScript files
             extras = ("input_resolution", "context_length", "vocab_size")
             state = {k: v for k, v in state.state_dict().items() if k not in extras}

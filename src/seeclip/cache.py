@@ -4,6 +4,18 @@ An entry is a folder ``cache_dir/name`` holding ``global.npy`` [N, d], ``tokens.
 (both float16, read back as memmaps) and ``meta.json``. The key hashes the backbone's weights,
 its preprocessing and every file's (relative path, size, mtime_ns); a changed key rebuilds the
 entry. Builds go to a temporary sibling folder that is renamed into place only when complete.
+
+Size and mtime miss a file replaced by another of the same size with its mtime restored
+(``cp -p``, ``rsync -t``, some archive tools). Every entry also stores a digest of the files'
+*contents*; with ``verify=True`` (``--verify-cache``, or ``SEECLIP_VERIFY_CACHE=1``) it is
+recomputed on use and a mismatch rebuilds the entry. The default trusts size and mtime, because
+reading every image again on each run costs as much I/O as encoding it.
+
+Two processes that need one entry do not both encode it: the builder holds a lock
+(``<entry>.lock``) and the other waits for it, then reads the finished entry. The space for the
+two arrays is checked and reserved on disk before encoding starts, so a full disk is a one-line
+error with the size needed, never a "Bus error" from a memory map, and the half-built entry is
+removed.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from seeclip.datasets.images import ImageFiles
+from seeclip.io import ensure_space, file_lock, reserve
 
 __all__ = ["CachedFeatures", "cache_key", "encode_cached"]
 
@@ -99,6 +112,20 @@ def _key_from_parts(parts: dict[str, str]) -> str:
     return _sha(json.dumps({"format": _FORMAT, **parts}, sort_keys=True))
 
 
+def content_digest(root: Path, rel_paths: Sequence[str]) -> str:
+    """sha256 over each file's relative path and the sha256 of its bytes, in list order."""
+    digest = hashlib.sha256()
+    for rel in rel_paths:
+        digest.update(f"{rel}\0".encode())
+        digest.update(hashlib.sha256((Path(root) / rel).read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def verify_by_default() -> bool:
+    """``SEECLIP_VERIFY_CACHE=1`` (what ``--verify-cache`` sets) turns content checks on."""
+    return os.environ.get("SEECLIP_VERIFY_CACHE", "").lower() in ("1", "true", "yes")
+
+
 def cache_key(backbone, root: Path, rel_paths: Sequence[str]) -> str:
     """sha256 over the backbone fingerprint, its preprocessing and each file's
     (relative path, size, mtime_ns) under ``root``."""
@@ -106,11 +133,16 @@ def cache_key(backbone, root: Path, rel_paths: Sequence[str]) -> str:
 
 
 # ------------------------------------------------------------------------- entry
-def _load(entry: Path, key: str) -> CachedFeatures | None:
-    """The entry at ``entry`` if it is complete and was built for ``key``, else None."""
+def _load(entry: Path, key: str, content: str | None = None) -> CachedFeatures | None:
+    """The entry at ``entry`` if it is complete and was built for ``key`` (and, when
+    ``content`` is given, from files with that content digest), else None."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
         if meta.get("key") != key:
+            return None
+        if content is not None and meta.get("content") != content:
+            log.warning("feature cache %s: image contents changed with the same size and "
+                        "mtime (--verify-cache); rebuilding", entry)  # fmt: skip
             return None
         glob = np.load(entry / "global.npy", mmap_mode="r")
         toks = np.load(entry / "tokens.npy", mmap_mode="r")
@@ -158,6 +190,7 @@ def encode_cached(
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = True,
+    verify: bool | None = None,
 ) -> CachedFeatures:
     """Features of ``root / rel_paths[i]``, encoded once and cached in ``cache_dir / name``.
 
@@ -171,6 +204,8 @@ def encode_cached(
         batch_size: images per encoder call.
         num_workers: DataLoader workers decoding images.
         progress: show a tqdm bar while encoding.
+        verify: also compare the files' contents with the entry's (reads every file); None =
+            :func:`verify_by_default`.
 
     Raises:
         seeclip.datasets.images.ImageReadError: an image cannot be decoded (names the file);
@@ -184,17 +219,32 @@ def encode_cached(
     entry = Path(cache_dir) / name
     parts = _key_parts(backbone, root, rel_paths)
     key = _key_from_parts(parts)
-    cached = _load(entry, key)
+    verify = verify_by_default() if verify is None else verify
+    content = content_digest(root, rel_paths) if verify else None
+    cached = _load(entry, key, content)
     if cached is not None:
         return cached
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(entry.with_name(f"{entry.name}.lock")):
+        cached = _load(entry, key, content)  # another process may have built it meanwhile
+        if cached is not None:
+            return cached
+        return _build(backbone, root, rel_paths, entry, parts, key, content,
+                      desc=f"encoding {name}", batch_size=batch_size, num_workers=num_workers,
+                      progress=progress)  # fmt: skip
+
+
+def _build(backbone, root, rel_paths, entry, parts, key, content, *, desc, batch_size,
+           num_workers, progress) -> CachedFeatures:  # fmt: skip
+    """Encodes into a temporary sibling, then swaps it in (the caller holds the entry's lock)."""
     reason = _stale_reason(entry, parts)
     if reason is not None:
         log.info("feature cache %s is stale (%s); rebuilding", entry, reason)
-
-    entry.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_builds(entry)
     tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    n, d, t = len(rel_paths), backbone.embed_dim, backbone.num_patches
+    ensure_space(tmp, n * d * (1 + t) * np.dtype(_DTYPE).itemsize)
     tmp.mkdir()
     loader = DataLoader(
         ImageFiles(root, rel_paths, backbone.preprocess),
@@ -203,14 +253,13 @@ def encode_cached(
         num_workers=num_workers,
     )
     try:
-        _encode_into(
-            tmp, backbone, loader, len(rel_paths), desc=f"encoding {name}", progress=progress
-        )
+        _encode_into(tmp, backbone, loader, len(rel_paths), desc=desc, progress=progress)
         meta = {
             "format": _FORMAT,
             "key": key,
             "parts": parts,
             "paths": rel_paths,
+            "content": content if content is not None else content_digest(root, rel_paths),
             "global_shape": [len(rel_paths), backbone.embed_dim],
             "tokens_shape": [len(rel_paths), backbone.num_patches, backbone.embed_dim],
             "dtype": np.dtype(_DTYPE).name,
@@ -234,8 +283,8 @@ def encode_cached(
 def _encode_into(out: Path, backbone, loader: DataLoader, n: int, *, desc: str, progress: bool):
     """Runs the image encoder over ``loader`` into float16 ``.npy`` memmaps in ``out``."""
     d, t = backbone.embed_dim, backbone.num_patches
-    glob = np.lib.format.open_memmap(out / "global.npy", mode="w+", dtype=_DTYPE, shape=(n, d))
-    toks = np.lib.format.open_memmap(out / "tokens.npy", mode="w+", dtype=_DTYPE, shape=(n, t, d))
+    glob = _open_reserved(out / "global.npy", (n, d))
+    toks = _open_reserved(out / "tokens.npy", (n, t, d))
     row = 0
     with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
         with torch.inference_mode():
@@ -250,6 +299,14 @@ def _encode_into(out: Path, backbone, loader: DataLoader, n: int, *, desc: str, 
         raise RuntimeError(f"encoded {row} images, expected {n}")
     glob.flush()
     toks.flush()
+
+
+def _open_reserved(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A float16 ``.npy`` memmap whose blocks are allocated on disk before it is written."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=_DTYPE, shape=shape)
+    with open(path, "r+b") as fh:
+        reserve(fh.fileno(), os.path.getsize(path), path)
+    return array
 
 
 def _swap_into_place(tmp: Path, entry: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,18 @@ def _check_unit(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be in [0, 1), got {value}")
 
 
+def absolute_path(value: str | None) -> str | None:
+    """``value`` as an absolute, normalised path (``~`` expanded); None stays None."""
+    return None if value is None else os.path.abspath(os.path.expanduser(str(value)))
+
+
+def existing_path(value: str | None) -> str | None:
+    """A name that is a file or folder here becomes absolute; a tag or hub name is kept."""
+    if value is None or not os.path.exists(os.path.expanduser(str(value))):
+        return value
+    return absolute_path(value)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     benchmark: str = "digits"  # a name from `seeclip list` (benchmarks)
@@ -61,12 +74,18 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        # absolute, so that a run folder works from anywhere and one dataset has one hash
+        for key in ("data_root", "classes_file"):
+            object.__setattr__(self, key, absolute_path(getattr(self, key)))
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
     name: str = "tiny-vit"  # shipped name, open_clip architecture, or hf-hub:org/repo
     pretrained: str | None = None  # open_clip tag or checkpoint path; None = random weights
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pretrained", existing_path(self.pretrained))
 
 
 @dataclass(frozen=True)
@@ -146,6 +165,8 @@ class TrainConfig:
     selection: Literal["last", "val_acc", "val_h"] = "last"
 
     def __post_init__(self) -> None:
+        for key in ("pseudo_pool", "val_pseudo_pool", "sd_model"):
+            object.__setattr__(self, key, existing_path(getattr(self, key)))
         _check_choices(self, "train")
         _check_min("train.epochs", self.epochs, 1)
         _check_min("train.batch_size", self.batch_size, 1)

@@ -7,11 +7,13 @@ leaves at most a ``.tmp`` sibling behind, never a truncated file under the real 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +82,124 @@ def atomic_dir(root: str | Path, *, marker: str | None = None) -> Iterator[Path]
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class NoSpaceError(OSError):
+    """Not enough free disk space for a write that is about to start (says how much)."""
+
+    def __init__(self, path: Path, need: int, free: int) -> None:
+        super().__init__(errno.ENOSPC, "no space left on device", str(path))
+        self.need, self.free = need, free
+
+    def __str__(self) -> str:
+        return (
+            f"not enough disk space under {Path(self.filename).parent}: this needs "
+            f"{_mib(self.need)}, {_mib(self.free)} are free; free some space (or set "
+            "SEECLIP_HOME / --cache-dir to a larger disk) and rerun: finished work is kept"
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def ensure_space(path: str | Path, need: int, *, margin: int = 64 * 2**20) -> None:
+    """Raise :class:`NoSpaceError` unless the file system of ``path`` (or of its nearest
+    existing parent) has ``need`` bytes free plus ``margin``."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need + margin:
+        raise NoSpaceError(path, need + margin, free)
+
+
+def reserve(fd: int, size: int, path: str | Path) -> None:
+    """Allocate ``size`` bytes of an open file now, so that a full disk is an error here and
+    not a SIGBUS ("Bus error") in the middle of writing a memory map."""
+    if size <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise NoSpaceError(Path(path), size, shutil.disk_usage(Path(path).parent).free) from err
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without it
+            raise
+
+
+@contextmanager
+def file_lock(path: str | Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (created if needed). Yields False, without
+    waiting, when another process holds it and ``wait`` is False. The lock dies with the
+    process, so a killed holder never blocks anyone."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class UnreadableFileError(ValueError):
+    """A weights, checkpoint or pool file that cannot be read safely (a one-line reason)."""
+
+
+def load_tensors(path: str | Path) -> dict:
+    """The tensors of a ``.safetensors`` file, or a one-line :class:`UnreadableFileError`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError and OSError/ValueError
+        raise UnreadableFileError(
+            f"{path} is not a safetensors file ({_first_line(err)}); it may be truncated or "
+            "another format: write it again (seeclip saves weights as .safetensors)"
+        ) from err
+
+
+def load_checkpoint(path: str | Path):
+    """``torch.load`` with ``weights_only=True`` (no code in the file can run), or a one-line
+    :class:`UnreadableFileError` saying why the file was refused."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # a damaged file, or objects other than tensors
+        raise UnreadableFileError(
+            f"{path} was refused: it is not a file of tensors only (a damaged checkpoint, or "
+            "pickled objects, which seeclip never loads because they could run code); pass a "
+            ".safetensors file or a state_dict saved with torch.save"
+        ) from err
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise UnreadableFileError(
+            f"{path} is not a torch checkpoint ({_first_line(err)}); it may be truncated or "
+            "another format: pass a .safetensors file or a state_dict saved with torch.save"
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
 
 
 def tree_hash(root: str | Path, pattern: str = "**/*", *, exclude: tuple[str, ...] = ()) -> str:

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from seeclip.config import RunConfig
 from seeclip.datasets import get_benchmark, make_split
-from seeclip.datasets.images import ImageReadError, load_image
+from seeclip.datasets.images import ImageReadError, load_image, to_rgb
 from seeclip.features import Features, PseudoSources
+from seeclip.io import load_tensors
 from seeclip.methods import Method
 from seeclip.runner import BACKBONES, default_data_root, method_for, run_config
 
@@ -98,7 +98,7 @@ class Predictor:
             except ImageReadError as err:  # the decoder's own words, not prepare's advice
                 return [(str(img), None, f"cannot read image: {err.__cause__ or err}")]
         if isinstance(img, Image.Image):
-            return [(f"<image {i}>", img.convert("RGB"), None)]
+            return [(f"<image {i}>", to_rgb(img), None)]
         if isinstance(img, torch.Tensor):
             batch = img if img.ndim == 4 else img.unsqueeze(0)
             if batch.ndim != 4 or batch.shape[1] not in (1, 3):
@@ -126,7 +126,7 @@ def load(run_dir: str | Path) -> Predictor:
     pseudo = PseudoSources("none", _no_pseudo, _no_pseudo)
     method = method_for(cfg, backbone, texts, spec.template, pseudo=pseudo, progress=False)
     try:
-        method.load_state(load_file(str(run_dir / "model.safetensors")))
+        method.load_state(load_tensors(run_dir / "model.safetensors"))
     except (RuntimeError, KeyError) as err:
         raise ValueError(f"{run_dir}/model.safetensors does not fit its config: {err}") from err
     return Predictor(run_dir, cfg, tuple(known), method, backbone)

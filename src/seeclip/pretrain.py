@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from seeclip import tiny_card
-from seeclip.io import write_with
+from seeclip.io import load_checkpoint, write_with
 from seeclip.paths import seeclip_home
 from seeclip.tiny_clip import SURGERY, build_tiny_clip
 
@@ -341,7 +341,7 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark) -> dict:
     step, losses, train_seconds = 0, [], 0.0
     ckpt = out / "last.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = load_checkpoint(ckpt)
         if state["config"] != _plain(asdict(cfg)):
             raise ValueError(f"{ckpt} was written with another config; use a new --out")
         model.load_state_dict(state["model"])

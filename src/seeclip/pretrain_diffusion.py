@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from seeclip.io import atomic_dir, write_json, write_with
+from seeclip.io import atomic_dir, load_checkpoint, write_json, write_with
 from seeclip.pretrain import _batch_indices
 from seeclip.sd_export import clip_tokenizer, text_encoder_from_clip, write_tokenizer
 
@@ -352,7 +352,7 @@ class _Run:
             seconds = {"vae": 0.0, "encode": 0.0, "unet": 0.0}
             return {"identity": self.identity, "stage": "vae", "step": 0, "vae_losses": [],
                     "unet_losses": [], "seconds": seconds}  # fmt: skip
-        state = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+        state = load_checkpoint(self.ckpt)
         saved = state.get("identity")
         if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
             # checkpoints of earlier versions recorded the runtime fields too

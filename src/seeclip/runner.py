@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from seeclip import metrics
 from seeclip.backbone import Backbone, build_backbone
@@ -39,7 +39,7 @@ from seeclip.datasets import (
 )
 from seeclip.datasets.digits import installed_versions, read_meta
 from seeclip.features import Features, Prediction, PseudoSources, PseudoUnknownSource
-from seeclip.io import atomic_path, write_text
+from seeclip.io import atomic_path, load_tensors, write_text
 from seeclip.methods import Method, MethodEnv
 from seeclip.paths import seeclip_home
 from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoContext, draw
@@ -417,7 +417,7 @@ def restore_run(
     cfg = run_config(run_dir)
     run = load_run_data(cfg, cache_dir=cache_dir, progress=progress)
     method = make_method(cfg, run, cache_dir=cache_dir, progress=progress)
-    state = load_file(str(run_dir / "model.safetensors"))
+    state = load_tensors(run_dir / "model.safetensors")
     try:
         method.load_state(state)
     except (RuntimeError, KeyError) as err:

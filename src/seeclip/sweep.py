@@ -29,7 +29,6 @@ or ``label=...`` among its overrides, or the method and the overrides' last key 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import multiprocessing
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +40,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from seeclip.config import ConfigError, RunConfig, apply_overrides, load_config
+from seeclip.io import file_lock
 
 LOCK = "lock"  # the file a run folder is locked by while a process computes it
 
@@ -136,17 +136,24 @@ def plan(spec: SweepSpec) -> list[RunConfig]:
 
     Seed-major order: all of seed 0 first, so that an interrupted sweep leaves whole tables
     of fewer seeds rather than some rows with every seed and others with none."""
+    from seeclip.builders import METHODS
     from seeclip.datasets import get_benchmark
 
     base = load_config(spec.config, spec.overrides)
     per_variant = []
     for variant in spec.variants:
         cfg = apply_overrides(base, list(variant.overrides))
+        if cfg.method not in METHODS:
+            raise ConfigError(f"variant {variant.label!r}: unknown method {cfg.method!r}; "
+                              f"choose one of {', '.join(sorted(METHODS))} (or a label of "
+                              "the sweep file)")  # fmt: skip
         cfg = dataclasses.replace(cfg, label=None if variant.label == cfg.method else variant.label)
         cells = []
         for protocol in spec.protocols:
             data = dataclasses.replace(cfg.data, protocol=protocol)
-            bench = get_benchmark(data.benchmark, classes_file=data.classes_file)
+            bench = get_benchmark(
+                data.benchmark, classes_file=data.classes_file, data_root=data.data_root
+            )
             if protocol not in bench.protocols:
                 raise ConfigError(f"benchmark {data.benchmark} has no protocol {protocol!r}; "
                                   f"it has {', '.join(bench.protocols)}")  # fmt: skip
@@ -183,17 +190,8 @@ def is_done(cfg: RunConfig, runs_dir: str | Path, validate=None) -> bool:
 def run_lock(run_dir: Path, *, wait: bool) -> Iterator[bool]:
     """Hold ``run_dir/lock`` exclusively; yields False (without waiting) when another process
     holds it and ``wait`` is False. The lock goes with the process, even if it dies."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(run_dir / LOCK, wait=wait) as held:
+        yield held
 
 
 @dataclass(frozen=True)

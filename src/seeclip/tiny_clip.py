@@ -22,8 +22,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
-from safetensors.torch import load_file
 from torch import nn
+
+from seeclip.io import load_tensors
 
 __all__ = [
     "ARCH",
@@ -167,7 +168,7 @@ def build_tiny_clip(
         output_stride8(model, pooled_query=tiny.pooled_query)
     tokenizer = open_clip.get_tokenizer(tiny.arch)
     if weights is not None:
-        state = load_file(str(weights))
+        state = load_tensors(weights)
         _check_metadata(Path(weights), tiny.arch)
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.eval()

@@ -7,8 +7,11 @@ nothing below :mod:`seeclip.runner` imports from here.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
+
+import yaml
 
 from seeclip.cli import (
     demo,
@@ -23,7 +26,9 @@ from seeclip.cli import (
     sweep,
 )
 from seeclip.config import ConfigError
+from seeclip.datasets.images import ImageReadError
 from seeclip.hub import WeightsUnavailableError
+from seeclip.io import NoSpaceError
 
 # in `--help` order
 SUBCOMMANDS = (
@@ -62,10 +67,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         KeyError,
         ValueError,
         WeightsUnavailableError,
+        ImageReadError,
     ) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"seeclip: error: {msg}", file=sys.stderr)
         return 2
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        what = getattr(err, "problem", None) or type(err).__name__
+        print(f"seeclip: error: invalid YAML{at}: {what}; fix the file's syntax", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, permissions, ...: what failed and what to do
+        print(f"seeclip: error: {os_error_message(err)}", file=sys.stderr)
+        return 1
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for an operating-system error, with the fix for the common ones."""
+    where = f" ({err.filename})" if err.filename else ""
+    if isinstance(err, NoSpaceError):
+        return str(err)
+    if err.errno == errno.ENOSPC:
+        return (f"no space left on the device{where}; free some space (or point SEECLIP_HOME / "
+                "--runs-dir elsewhere) and rerun: finished work is kept")  # fmt: skip
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}; choose a folder you can write to, or fix its rights"
+    return f"{err.strerror or err}{where}"
 
 
 if __name__ == "__main__":

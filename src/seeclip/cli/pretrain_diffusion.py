@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from seeclip.io import load_checkpoint
 from seeclip.pretrain_diffusion import DiffusionPretrainConfig
 
 WORLDS = ("digits", "glyphs")  # the choices of --world; each has an entry in _world_inputs
@@ -41,10 +42,8 @@ def _world_inputs(world: str) -> WorldInputs:
 
     def clip(weights: Path | None) -> tuple[object, object]:
         if weights is not None and Path(weights).suffix == ".pt":  # a pretrain-clip checkpoint
-            import torch
-
             model, _, tokenizer = build_tiny_clip(spec.model)
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state = load_checkpoint(weights)
             model.load_state_dict(state["model"])
             return model.eval(), tokenizer
         model, _, tokenizer = build_tiny_clip(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Iterable, Sequence
 
 from seeclip.config import ConfigError, RunConfig, apply_overrides, load_config
@@ -39,6 +40,12 @@ def _add(sub, command: str) -> None:
     p.add_argument(
         "--cache-dir",
         help="root of the feature cache and pseudo-unknown pools (default: $SEECLIP_HOME)",
+    )
+    p.add_argument(
+        "--verify-cache",
+        action="store_true",
+        help="also compare image contents with the feature cache's (reads every image; default: "
+        "trust size and mtime)",
     )
     p.add_argument("--force", action="store_true", help="recompute a finished run")
     p.add_argument("--no-progress", action="store_true")
@@ -82,7 +89,9 @@ def expand_configs(
     if targets is None:
         from seeclip.datasets import get_benchmark
 
-        spec = get_benchmark(cfg.data.benchmark, classes_file=cfg.data.classes_file)
+        spec = get_benchmark(
+            cfg.data.benchmark, classes_file=cfg.data.classes_file, data_root=cfg.data.data_root
+        )
         targets = list(spec.targets)
     return [
         dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, target=t), seed=s)
@@ -204,6 +213,9 @@ def _num(v: float | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from seeclip.runner import eval_run
+
+    if args.verify_cache:  # an environment variable, so that every process of a run sees it
+        os.environ["SEECLIP_VERIFY_CACHE"] = "1"
 
     if args.threads:
         import torch

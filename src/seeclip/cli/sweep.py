@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from seeclip.config import ConfigError
 
@@ -32,6 +33,12 @@ def add_parser(sub) -> None:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--cache-dir", help="feature cache and pool root (default: $SEECLIP_HOME)")
     p.add_argument(
+        "--verify-cache",
+        action="store_true",
+        help="also compare image contents with the feature cache's (reads every image; default: "
+        "trust size and mtime)",
+    )
+    p.add_argument(
         "--validate",
         choices=("lodo",),
         help="also validate every run on its sources (rule lodo_threshold in the records)",
@@ -56,8 +63,9 @@ def spec_from_args(args: argparse.Namespace):
         changes = {}
         if args.config:
             changes["config"] = args.config
-        if args.methods:
-            changes["variants"] = tuple(parse_variant(m) for m in args.methods)
+        if args.methods:  # labels of the file select its variants; others are METHOD[:k=v]
+            labelled = {v.label: v for v in spec.variants}
+            changes["variants"] = tuple(labelled.get(m) or parse_variant(m) for m in args.methods)
     elif args.config and args.methods:
         spec = SweepSpec(config=args.config, variants=tuple(parse_variant(m) for m in args.methods))
         changes = {}
@@ -80,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.jobs < 1 or args.threads < 1:
         raise ConfigError("--jobs and --threads must be at least 1")
+    if args.verify_cache:  # inherited by the sweep's worker processes
+        os.environ["SEECLIP_VERIFY_CACHE"] = "1"
     spec = spec_from_args(args)
     configs = plan(spec)
     validate = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -14,12 +15,36 @@ class ImageReadError(RuntimeError):
     """An image file could not be decoded."""
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB with its real values.
+
+    PIL's ``convert("RGB")`` clips 16- and 32-bit greyscale (modes ``I;16*``, ``I``) at 255, so
+    a 16-bit PNG would come out all white; those are rescaled from their bit depth instead
+    (``I``: 16-bit if any value exceeds 255), and float images (``F``) from [0, 1] when they
+    lie in it, else clipped to [0, 255].
+    """
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            scale = 255.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else 1.0
+        else:
+            scale = 255.0 / 65535.0 if img.mode != "I" or (a.size and a.max() > 255) else 1.0
+        a = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
 def load_image(path: Path) -> Image.Image:
     """Opens ``path`` as RGB, with an error that names the file and the fix."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+            return to_rgb(img)
+    except FileNotFoundError as err:
+        raise ImageReadError(
+            f"image {path} is gone since `seeclip prepare` listed it; rerun `seeclip prepare` "
+            "for this data root to list the images that are there now"
+        ) from err
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageReadError(
             f"cannot read image {path}: {err}. Rerun `seeclip prepare ... --skip-corrupt` "
             "to drop unreadable files from the dataset manifest"

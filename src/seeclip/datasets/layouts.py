@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from seeclip.datasets.specs import BenchmarkSpec
+from seeclip.paths import data_folders
 from seeclip.registry import Registry
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
@@ -104,7 +105,7 @@ def _find_base(spec: BenchmarkSpec, root: Path, probe: Callable[[Path], bool]) -
 
 
 def _child_dirs(path: Path) -> dict[str, Path]:
-    return {p.name: p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    return data_folders(path)
 
 
 def _domain_dir(spec: BenchmarkSpec, base: Path, domain: str) -> Path | None:

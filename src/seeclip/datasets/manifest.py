@@ -62,9 +62,13 @@ def default_manifest_path(spec: BenchmarkSpec, data_root: Path | str) -> Path:
 
 
 def _is_corrupt(path: Path) -> bool:
+    """Whether PIL cannot verify AND fully decode ``path``: ``verify()`` alone passes a
+    truncated JPEG, whose pixels only fail to decode later."""
     try:
         with Image.open(path) as im:
             im.verify()
+        with Image.open(path) as im:
+            im.load()
         return False
     except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         return True

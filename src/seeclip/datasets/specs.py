@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from seeclip.paths import data_folders
 from seeclip.registry import Registry
 
 
@@ -208,7 +209,13 @@ def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], where: str) -> 
         raise ValueError(f"{where}: unknown key {bad[0]!r}; allowed keys: {', '.join(allowed)}")
 
 
-def _names(value: Any) -> tuple[str, ...]:
+def _names(value: Any, what: str = "names", where: str = "spec") -> tuple[str, ...]:
+    """A YAML list of names; a lone string (``known: tshirt``) is refused, not read letter by
+    letter."""
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(
+            f"{where}: `{what}:` must be a list, e.g. `{what}: [{value}]`, got {value!r}"
+        )
     return tuple(str(v) for v in value)
 
 
@@ -222,10 +229,12 @@ def _protocol(name: str, data: Mapping[str, Any], sources: Sequence[str] | None,
     target_known = data.get("target_known", "all")
     return ProtocolSpec(
         name=name,
-        known=_names(data["known"]),
-        unknown=_names(data["unknown"]),
-        source_classes=None if groups is None else tuple(_names(g) for g in groups),
-        target_known=None if target_known == "all" else _names(target_known),
+        known=_names(data["known"], "known", where),
+        unknown=_names(data["unknown"], "unknown", where),
+        source_classes=None
+        if groups is None
+        else tuple(_names(g, "source_classes", where) for g in groups),
+        target_known=None if target_known == "all" else _names(target_known, "target_known", where),
         description=str(data.get("description", "")).strip(),
     )
 
@@ -286,13 +295,15 @@ def load_folder_spec(yaml_path: Path | str, data_root: Path | str | None = None)
         if not data.get(key):
             raise ValueError(f"{where}: missing `{key}:` (a list of class folder names)")
     if "domains" in data:
-        domains = _names(data["domains"])
+        domains = _names(data["domains"], "domains", where)
     elif data_root is not None and Path(data_root).is_dir():
-        root = Path(data_root)
-        domains = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and p.name[0] != "."))
+        domains = tuple(data_folders(Path(data_root)))
     else:
         raise ValueError(f"{where}: list `domains:` in the YAML or pass --data-root DIR")
-    known, unknown = list(_names(data["known"])), list(_names(data["unknown"]))
+    known, unknown = (
+        list(_names(data["known"], "known", where)),
+        list(_names(data["unknown"], "unknown", where)),
+    )
     protocols: dict[str, Any] = {"full": {"known": known, "unknown": unknown}}
     if "daml" in data:
         daml = data["daml"] or {}

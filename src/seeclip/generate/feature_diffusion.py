@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
@@ -42,6 +42,7 @@ from seeclip.generate.feature_generator import (
     TRAIN_FIELDS,
     FeatureGenerator,
 )
+from seeclip.io import load_tensors
 from seeclip.paths import seeclip_home
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ def load_or_train_generator(
         _write_atomically(entry, write)
         return gen
     log.info("reusing the feature-diffusion generator in %s", entry)
-    tensors = load_file(str(entry / "generator.safetensors"))
+    tensors = load_tensors(entry / "generator.safetensors")
     return FeatureGenerator.from_state(tensors, meta["generator"])
 
 
@@ -336,7 +337,7 @@ def load_pool(entry: Path) -> FeaturePool:
     """A pool folder written by :func:`build_pool`."""
     entry = Path(entry)
     meta = json.loads((entry / "manifest.json").read_text())
-    t = load_file(str(entry / "pool.safetensors"))
+    t = load_tensors(entry / "pool.safetensors")
     return FeaturePool(t["global"], t["tokens"], tuple(meta["domains"]), t["source_index"], entry)
 
 

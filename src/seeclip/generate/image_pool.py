@@ -22,6 +22,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from seeclip.datasets.images import to_rgb
 from seeclip.generate.sd_conditioning import (
     build_conditioning,
     domain_prompt,
@@ -241,7 +242,7 @@ def _img2img(pipe):
 
 def _as_pil(image, size: int | None) -> Image.Image:
     pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-    pil = pil.convert("RGB")
+    pil = to_rgb(pil)
     return pil if size is None or pil.size == (size, size) else pil.resize((size, size))
 
 
