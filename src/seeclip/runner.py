@@ -53,6 +53,9 @@ WORLD_BACKBONES = {"digits": "tiny-digits", "glyphs": "tiny-glyphs"}
 RECORD_PACKAGES = ("seeclip", "torch", "open_clip_torch", "numpy", "scikit-learn", "pillow")
 
 
+TRAIN_STATE = "train_state.pt"  # an unfinished run's training checkpoint (resumed from)
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -343,9 +346,17 @@ def run_eval(
     cache_dir: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    checkpoint_every: int = 1,
 ) -> RunResult:
-    """Fit ``cfg.method`` on the sources, evaluate it on ``cfg.data.target``, write the run."""
+    """Fit ``cfg.method`` on the sources, evaluate it on ``cfg.data.target``, write the run.
+
+    Training writes ``train_state.pt`` in the run folder every ``checkpoint_every`` epochs
+    (0: never); an unfinished run with one resumes from it, and it is deleted once the run is
+    done. ``force`` starts afresh."""
     run_dir = Path(runs_dir) / cfg.run_name() / cfg.hash()
+    ckpt = run_dir / TRAIN_STATE
+    if force:
+        ckpt.unlink(missing_ok=True)
     if (run_dir / "done").exists() and not force:
         record = final_record(run_dir)
         if record is not None:
@@ -356,17 +367,19 @@ def run_eval(
     pseudo = pseudo_sources(cfg, run, cache_dir=cache_dir, progress=progress)
     method = make_method(cfg, run, cache_dir=cache_dir, progress=progress, pseudo=pseudo)
     data = run.data
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "done").unlink(missing_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
     start = time.perf_counter()
     method.fit(
         run.features(data.source_train),
         torch.as_tensor(data.source_train_labels),
         run.features(data.source_val),
         torch.as_tensor(data.source_val_labels),
+        checkpoint=ckpt if checkpoint_every > 0 else None,
+        checkpoint_every=checkpoint_every,
     )
     fit_seconds = time.perf_counter() - start
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "done").unlink(missing_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
     with atomic_path(run_dir / "model.safetensors") as tmp:
         save_file(method.state(), str(tmp))
     epochs = [{**r, "config_hash": cfg.hash(), "seed": cfg.seed} for r in method.history()]
@@ -377,6 +390,7 @@ def run_eval(
     pseudo_scores = pseudo_unknown_scores(method, pseudo.built("train"), run.split.source_domains)
     record = _evaluate(cfg, run, method, run_dir, epochs=epochs, extra=extra,
                        pseudo_scores=pseudo_scores)  # fmt: skip
+    ckpt.unlink(missing_ok=True)  # the run is done: model.safetensors holds what it learned
     return RunResult(run_dir, record, cached=False)
 
 

@@ -9,9 +9,12 @@ the target). The trainer is handed its pseudo-unknown sources; it builds none an
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,10 +24,12 @@ from tqdm import tqdm
 from seeclip import metrics
 from seeclip.config import TrainConfig
 from seeclip.features import Features, Prediction, PseudoSources, PseudoUnknownSource
+from seeclip.io import load_checkpoint, write_with
 from seeclip.methods.base import confidence_threshold
 from seeclip.pseudo.base import draw
 from seeclip.selection import Selection
 
+CHECKPOINT_FORMAT = 1  # bump when the training checkpoint's contents change
 VAL_PSEUDO_SEED_OFFSET = 1_000_003  # the held-out pseudo-unknowns' own generator seed
 LossFn = Callable[[object, Tensor], dict[str, Tensor]]
 
@@ -174,7 +179,19 @@ class PromptTrainer:
         return self.log.records() if self.log else []
 
     # ------------------------------------------------------------------ training
-    def fit(self, train: Features, train_labels: Tensor, val: Features, val_labels: Tensor) -> None:
+    def fit(
+        self,
+        train: Features,
+        train_labels: Tensor,
+        val: Features,
+        val_labels: Tensor,
+        *,
+        checkpoint: Path | None = None,
+        checkpoint_every: int = 1,
+    ) -> None:
+        """Trains on the source features; with ``checkpoint`` the whole training state is
+        written there (atomically) every ``checkpoint_every`` epochs, and a checkpoint found
+        there is resumed from: the result is bitwise the uninterrupted run's on CPU."""
         cfg, model, rule = self.cfg, self.model, self.selection
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
@@ -193,9 +210,13 @@ class PromptTrainer:
         steps = math.ceil(len(train) / cfg.batch_size)
         log = TrainLog([], [], cfg.epochs)
         best: tuple[float, int, dict] | None = None
-        bar = tqdm(total=cfg.epochs * steps, disable=not self.progress, desc="train", unit="step")
+        start = 0
+        if checkpoint is not None and checkpoint.exists():
+            start, best = self._resume(checkpoint, opt, gen, batches, log)
+        bar = tqdm(total=cfg.epochs * steps, initial=start * steps, disable=not self.progress,
+                   desc="train", unit="step")  # fmt: skip
         every = max(1, steps // GRAD_SAMPLES_PER_EPOCH)
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(start + 1, cfg.epochs + 1):
             model.train()
             sums: dict[str, float] = {}
             grad_sums: dict[str, float] = {}
@@ -223,6 +244,12 @@ class PromptTrainer:
                 score = rule.score(crit)
                 if best is None or score > best[0]:
                     best = (score, epoch, copy.deepcopy(model.state_dict_learnable()))
+            if (
+                checkpoint is not None
+                and checkpoint_every > 0
+                and (epoch % checkpoint_every == 0 or epoch == cfg.epochs)
+            ):
+                self._save_checkpoint(checkpoint, epoch, opt, gen, batches, log, best)
         bar.close()
         if best is not None:
             model.load_state_dict_learnable(best[2])
@@ -233,6 +260,49 @@ class PromptTrainer:
             self.threshold = confidence_threshold(
                 1.0 - self._scores(val)[2], self.threshold_quantile
             )
+
+    def _identity(self) -> dict:
+        """What a checkpoint must have been written with to be resumed."""
+        return {"seed": self.seed, "train": dataclasses.asdict(self.cfg),
+                "selection": self.selection.name, "weights": dict(self.term_weights),
+                "parameters": sorted(self.model.state_dict_learnable())}  # fmt: skip
+
+    def _save_checkpoint(self, path: Path, epoch: int, opt, gen, batches, log, best) -> None:
+        """The whole training state after ``epoch``: parameters, optimiser, both random
+        generators, the batch sampler's queues, the log and the selection's best so far."""
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "identity": json.dumps(self._identity(), sort_keys=True, default=str),
+            "epoch": epoch,
+            "model": self.model.state_dict_learnable(),
+            "optimizer": opt.state_dict(),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "queues": {d: list(q) for d, q in batches._queues.items()},
+            "log": {"losses": log.losses, "val": log.val, "terms": log.terms},
+            "best": None
+            if best is None
+            else {"score": best[0], "epoch": best[1], "state": best[2]},  # fmt: skip
+        }
+        write_with(path, lambda tmp: torch.save(state, tmp))
+
+    def _resume(self, path: Path, opt, gen, batches, log) -> tuple[int, tuple | None]:
+        state = load_checkpoint(path)
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("identity") != json.dumps(
+            self._identity(), sort_keys=True, default=str
+        ):
+            raise ValueError(f"{path} was written by another training setup; delete it (or "
+                             "rerun with --force) to start this run afresh")  # fmt: skip
+        self.model.load_state_dict_learnable(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        batches._queues = {d: list(q) for d, q in state["queues"].items()}
+        log.losses[:], log.val[:], log.terms[:] = (state["log"][k] for k in ("losses", "val",
+                                                                              "terms"))  # fmt: skip
+        b = state["best"]
+        best = None if b is None else (b["score"], b["epoch"], b["state"])
+        return int(state["epoch"]), best
 
     def _term_summary(self, sums, grad_sums, steps: int, every: int) -> dict[str, float]:
         """An epoch's diagnostics (means over steps) and per-term gradient norms and shares."""

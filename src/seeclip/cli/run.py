@@ -47,7 +47,20 @@ def _add(sub, command: str) -> None:
         help="also compare image contents with the feature cache's (reads every image; default: "
         "trust size and mtime)",
     )
-    p.add_argument("--force", action="store_true", help="recompute a finished run")
+    p.add_argument("--force", action="store_true", help="recompute a run from scratch")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an unfinished run from its last checkpoint (what happens anyway when "
+        "its folder holds train_state.pt; --force starts afresh instead)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="write the training state every N epochs (default 1; 0: never)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 suits tiny models)")
     if command == "train":
@@ -137,6 +150,7 @@ def evaluate_all(
     progress: bool = True,
     validate=None,
     grid: dict | None = None,
+    checkpoint_every: int = 1,
 ) -> int:
     """Run every config, print a line per run and the table of this invocation's runs.
 
@@ -150,7 +164,7 @@ def evaluate_all(
             return _selected(cfg, grid, validate, runs_dir=runs_dir, cache_dir=cache_dir,
                              force=force, progress=progress)  # fmt: skip
         result = run_eval(cfg, runs_dir=runs_dir, cache_dir=cache_dir, force=force,
-                          progress=progress)  # fmt: skip
+                          progress=progress, checkpoint_every=checkpoint_every)  # fmt: skip
         if validate is None:
             return result
         return _validated(result, cfg, validate, cache_dir=cache_dir, force=force,
@@ -232,6 +246,10 @@ def run(args: argparse.Namespace) -> int:
         grid = load_grid(args.grid) if args.grid else None
     elif getattr(args, "grid", None):
         raise ConfigError("--grid chooses a setting by validation folds: add --validate lodo")
+    if args.resume and args.force:
+        raise ConfigError("--resume continues a run and --force restarts it: pass one")
+    if args.checkpoint_every < 0:
+        raise ConfigError("--checkpoint-every must be >= 0 (0: no checkpoints)")
     return evaluate_all(
         configs_from_args(args),
         runs_dir=args.runs_dir,
@@ -240,4 +258,5 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
         validate=validate,
         grid=grid,
+        checkpoint_every=args.checkpoint_every,
     )

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -18,9 +19,18 @@ class Method(Protocol):
     num_known: int
 
     def fit(
-        self, train: Features, train_labels: torch.Tensor, val: Features, val_labels: torch.Tensor
+        self,
+        train: Features,
+        train_labels: torch.Tensor,
+        val: Features,
+        val_labels: torch.Tensor,
+        *,
+        checkpoint: Path | None = None,
+        checkpoint_every: int = 1,
     ) -> None:
-        """Learn from labelled source images; calibrate on source validation only."""
+        """Learn from labelled source images; calibrate on source validation only. A method
+        that trains writes its whole state to ``checkpoint`` every ``checkpoint_every`` epochs
+        and resumes from it when it exists."""
 
     def predict(self, images: Features) -> Prediction:
         """Classify images into C known classes or unknown (index C). Takes no label."""

@@ -44,8 +44,16 @@ class ZeroShot:
         return closed, conf
 
     def fit(
-        self, train: Features, train_labels: torch.Tensor, val: Features, val_labels: torch.Tensor
+        self,
+        train: Features,
+        train_labels: torch.Tensor,
+        val: Features,
+        val_labels: torch.Tensor,
+        *,
+        checkpoint=None,
+        checkpoint_every: int = 1,
     ) -> None:
+        """Chooses the threshold on source validation (nothing to checkpoint)."""
         if len(val) == 0:
             raise ValueError("zeroshot needs source-validation images to choose its threshold")
         _, conf = self._confidence(val)
