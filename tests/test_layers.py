@@ -20,6 +20,7 @@ LAYERS = {
     "seeclip.registry": 1,
     "seeclip.paths": 1,
     "seeclip.io": 1,
+    "seeclip.distributed": 1,  # torch.distributed helpers (rank, barrier, shards)
     "seeclip.features": 1,
     "seeclip.metrics": 1,
     "seeclip.records": 1,
@@ -55,6 +56,7 @@ LAYERS = {
     "seeclip.report_files": 6,
     # 7. the app
     "seeclip.cli": 7,
+    "seeclip.__main__": 7,  # python -m seeclip / torchrun -m seeclip
 }
 
 

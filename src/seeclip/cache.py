@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from seeclip import distributed
 from seeclip.datasets.images import ImageFiles
 from seeclip.io import ensure_space, file_lock, reserve
 
@@ -222,6 +223,12 @@ def encode_cached(
     verify = verify_by_default() if verify is None else verify
     content = content_digest(root, rel_paths) if verify else None
     cached = _load(entry, key, content)
+    if distributed.world_size() > 1:  # torchrun: every rank encodes a shard of one entry
+        if not distributed.broadcast_flag(cached is None):
+            return cached
+        return _build_sharded(backbone, root, rel_paths, entry, parts, key, content,
+                              desc=f"encoding {name}", batch_size=batch_size,
+                              num_workers=num_workers, progress=progress)  # fmt: skip
     if cached is not None:
         return cached
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -254,28 +261,88 @@ def _build(backbone, root, rel_paths, entry, parts, key, content, *, desc, batch
     )
     try:
         _encode_into(tmp, backbone, loader, len(rel_paths), desc=desc, progress=progress)
-        meta = {
-            "format": _FORMAT,
-            "key": key,
-            "parts": parts,
-            "paths": rel_paths,
-            "content": content if content is not None else content_digest(root, rel_paths),
-            "global_shape": [len(rel_paths), backbone.embed_dim],
-            "tokens_shape": [len(rel_paths), backbone.num_patches, backbone.embed_dim],
-            "dtype": np.dtype(_DTYPE).name,
-            "backbone": {
-                "name": getattr(backbone, "name", None),
-                "arch": getattr(backbone, "arch", None),
-                "pretrained": getattr(backbone, "pretrained", None),
-            },
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
+        meta = _meta(backbone, root, rel_paths, parts, key, content)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks completion
         _swap_into_place(tmp, entry)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     loaded = _load(entry, key)
+    assert loaded is not None, f"feature cache {entry} unreadable right after building it"
+    return loaded
+
+
+def _meta(backbone, root, rel_paths, parts, key, content) -> dict:
+    return {
+        "format": _FORMAT,
+        "key": key,
+        "parts": parts,
+        "paths": list(rel_paths),
+        "content": content if content is not None else content_digest(root, rel_paths),
+        "global_shape": [len(rel_paths), backbone.embed_dim],
+        "tokens_shape": [len(rel_paths), backbone.num_patches, backbone.embed_dim],
+        "dtype": np.dtype(_DTYPE).name,
+        "backbone": {
+            "name": getattr(backbone, "name", None),
+            "arch": getattr(backbone, "arch", None),
+            "pretrained": getattr(backbone, "pretrained", None),
+        },
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _build_sharded(backbone, root, rel_paths, entry, parts, key, content, *, desc, batch_size,
+                   num_workers, progress) -> CachedFeatures:  # fmt: skip
+    """torchrun: rank 0 creates (and reserves) the arrays in a temporary folder, every rank
+    encodes its contiguous block of rows into them, rank 0 writes ``meta.json`` and swaps the
+    entry in; then every rank reads it. The folder must be on a file system all ranks see."""
+    n, d, t = len(rel_paths), backbone.embed_dim, backbone.num_patches
+    tmp = entry.with_name(f"{entry.name}.tmp-shards")
+    error: BaseException | None = None
+    if distributed.is_main():
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            ensure_space(tmp, n * d * (1 + t) * np.dtype(_DTYPE).itemsize)
+            tmp.mkdir()
+            for file, shape in (("global.npy", (n, d)), ("tokens.npy", (n, t, d))):
+                _open_reserved(tmp / file, shape).flush()  # header and blocks on disk
+        except BaseException as err:  # every rank must hear of it, or the others would hang
+            error = err
+    if distributed.broadcast_flag(error is not None):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise error or RuntimeError(f"rank 0 could not create the feature cache entry {entry}")
+    rows = distributed.shard(n)
+    try:
+        glob = np.load(tmp / "global.npy", mmap_mode="r+")
+        toks = np.load(tmp / "tokens.npy", mmap_mode="r+")
+        files = ImageFiles(root, [rel_paths[i] for i in rows], backbone.preprocess)
+        loader = DataLoader(files, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        row = rows.start
+        with tqdm(total=len(rows), desc=f"{desc} (rank {distributed.rank()})", unit="img",
+                  disable=not progress) as bar, torch.inference_mode():  # fmt: skip
+            for images in loader:
+                g, tk = backbone.encode_image(images)
+                k = g.shape[0]
+                glob[row : row + k] = g.float().cpu().numpy()
+                toks[row : row + k] = tk.float().cpu().numpy()
+                row += k
+                bar.update(k)
+        glob.flush()
+        toks.flush()
+        del glob, toks
+    except BaseException as err:
+        error = err
+    if distributed.broadcast_flag(error is not None):
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise error or RuntimeError(f"another rank failed while encoding {entry}; nothing kept")
+    if distributed.is_main():
+        meta = _meta(backbone, root, rel_paths, parts, key, content)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        _swap_into_place(tmp, entry)
+    distributed.barrier()
+    loaded = _load(entry, key, content)
     assert loaded is not None, f"feature cache {entry} unreadable right after building it"
     return loaded
 

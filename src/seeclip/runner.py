@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from seeclip import metrics
+from seeclip import distributed, metrics
 from seeclip.backbone import Backbone, build_backbone
 from seeclip.builders import METHODS, build_method
 from seeclip.cache import CachedFeatures, encode_cached
@@ -367,9 +367,12 @@ def run_eval(
     pseudo = pseudo_sources(cfg, run, cache_dir=cache_dir, progress=progress)
     method = make_method(cfg, run, cache_dir=cache_dir, progress=progress, pseudo=pseudo)
     data = run.data
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "done").unlink(missing_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    main = distributed.is_main()  # under torchrun only rank 0 writes and evaluates
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "done").unlink(missing_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    distributed.barrier()
     start = time.perf_counter()
     method.fit(
         run.features(data.source_train),
@@ -380,6 +383,9 @@ def run_eval(
         checkpoint_every=checkpoint_every,
     )
     fit_seconds = time.perf_counter() - start
+    if not main:
+        distributed.barrier()  # rank 0 evaluates and writes the run
+        return RunResult(run_dir, {}, cached=False)
     with atomic_path(run_dir / "model.safetensors") as tmp:
         save_file(method.state(), str(tmp))
     epochs = [{**r, "config_hash": cfg.hash(), "seed": cfg.seed} for r in method.history()]
@@ -391,6 +397,7 @@ def run_eval(
     record = _evaluate(cfg, run, method, run_dir, epochs=epochs, extra=extra,
                        pseudo_scores=pseudo_scores)  # fmt: skip
     ckpt.unlink(missing_ok=True)  # the run is done: model.safetensors holds what it learned
+    distributed.barrier()
     return RunResult(run_dir, record, cached=False)
 
 

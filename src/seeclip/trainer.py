@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from seeclip import metrics
+from seeclip import distributed, metrics
 from seeclip.config import TrainConfig
 from seeclip.features import Features, Prediction, PseudoSources, PseudoUnknownSource
 from seeclip.io import load_checkpoint, write_with
@@ -207,6 +207,11 @@ class PromptTrainer:
         val_pseudo = self._val_pseudo(val) if rule.needs_val_pseudo else None
         params = [p for p in model.learnable_parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        world, rank = distributed.world_size(), distributed.rank()
+        # torchrun: each rank runs rows rank::world of the global batch; DDP averages gradients
+        net = model
+        if world > 1:
+            net = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
         steps = math.ceil(len(train) / cfg.batch_size)
         log = TrainLog([], [], cfg.epochs)
         best: tuple[float, int, dict] | None = None
@@ -222,7 +227,9 @@ class PromptTrainer:
             grad_sums: dict[str, float] = {}
             for step in range(steps):
                 g, t, y = self._batch(batches, train, train_labels, source, gen)
-                terms = self.loss_fn(model(g, t), y)
+                if world > 1:
+                    g, t, y = g[rank::world], t[rank::world], y[rank::world]
+                terms = self.loss_fn(net(g, t), y)
                 if step % every == 0:
                     norms = term_gradient_norms(terms, self.term_weights, params)
                     for k, v in norms.items():
@@ -249,7 +256,9 @@ class PromptTrainer:
                 and checkpoint_every > 0
                 and (epoch % checkpoint_every == 0 or epoch == cfg.epochs)
             ):
-                self._save_checkpoint(checkpoint, epoch, opt, gen, batches, log, best)
+                if distributed.is_main():  # one writer; every rank resumes from it
+                    self._save_checkpoint(checkpoint, epoch, opt, gen, batches, log, best)
+                distributed.barrier()
         bar.close()
         if best is not None:
             model.load_state_dict_learnable(best[2])

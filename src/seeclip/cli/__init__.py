@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from collections.abc import Sequence
 
 import yaml
 
+from seeclip import distributed
 from seeclip.cli import (
     demo,
     generate,
@@ -58,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if distributed.init_from_env() and not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 prints the tables
     try:
         return args.func(args)
     except (
@@ -81,6 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # disk full, permissions, ...: what failed and what to do
         print(f"seeclip: error: {os_error_message(err)}", file=sys.stderr)
         return 1
+    finally:
+        if distributed.world_size() > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def os_error_message(err: OSError) -> str:

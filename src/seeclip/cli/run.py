@@ -170,6 +170,12 @@ def evaluate_all(
         return _validated(result, cfg, validate, cache_dir=cache_dir, force=force,
                           progress=progress)  # fmt: skip
 
+    from seeclip import distributed
+
+    if not distributed.is_main():  # torchrun: rank 0 reports
+        for cfg in configs:
+            one(cfg)
+        return 0
     return print_results(one(cfg) for cfg in configs)
 
 
