@@ -237,3 +237,23 @@ def test_list_backbones_covers_registry():
     rows = dict(list_backbones())
     assert set(BACKBONES) <= set(rows)
     assert any("ViT-B-16" in text and "openai" in text for text in rows.values())
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-glyphs"])
+def test_last_text_block_at_the_end_token_is_exact(name, monkeypatch):
+    import seeclip.backbone as backbone_module
+
+    bb = build_backbone(name)
+    bb.model.double()
+    ids = bb.tokenize(["a photo of a dog.", "a hot dog stand in the rain.", "x"])
+    eot = bb.eot_index(ids)
+    weights = torch.randn(3, bb.embed_dim, dtype=torch.float64)
+    out = {}
+    for fast in (False, True):  # ends with the default on
+        monkeypatch.setattr(backbone_module, "EOT_ONLY_LAST_BLOCK", fast)
+        emb = bb.embed_tokens(ids).double().requires_grad_(True)
+        feats = bb.encode_text_embeddings(emb, eot)
+        out[fast] = (feats, torch.autograd.grad((feats * weights).sum(), emb)[0])
+    assert backbone_module._eot_only_ok(bb._text.transformer)
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-10, atol=1e-10)

@@ -182,3 +182,18 @@ def test_coop_with_placeholder_context_is_plain_clip(backbone):
         expected = backbone.encode_text(texts)
     assert texts[1] == "X X X X hot dog stand." and texts[-1] == "X X unknown."
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["seeclip", "coop", "cocoop"])
+def test_bf16_text_tower_is_close_to_fp32_and_trains(name, backbone, features):
+    g, t = features
+    model = _build(name, backbone)
+    full = model(g, t)
+    model.text_autocast = torch.bfloat16
+    half = model(g, t)
+    assert half.text.dtype == torch.float32 == half.logits.dtype  # cast back
+    cos = (full.text * half.text).sum(-1)  # both L2-normalised
+    assert cos.min() > 0.99 and not torch.equal(full.text, half.text)  # bf16 did run
+    half.logits.sum().backward()
+    grads = [p.grad for p in model.learnable_parameters()]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)

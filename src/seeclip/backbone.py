@@ -25,7 +25,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
-from open_clip.transformer import QuickGELU, VisionTransformer
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
 from seeclip import hub, tiny_clip
@@ -280,9 +280,20 @@ class Backbone(nn.Module):
         eot_index = eot_index.to(embeds.device).long()
         length = int(eot_index.max()) + 1 if truncate else embeds.shape[1]
         x = embeds[:, :length].to(cast) + text.positional_embedding[:length].to(cast)
-        x = text.transformer(x, attn_mask=text.attn_mask[:length, :length])  # NLD in and out
-        x = text.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+        mask = text.attn_mask[:length, :length]
+        blocks = text.transformer.resblocks
+        if _eot_only_ok(text.transformer):
+            # The last block only at the end token, the one position read out: its keys and
+            # values still come from every position, so this is exact, and it saves that
+            # block's attention queries and MLP on the other L - 1 positions.
+            for block in blocks[:-1]:
+                x = block(x, attn_mask=mask)
+            x = _last_block_at(blocks[-1], x, eot_index)
+            x = text.ln_final(x)
+        else:
+            x = text.transformer(x, attn_mask=mask)  # NLD in and out
+            x = text.ln_final(x)
+            x = x[torch.arange(x.shape[0], device=x.device), eot_index]
         proj = text.text_projection
         if proj is None:
             return x
@@ -293,6 +304,45 @@ class Backbone(nn.Module):
         ids = self.tokenize(texts).to(self.device)
         feats = self.encode_text_embeddings(self.embed_tokens(ids), self.eot_index(ids))
         return F.normalize(feats, dim=-1) if normalize else feats
+
+
+# Run the text tower's last block at the end token only (exact; benchmarks/seeclip_scaling.py
+# measures it against the whole block by switching this off).
+EOT_ONLY_LAST_BLOCK = True
+
+
+def _eot_only_ok(transformer: nn.Module) -> bool:
+    """Whether the last block can run at the end token alone: open_clip's batch-first
+    transformer of plain self-attention blocks, without gradient checkpointing."""
+    blocks = getattr(transformer, "resblocks", None)
+    return (
+        EOT_ONLY_LAST_BLOCK
+        and blocks is not None
+        and len(blocks) > 0
+        and getattr(transformer, "batch_first", False)
+        and not getattr(transformer, "grad_checkpointing", False)
+        and isinstance(blocks[-1], ResidualAttentionBlock)
+        and not hasattr(blocks[-1], "ln_1_kv")
+        and isinstance(blocks[-1].attn, nn.MultiheadAttention)
+    )
+
+
+def _last_block_at(block: nn.Module, x: Tensor, eot_index: Tensor) -> Tensor:
+    """``block`` (a ResidualAttentionBlock) evaluated at position ``eot_index[i]`` of each row:
+    [N, L, w] -> [N, w]. The query attends to positions <= its end token, as under the causal
+    mask."""
+    n, length, _ = x.shape
+    rows = torch.arange(n, device=x.device)
+    q = x[rows, eot_index].unsqueeze(1)  # [N, 1, w]
+    kv = block.ln_1(x)
+    future = torch.arange(length, device=x.device)[None, :] > eot_index[:, None]  # [N, L]
+    mask = torch.zeros(n, length, dtype=x.dtype, device=x.device)
+    mask = mask.masked_fill(future, float("-inf"))
+    mask = mask.repeat_interleave(block.attn.num_heads, dim=0).unsqueeze(1)  # [N * h, 1, L]
+    out = block.attn(block.ln_1(q), kv, kv, need_weights=False, attn_mask=mask)[0]
+    q = q + block.ls_1(out)
+    q = q + block.ls_2(block.mlp(block.ln_2(q)))
+    return q[:, 0]
 
 
 @dataclass

@@ -57,6 +57,7 @@ def _trainer(
     train: TrainConfig,
     term_weights: Mapping[str, float] | None = None,
 ) -> PromptTrainer:
+    model.text_autocast = torch.bfloat16 if prompt.text_precision == "bf16" else None
     return PromptTrainer(
         model,
         loss_fn,

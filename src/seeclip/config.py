@@ -111,8 +111,12 @@ class PromptConfig:
     m: int = 4  # learnable vectors of the "unknown" prompt
     semantic_tokens: bool = True  # False = ablation: plain learned context instead
     threshold_quantile: float = 0.05  # methods without an unknown prompt: MSP threshold on val
+    # the frozen text tower's arithmetic while training prompts: fp32 | bf16 (torch.autocast;
+    # error and speed in docs/performance.md)
+    text_precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
+        _check_choices(self, "prompt")
         for name in ("n_ctx", "k", "m"):
             _check_min(f"prompt.{name}", getattr(self, name), 1)
         _check_unit("prompt.threshold_quantile", self.threshold_quantile)
@@ -223,7 +227,7 @@ class RunConfig:
 
 # Keys added after runs existed: at these values a config is the experiment it was before the
 # key existed, so they stay out of the hashes and earlier run folders keep their names.
-HASH_NEUTRAL = {("train", "sd_strength"): 1.0}
+HASH_NEUTRAL = {("train", "sd_strength"): 1.0, ("prompt", "text_precision"): "fp32"}
 
 
 def _hashed(cfg: RunConfig) -> dict[str, Any]:

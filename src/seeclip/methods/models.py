@@ -104,6 +104,8 @@ class PromptModel(nn.Module):
         self.num_known = num_known
         self.has_unknown_prompt = has_unknown_prompt
         self.logit_scale = backbone.logit_scale  # tau, a frozen float
+        # dtype of torch.autocast around the frozen text tower (None: full precision)
+        self.text_autocast: torch.dtype | None = None
 
     def train(self, mode: bool = True) -> PromptModel:
         """Switches the learnable parts; the frozen backbone stays in eval mode."""
@@ -200,6 +202,7 @@ class SeeCLIPModel(PromptModel):
             self.backbone,
             [known, unknown],
             [self.known_prompts.eot_index, self.unknown_prompt.eot_index],
+            autocast=self.text_autocast,
         )
         return self._output(global_, text)
 
@@ -238,7 +241,7 @@ class CoOpModel(PromptModel):
         if self.unknown_prompt is not None:
             groups.append(self.unknown_prompt.assemble(self.unknown_ctx))
             eots.append(self.unknown_prompt.eot_index)
-        return encode_prompts(self.backbone, groups, eots)
+        return encode_prompts(self.backbone, groups, eots, autocast=self.text_autocast)
 
     def forward(self, global_: Tensor, tokens: Tensor) -> PromptOutput:
         return self._output(global_, self.text_features())
@@ -263,5 +266,7 @@ class CoCoOpModel(PromptModel):
     def forward(self, global_: Tensor, tokens: Tensor) -> PromptOutput:
         pi = self.meta_net(global_.to(self.ctx.dtype))  # [B, w]
         ctx = self.ctx.unsqueeze(0) + pi.unsqueeze(1)  # [B, n, w]
-        text = self.known_prompts.encode(self.backbone, ctx, per_image=True)
+        text = self.known_prompts.encode(
+            self.backbone, ctx, per_image=True, autocast=self.text_autocast
+        )
         return self._output(global_, text)

@@ -116,12 +116,19 @@ class PromptTemplate(nn.Module):
             [self.prefix.expand(*lead, 1, w), ctx, self.suffix.expand(*lead, -1, w)], dim=-2
         )
 
-    def encode(self, backbone, ctx: Tensor, *, per_image: bool = False) -> Tensor:
+    def encode(self, backbone, ctx: Tensor, *, per_image: bool = False, autocast=None) -> Tensor:
         """Text features (not normalised): [P, d] shared, [B, P, d] per image."""
-        return encode_prompts(backbone, [self.assemble(ctx, per_image=per_image)], [self.eot_index])
+        return encode_prompts(backbone, [self.assemble(ctx, per_image=per_image)],
+                              [self.eot_index], autocast=autocast)  # fmt: skip
 
 
-def encode_prompts(backbone, embeds: Sequence[Tensor], eot_index: Sequence[Tensor]) -> Tensor:
+def encode_prompts(
+    backbone,
+    embeds: Sequence[Tensor],
+    eot_index: Sequence[Tensor],
+    *,
+    autocast: torch.dtype | None = None,
+) -> Tensor:
     """Encodes several groups of assembled prompts in ONE call to the frozen text encoder.
 
     Args:
@@ -129,6 +136,8 @@ def encode_prompts(backbone, embeds: Sequence[Tensor], eot_index: Sequence[Tenso
         embeds: groups of prompt embeddings [*lead, P_i, L_i, w] with the same ``lead`` dims
             (none for shared prompts, [B] for per-image prompts); lengths L_i may differ.
         eot_index: [P_i] end-token position of each group's prompts.
+        autocast: run the text tower under ``torch.autocast`` in this dtype (e.g. bfloat16);
+            the features come back as float32.
 
     Returns:
         Text features [*lead, sum_i P_i, d] in group order (not normalised).
@@ -141,7 +150,8 @@ def encode_prompts(backbone, embeds: Sequence[Tensor], eot_index: Sequence[Tenso
     padded = [nn.functional.pad(e, (0, 0, 0, length - e.shape[-2])) for e in embeds]
     x = torch.cat(padded, dim=-3)
     eot = torch.cat([i.to(x.device) for i in eot_index]).expand(*lead, -1)
-    feats = backbone.encode_text_embeddings(
-        x.reshape(-1, length, x.shape[-1]), eot.reshape(-1), truncate=True
-    )
-    return feats.reshape(*lead, x.shape[-3], feats.shape[-1])
+    with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=bool(autocast)):
+        feats = backbone.encode_text_embeddings(
+            x.reshape(-1, length, x.shape[-1]), eot.reshape(-1), truncate=True
+        )
+    return feats.float().reshape(*lead, x.shape[-3], feats.shape[-1])
