@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The prepared device check (issue 12), for a machine with a CUDA GPU and seeclip installed
+# (`pip install -e ".[dev]"` with a CUDA torch). Under 5 minutes; prints the figures to record in
+# docs/performance.md:
+#   1. the test suite's GPU-marked tests;
+#   2. SeeCLIP's step with ViT-B-16 shapes on the GPU: 7 / 65 / 345 classes at batch 16, fp32
+#      against bf16 autocast of the text tower (speed and error side by side), and a profile;
+#   3. a short 2-process torchrun run (DistributedDataParallel; gloo, the runner keeps models on
+#      the CPU) on the embedded digits world, to show the distributed path on that machine.
+#
+#   bash benchmarks/gpu_check.sh 2>&1 | tee gpu_check.log
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export SEECLIP_HOME="${SEECLIP_HOME:-$(mktemp -d)}"
+python - <<'PY'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device",
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NONE")
+PY
+echo "== 1. GPU-marked tests"
+timeout 120 python -m pytest -q -m gpu -p no:cacheprovider tests || echo "GPU TESTS FAILED"
+echo "== 2. SeeCLIP step, ViT-B-16 shapes, on the GPU"
+timeout 120 python benchmarks/seeclip_scaling.py --device cuda --classes 7 65 345 --batch 16 \
+    --batches 32 --profile-classes 65 || echo "BENCHMARK FAILED"
+echo "== 3. torchrun, 2 processes, digits (2 epochs)"
+timeout 90 seeclip prepare digits --n-per-class 20 --no-progress > /dev/null
+timeout 90 torchrun --nproc_per_node=2 -m seeclip eval --benchmark digits --method seeclip \
+    --target printed --no-progress --runs-dir "$SEECLIP_HOME/runs" train.epochs=2 \
+    || echo "TORCHRUN FAILED"
