@@ -263,3 +263,39 @@ def test_verify_cache_catches_same_size_same_mtime_replacements(backbone, images
     np.testing.assert_array_equal(trusted.global_[0], before)  # the documented blind spot
     verified = encode_cached(backbone, root, names, verify=True, **kwargs)
     assert not np.allclose(verified.global_[0], before)
+
+
+def _prepared_folder(tmp_path, capsys) -> list[str]:
+    root = tmp_path / "data"
+    _folder_tree(root, n=6)
+    (tmp_path / "c.yaml").write_text("known: [cat, dog]\nunknown: [horse]\n")
+    argv = ["--benchmark", "folder", "--classes", tmp_path / "c.yaml", "--data-root", root]
+    assert cli.main([str(a) for a in ["prepare", "folder", *argv[2:], "--no-progress"]]) == 0
+    capsys.readouterr()
+    return [str(a) for a in ["eval", *argv, "--method", "zeroshot", "--backbone", "tiny-vit",
+                             "--target", "art", "--runs-dir", tmp_path / "runs",
+                             "--no-progress"]]  # fmt: skip
+
+
+def test_image_deleted_or_damaged_after_prepare_is_one_line_at_eval(tmp_path, capsys):
+    argv = _prepared_folder(tmp_path, capsys)
+    (tmp_path / "data" / "photo" / "dog" / "3.png").unlink()
+    code, err = _cli(argv, capsys)
+    assert code == 2 and len(err) == 1 and "gone since `seeclip prepare`" in err[0], err
+    _rgb(tmp_path / "data" / "photo" / "dog" / "3.png", seed=5)
+    png = tmp_path / "data" / "sketch" / "cat" / "2.png"
+    png.write_bytes(png.read_bytes()[:60])  # truncated after prepare checked it
+    code, err = _cli(argv, capsys)
+    assert code == 2 and len(err) == 1 and "sketch/cat/2.png" in err[0], err
+
+
+def test_a_crafted_training_checkpoint_is_refused(tmp_path):
+    from test_trainer import _trainer, synthetic
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "train_state.pt").write_bytes(pickle.dumps({"epoch": _Exploit(marker)}))
+    feats, labels = synthetic()
+    t = _trainer(build_backbone("tiny-vit"), "coop", epochs=1)
+    with pytest.raises(UnreadableFileError):
+        t.fit(feats, labels, feats, labels, checkpoint=tmp_path / "train_state.pt")
+    assert not marker.exists()

@@ -100,7 +100,13 @@ def _sha(text: str) -> str:
 def _key_parts(backbone, root: Path, rel_paths: Sequence[str]) -> dict[str, str]:
     files = hashlib.sha256()
     for rel in rel_paths:
-        st = (Path(root) / rel).stat()
+        try:
+            st = (Path(root) / rel).stat()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"image {Path(root) / rel} is gone since `seeclip prepare` listed it; rerun "
+                "`seeclip prepare` for this data root to list the images that are there now"
+            ) from None
         files.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return {
         "weights": backbone.fingerprint,
