@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import pickle
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from seeclip.cli import main
 from seeclip.datasets.digits import generate_corpus
 from seeclip.generate.image_pool import generate_image_pool, load_image_pool
 from seeclip.generate.sd_pipeline import ImageDiffusionConfig, encode_prompts, load_pipeline
+from seeclip.io import UnreadableFileError
 from seeclip.pretrain_diffusion import (
     DiffusionPretrainConfig,
     build_unet,
@@ -204,7 +204,7 @@ def test_a_crafted_checkpoint_cannot_run_code(corpus, clip, tmp_path):
             return exec, (f"open({str(marker)!r}, 'w').write('ran')",)
 
     torch.save({"identity": Payload(), "stage": "vae"}, tmp_path / "last.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(UnreadableFileError, match="refused"):
         pretrain_diffusion(_tiny_cfg(), corpus, clip[0], None, tmp_path, progress=False)
     assert not marker.exists()
     torch.load(tmp_path / "last.pt", weights_only=False)  # the payload is real: it runs here
