@@ -4,6 +4,7 @@ and whether the folds rank the variants as the target does.
 
     python scripts/decisive_table.py --benchmark digits [--seeds 0 1 2] [--protocols full daml]
         [--validate-seeds 0] [--no-validate LABEL ...] [--jobs 2] [--runs-dir runs/digits]
+        [--report-only]
 
 1. ``seeclip sweep --sweep sweeps/<benchmark>.yaml`` for the given seeds and protocols (finished
    runs are reused);
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from seeclip.report import paper_tables, under_rule
+from seeclip.report import dedupe, paper_tables, read_records, under_rule
 from seeclip.report_files import table_md
 from seeclip.runner import prepare_benchmark
 from seeclip.sweep import load_sweep, plan, run_sweep
@@ -162,6 +163,9 @@ def main() -> None:
     p.add_argument("--class-splits", type=int, default=2)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--runs-dir")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: print the tables of the finished runs of the sweep's "
+                   "variants in --runs-dir")  # fmt: skip
     args = p.parse_args()
     start = time.perf_counter()
     spec = load_sweep(args.sweep or ROOT / "sweeps" / f"{args.benchmark}.yaml")
@@ -174,6 +178,11 @@ def main() -> None:
     prepare_benchmark(args.benchmark, progress=False)
     order = [v.label for v in spec.variants]
     configs = plan(spec)
+    if args.report_only:
+        wanted = {"seed": spec.seeds, "protocol": spec.protocols, "method": order}
+        records = [r for r in dedupe(read_records(runs_dir))
+                   if all(r.get(k) in v for k, v in wanted.items())]  # fmt: skip
+        return print_tables(records, spec, order, runs_dir, args, start)
     paper = run_sweep(configs, runs_dir=runs_dir, jobs=args.jobs)
     skip = set(args.no_validate if args.no_validate is not None else
                [lab for lab in order if "diffusion" in lab])  # fmt: skip
@@ -184,6 +193,10 @@ def main() -> None:
     by_hash = {r["config_hash"]: r for r in paper.records}
     by_hash.update({r["config_hash"]: r for r in validated.records})
     records = list(by_hash.values())
+    print_tables(records, spec, order, runs_dir, args, start)
+
+
+def print_tables(records, spec, order, runs_dir, args, start) -> None:
     hard_easy = any(r.get("acc_unknown_hard") is not None for r in records)
     for protocol in spec.protocols:
         rs = [r for r in records if r["protocol"] == protocol]
