@@ -30,7 +30,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         else:
             scale = 255.0 / 65535.0 if img.mode != "I" or (a.size and a.max() > 255) else 1.0
         a = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
-        return Image.fromarray(a, mode="L").convert("RGB")
+        return Image.fromarray(a).convert("RGB")  # uint8 [H, W]: mode L
     return img.convert("RGB")
 
 
