@@ -34,6 +34,7 @@ from scipy.stats import spearmanr
 from seeclip.report import dedupe, paper_tables, read_records, under_rule
 from seeclip.report_files import table_md
 from seeclip.runner import prepare_benchmark
+from seeclip.selection import OWN_RULE, SETTING_SELECTIONS
 from seeclip.sweep import load_sweep, plan, run_sweep
 from seeclip.validation import LodoSettings
 
@@ -124,6 +125,30 @@ def rank_agreement(records) -> str:
     return "\n".join(out)
 
 
+def lodo_h_picks(records) -> str:
+    """Per (target, seed): the variant and operating rule `lodo_h` (seeclip.selection) picks
+    from the validated runs' fold reports, its target H, and the best target H in hindsight."""
+    validated = [r for r in records if r.get("rules", {}).get("lodo_threshold")]
+    lines, picked = [], []
+    for t, s in sorted({(r["target"], r["seed"]) for r in validated}):
+        runs = {r["method"]: r for r in validated if (r["target"], r["seed"]) == (t, s)}
+        label, rule, fold = SETTING_SELECTIONS.get("lodo_h").choose(
+            {m: r["validation"] for m, r in runs.items()}
+        )
+        chosen = runs[label]
+        target = chosen["h_score"] if rule == OWN_RULE else chosen["rules"][rule]["h_score"]
+        best = max(max(r["h_score"], r["rules"]["lodo_threshold"]["h_score"])
+                   for r in runs.values())  # fmt: skip
+        picked.append((target, best))
+        lines.append(f"- {t} seed {s}: lodo_h picks {label} ({rule}, fold H {fold:.3f}) -> "
+                     f"target H {target:.3f}; best in hindsight {best:.3f}")  # fmt: skip
+    if picked:
+        mean = np.mean(picked, axis=0)
+        lines.append(f"- mean target H of the picks {mean[0]:.3f}; of the best in hindsight "
+                     f"{mean[1]:.3f}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def loss_shares(records, runs_dir, order) -> str:
     """Each SeeCLIP-family variant's last-epoch loss terms and gradient shares (mean over runs),
     read from the runs' epoch records: which terms act at which setting."""
@@ -204,6 +229,7 @@ def print_tables(records, spec, order, runs_dir, args, start) -> None:
         print(summary(rs, order, hard_easy))
         print()
         print(rank_agreement(rs))
+        print(lodo_h_picks(rs))
         print(f"\nLast-epoch gradient shares and L_rep activity ({protocol}, every seed):\n")
         print(loss_shares(rs, runs_dir, order))
         for t in paper_tables(rs, ["h_score"]):

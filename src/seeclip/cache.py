@@ -128,9 +128,12 @@ def content_digest(root: Path, rel_paths: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
+VERIFY_ENV = "SEECLIP_VERIFY_CACHE"  # what ``--verify-cache`` sets (worker processes inherit it)
+
+
 def verify_by_default() -> bool:
-    """``SEECLIP_VERIFY_CACHE=1`` (what ``--verify-cache`` sets) turns content checks on."""
-    return os.environ.get("SEECLIP_VERIFY_CACHE", "").lower() in ("1", "true", "yes")
+    """``SEECLIP_VERIFY_CACHE=1`` turns content checks on."""
+    return os.environ.get(VERIFY_ENV, "").lower() in ("1", "true", "yes")
 
 
 def cache_key(backbone, root: Path, rel_paths: Sequence[str]) -> str:
@@ -324,16 +327,8 @@ def _build_sharded(backbone, root, rel_paths, entry, parts, key, content, *, des
         toks = np.load(tmp / "tokens.npy", mmap_mode="r+")
         files = ImageFiles(root, [rel_paths[i] for i in rows], backbone.preprocess)
         loader = DataLoader(files, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        row = rows.start
-        with tqdm(total=len(rows), desc=f"{desc} (rank {distributed.rank()})", unit="img",
-                  disable=not progress) as bar, torch.inference_mode():  # fmt: skip
-            for images in loader:
-                g, tk = backbone.encode_image(images)
-                k = g.shape[0]
-                glob[row : row + k] = g.float().cpu().numpy()
-                toks[row : row + k] = tk.float().cpu().numpy()
-                row += k
-                bar.update(k)
+        _encode_rows(backbone, loader, glob, toks, rows.start, len(rows),
+                     desc=f"{desc} (rank {distributed.rank()})", progress=progress)  # fmt: skip
         glob.flush()
         toks.flush()
         del glob, toks
@@ -358,7 +353,15 @@ def _encode_into(out: Path, backbone, loader: DataLoader, n: int, *, desc: str, 
     d, t = backbone.embed_dim, backbone.num_patches
     glob = _open_reserved(out / "global.npy", (n, d))
     toks = _open_reserved(out / "tokens.npy", (n, t, d))
-    row = 0
+    _encode_rows(backbone, loader, glob, toks, 0, n, desc=desc, progress=progress)
+    glob.flush()
+    toks.flush()
+
+
+def _encode_rows(backbone, loader, glob, toks, start: int, n: int, *, desc: str,
+                 progress: bool) -> None:  # fmt: skip
+    """Encodes ``loader``'s ``n`` images into rows ``start .. start + n`` of the two arrays."""
+    row = start
     with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
         with torch.inference_mode():
             for images in loader:
@@ -368,10 +371,8 @@ def _encode_into(out: Path, backbone, loader: DataLoader, n: int, *, desc: str, 
                 toks[row : row + k] = tk.float().cpu().numpy()
                 row += k
                 bar.update(k)
-    if row != n:
-        raise RuntimeError(f"encoded {row} images, expected {n}")
-    glob.flush()
-    toks.flush()
+    if row != start + n:
+        raise RuntimeError(f"encoded {row - start} images, expected {n}")
 
 
 def _open_reserved(path: Path, shape: tuple[int, ...]) -> np.memmap:

@@ -41,12 +41,7 @@ def _add(sub, command: str) -> None:
         "--cache-dir",
         help="root of the feature cache and pseudo-unknown pools (default: $SEECLIP_HOME)",
     )
-    p.add_argument(
-        "--verify-cache",
-        action="store_true",
-        help="also compare image contents with the feature cache's (reads every image; default: "
-        "trust size and mtime)",
-    )
+    add_verify_cache(p)
     p.add_argument("--force", action="store_true", help="recompute a run from scratch")
     p.add_argument(
         "--resume",
@@ -93,6 +88,23 @@ def _add(sub, command: str) -> None:
         "overrides", nargs="*", help="config overrides key=value, e.g. zeroshot.score=mcm"
     )
     p.set_defaults(func=run)
+
+
+def add_verify_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verify-cache",
+        action="store_true",
+        help="also compare image contents with the feature cache's (reads every image; default: "
+        "trust size and mtime)",
+    )
+
+
+def use_verify_cache(args: argparse.Namespace) -> None:
+    """``--verify-cache`` as an environment variable, so every process of a run sees it."""
+    if args.verify_cache:
+        from seeclip.cache import VERIFY_ENV
+
+        os.environ[VERIFY_ENV] = "1"
 
 
 def expand_configs(
@@ -234,8 +246,7 @@ def _num(v: float | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from seeclip.runner import eval_run
 
-    if args.verify_cache:  # an environment variable, so that every process of a run sees it
-        os.environ["SEECLIP_VERIFY_CACHE"] = "1"
+    use_verify_cache(args)
 
     if args.threads:
         import torch

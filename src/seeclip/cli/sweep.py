@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
+from seeclip.cli.run import add_verify_cache, use_verify_cache
 from seeclip.config import ConfigError
 
 
@@ -32,12 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--cache-dir", help="feature cache and pool root (default: $SEECLIP_HOME)")
-    p.add_argument(
-        "--verify-cache",
-        action="store_true",
-        help="also compare image contents with the feature cache's (reads every image; default: "
-        "trust size and mtime)",
-    )
+    add_verify_cache(p)
     p.add_argument(
         "--validate",
         choices=("lodo",),
@@ -88,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.jobs < 1 or args.threads < 1:
         raise ConfigError("--jobs and --threads must be at least 1")
-    if args.verify_cache:  # inherited by the sweep's worker processes
-        os.environ["SEECLIP_VERIFY_CACHE"] = "1"
+    use_verify_cache(args)
     spec = spec_from_args(args)
     configs = plan(spec)
     validate = None
