@@ -2,11 +2,13 @@
 # The prepared device check (issue 12), for a machine with a CUDA GPU and seeclip installed
 # (`pip install -e ".[dev]"` with a CUDA torch). Under 5 minutes; prints the figures to record in
 # docs/performance.md:
-#   1. the test suite's GPU-marked tests;
+#   1. the test suite's GPU-marked tests (a GPU run against the CPU run; with two GPUs, torchrun
+#      on NCCL against one GPU);
 #   2. SeeCLIP's step with ViT-B-16 shapes on the GPU: 7 / 65 / 345 classes at batch 16, fp32
 #      against bf16 autocast of the text tower (speed and error side by side), and a profile;
-#   3. a short 2-process torchrun run (DistributedDataParallel; gloo, the runner keeps models on
-#      the CPU) on the embedded digits world, to show the distributed path on that machine.
+#   3. a short 2-process torchrun run on the embedded digits world (DistributedDataParallel:
+#      NCCL with one GPU per process where the machine has two, else gloo on the CPU), and its
+#      record's device.
 #
 #   bash benchmarks/gpu_check.sh 2>&1 | tee gpu_check.log
 set -euo pipefail
@@ -27,3 +29,10 @@ timeout 90 seeclip prepare digits --n-per-class 20 --no-progress > /dev/null
 timeout 90 torchrun --nproc_per_node=2 -m seeclip eval --benchmark digits --method seeclip \
     --target printed --no-progress --runs-dir "$SEECLIP_HOME/runs" train.epochs=2 \
     || echo "TORCHRUN FAILED"
+python - "$SEECLIP_HOME/runs" <<'PY'
+import json, pathlib, sys
+for done in pathlib.Path(sys.argv[1]).glob("*/*/done"):
+    r = json.loads((done.parent / "results.jsonl").read_text().splitlines()[-1])
+    print(done.parent.name, "device", r.get("device"), "processes", r.get("processes"),
+          "H", r.get("h_score"), "fit_seconds", r.get("fit_seconds"))
+PY

@@ -363,7 +363,7 @@ def _encode_rows(backbone, loader, glob, toks, start: int, n: int, *, desc: str,
     """Encodes ``loader``'s ``n`` images into rows ``start .. start + n`` of the two arrays."""
     row = start
     with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
-        with torch.inference_mode():
+        with torch.inference_mode(), distributed.placed(backbone):
             for images in loader:
                 g, tk = backbone.encode_image(images)
                 k = g.shape[0]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from seeclip import distributed
 from seeclip.config import RunConfig
 from seeclip.datasets import get_benchmark, make_split
 from seeclip.datasets.images import ImageReadError, load_image, to_rgb
@@ -71,13 +72,13 @@ class Predictor:
         ok = [(k, pil) for k, (_, pil, err) in enumerate(items) if err is None]
         results: dict[int, ImagePrediction] = {}
         batch = self.cfg.encode_batch_size
-        with torch.inference_mode():
+        with torch.inference_mode(), distributed.placed(self.backbone):
             gs, ts = [], []
             for start in range(0, len(ok), batch):  # batches as the feature cache builds them
                 x = torch.stack([self.backbone.preprocess(p) for _, p in ok[start : start + batch]])
                 g, t = self.backbone.encode_image(x)
-                gs.append(g.float().numpy().astype(np.float16))
-                ts.append(t.float().numpy().astype(np.float16))
+                gs.append(g.float().cpu().numpy().astype(np.float16))
+                ts.append(t.float().cpu().numpy().astype(np.float16))
         if ok:
             g, t = torch.from_numpy(np.concatenate(gs)), torch.from_numpy(np.concatenate(ts))
             pred = self.method.predict(Features(g, t, ("new",) * len(ok)))  # no label goes in

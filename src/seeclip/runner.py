@@ -393,6 +393,9 @@ def run_eval(
     trained = {"selection": cfg.train.selection, "selected_epoch": chosen[0]} if epochs else {}
     extra = {"selection": None, "selected_epoch": None, **trained}
     extra["fit_seconds"] = round(fit_seconds, 3)
+    # where it trained: not part of the config (a run's hash), but its float rounding differs
+    extra["device"] = str(distributed.device())
+    extra["processes"] = distributed.world_size()
     pseudo_scores = pseudo_unknown_scores(method, pseudo.built("train"), run.split.source_domains)
     record = _evaluate(cfg, run, method, run_dir, epochs=epochs, extra=extra,
                        pseudo_scores=pseudo_scores)  # fmt: skip
@@ -425,7 +428,8 @@ def eval_run(
     cfg, run, method = restore_run(run_dir, cache_dir=cache_dir, progress=progress)
     old = final_record(run_dir) or {}
     (run_dir / "done").unlink(missing_ok=True)
-    extra = {k: old.get(k) for k in ("selection", "selected_epoch", "fit_seconds")}
+    extra = {k: old.get(k) for k in ("selection", "selected_epoch", "fit_seconds", "device",
+                                     "processes")}  # fmt: skip
     extra["evaluations"] = int(old.get("evaluations", 1)) + 1
     record = _evaluate(cfg, run, method, run_dir, epochs=None, extra=extra)
     return RunResult(run_dir, record, cached=False)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from seeclip import distributed
 from seeclip.config import ConfigError, RunConfig, apply_overrides, load_config
 from seeclip.io import file_lock
 
@@ -236,10 +237,13 @@ def execute(
     return Outcome(cfg, status, run_dir, result.record, time.perf_counter() - start)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, device: str) -> None:
     import torch
 
+    from seeclip import distributed
+
     torch.set_num_threads(threads)
+    distributed.use_device(torch.device(device))  # the parent's --device
 
 
 def warm_feature_caches(configs: Sequence[RunConfig], *, cache_dir: str | None, progress: bool):
@@ -326,8 +330,9 @@ def run_sweep(
             finish(execute(cfg, *args))
     else:
         ctx = multiprocessing.get_context("spawn")
+        init = (threads, str(distributed.device()))  # workers use the parent's --device
         with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(threads,)) as pool:  # fmt: skip
+                                 initargs=init) as pool:  # fmt: skip
             pending = {pool.submit(execute, cfg, *args) for cfg in todo}
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)

@@ -205,13 +205,24 @@ class PromptTrainer:
             generator=gen,
         )
         val_pseudo = self._val_pseudo(val) if rule.needs_val_pseudo else None
+        # pseudo-unknown sources are built above, on the CPU; the model goes to the device
+        with distributed.placed(model) as dev:
+            self._fit_on(dev, train, train_labels, val, val_labels, source, batches, gen,
+                         val_pseudo, checkpoint, checkpoint_every)  # fmt: skip
+
+    def _fit_on(self, dev, train, train_labels, val, val_labels, source, batches, gen,
+                val_pseudo, checkpoint, checkpoint_every) -> None:  # fmt: skip
+        cfg, model, rule = self.cfg, self.model, self.selection
         params = [p for p in model.learnable_parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         world, rank = distributed.world_size(), distributed.rank()
         # torchrun: each rank runs rows rank::world of the global batch; DDP averages gradients
         net = model
         if world > 1:
-            net = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+            ids = [dev.index] if dev.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, forward_sync_buffers=False
+            )
         steps = math.ceil(len(train) / cfg.batch_size)
         log = TrainLog([], [], cfg.epochs)
         best: tuple[float, int, dict] | None = None
@@ -226,7 +237,9 @@ class PromptTrainer:
             sums: dict[str, float] = {}
             grad_sums: dict[str, float] = {}
             for step in range(steps):
-                g, t, y = self._batch(batches, train, train_labels, source, gen)
+                g, t, y = (
+                    x.to(dev) for x in self._batch(batches, train, train_labels, source, gen)
+                )
                 if world > 1:
                     g, t, y = g[rank::world], t[rank::world], y[rank::world]
                 terms = self.loss_fn(net(g, t), y)
@@ -367,11 +380,15 @@ class PromptTrainer:
     # ---------------------------------------------------------------- prediction
     @torch.no_grad()
     def _logits(self, g: Tensor, t: Tensor, batch: int = 256) -> Tensor:
+        """Logits on the CPU, computed on this process's device."""
         self.model.eval()
-        out = [
-            self.model(g[i : i + batch].float(), t[i : i + batch].float()).logits
-            for i in range(0, len(g), batch)
-        ]
+        with distributed.placed(self.model) as dev:
+            out = [
+                self.model(g[i : i + batch].to(dev).float(), t[i : i + batch].to(dev).float())
+                .logits.float()
+                .cpu()
+                for i in range(0, len(g), batch)
+            ]
         return torch.cat(out)
 
     def _scores(self, images: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -60,9 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if distributed.init_from_env() and not distributed.is_main():
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 prints the tables
     try:
+        if getattr(args, "device", None):
+            distributed.use_device(distributed.resolve_device(args.device))
+        if distributed.init_from_env() and not distributed.is_main():
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 prints the tables
         return args.func(args)
     except (
         ConfigError,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from seeclip.cli.run import add_device
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="apply a trained run to images: class or `unknown`")
@@ -12,6 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--out", help="write the CSV here (default: print it)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    add_device(p)
     p.set_defaults(func=run)
 
 

@@ -42,6 +42,7 @@ def _add(sub, command: str) -> None:
         help="root of the feature cache and pseudo-unknown pools (default: $SEECLIP_HOME)",
     )
     add_verify_cache(p)
+    add_device(p)
     p.add_argument("--force", action="store_true", help="recompute a run from scratch")
     p.add_argument(
         "--resume",
@@ -88,6 +89,16 @@ def _add(sub, command: str) -> None:
         "overrides", nargs="*", help="config overrides key=value, e.g. zeroshot.score=mcm"
     )
     p.set_defaults(func=run)
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the image encoder and the prompt model run: auto (default: this process's "
+        "GPU if torch sees one, else the CPU), cpu, cuda or cuda:N; under torchrun each rank "
+        "takes cuda:LOCAL_RANK and the processes talk over NCCL (gloo on the CPU)",
+    )
 
 
 def add_verify_cache(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from seeclip.cli.run import add_verify_cache, use_verify_cache
+from seeclip.cli.run import add_device, add_verify_cache, use_verify_cache
 from seeclip.config import ConfigError
 
 
@@ -33,6 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--cache-dir", help="feature cache and pool root (default: $SEECLIP_HOME)")
     add_verify_cache(p)
+    add_device(p)
     p.add_argument(
         "--validate",
         choices=("lodo",),

@@ -140,8 +140,14 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     if shipped:  # its name, not the install folder: pools stay valid when the package moves
         pipe._seeclip_name = shipped
-    # dtype through .to(): from_pretrained's keyword changed name (torch_dtype -> dtype)
-    return pipe.to(device=device, dtype=dtype)
+    # dtype through .to(): from_pretrained's keyword changed name (torch_dtype -> dtype). Its
+    # warning on every cast (naming no module to keep in float32 here) is silenced.
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()
+    try:
+        return pipe.to(device=device, dtype=dtype)
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
 
 
 def pipeline_device(pipe) -> torch.device:
