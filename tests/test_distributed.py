@@ -61,6 +61,28 @@ def test_two_gloo_processes_stay_identical_after_every_step(tmp_path):
     assert (tmp_path / "state.pt").is_file()  # written by rank 0 alone
 
 
+def _main_first_worker(rank: int, world: int, init: str, log: str) -> None:
+    import time
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        with distributed.main_first():
+            with open(log, "a") as f:
+                f.write(f"{rank} start\n")
+            time.sleep(0.5 if rank == 0 else 0.0)  # rank 1 would overtake without the barrier
+            with open(log, "a") as f:
+                f.write(f"{rank} end\n")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_0_makes_a_cached_pool_before_the_other_ranks_look_for_it(tmp_path):
+    log = tmp_path / "order.txt"
+    mp.spawn(_main_first_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(log)),
+             nprocs=2)  # fmt: skip
+    assert log.read_text().split("\n")[:4] == ["0 start", "0 end", "1 start", "1 end"]
+
+
 def test_shards_tile_the_rows():
     assert list(distributed.shard(7)) == list(range(7))  # one process: everything
     assert distributed.is_main() is not False and distributed.broadcast_flag(True)

@@ -38,6 +38,7 @@ __all__ = [
     "device",
     "init_from_env",
     "is_main",
+    "main_first",
     "placed",
     "rank",
     "resolve_device",
@@ -144,6 +145,20 @@ def is_main() -> bool:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block before every other rank does (each rank still runs it): for work
+    that is cached on disk, such as a pseudo-unknown pool, rank 0 makes it and the others find it
+    made. One process: just the block."""
+    if world_size() > 1 and not is_main():
+        barrier()  # wait for rank 0's block
+    try:
+        yield
+    finally:  # rank 0 releases the others even when its block failed (theirs will say why)
+        if world_size() > 1 and is_main():
+            barrier()
 
 
 def broadcast_flag(flag: bool) -> bool:

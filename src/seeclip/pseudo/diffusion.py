@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from seeclip import distributed
 from seeclip.generate.feature_config import FeatureDiffusionConfig
 from seeclip.generate.feature_diffusion import UNKNOWN_WORD, FeaturePool, build_pool
 from seeclip.pseudo.base import PseudoContext
@@ -19,13 +20,14 @@ def diffusion_unknowns(ctx: PseudoContext) -> FeaturePool:
     with torch.no_grad():
         class_text = ctx.backbone.encode_text([ctx.template.format(c) for c in ctx.class_texts])
         unknown = ctx.backbone.encode_text([ctx.template.format(UNKNOWN_WORD)])[0]
-    return build_pool(
-        ctx.features,
-        ctx.labels,
-        class_text=class_text.cpu(),
-        unknown_text=unknown.cpu(),
-        config=config,
-        seed=ctx.seed,
-        root=Path(ctx.cache_dir) / "pools" if ctx.cache_dir else None,
-        progress=ctx.progress,
-    )
+    with distributed.main_first():  # torchrun: rank 0 trains and samples, the others load
+        return build_pool(
+            ctx.features,
+            ctx.labels,
+            class_text=class_text.cpu(),
+            unknown_text=unknown.cpu(),
+            config=config,
+            seed=ctx.seed,
+            root=Path(ctx.cache_dir) / "pools" if ctx.cache_dir else None,
+            progress=ctx.progress,
+        )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from seeclip import distributed
 from seeclip.generate.feature_config import FeatureDiffusionConfig
 from seeclip.pseudo.base import PseudoContext
 from seeclip.pseudo.pools import DomainPool, image_pool_features
@@ -45,7 +46,7 @@ def sd_image_unknowns(ctx: PseudoContext) -> DomainPool:
         raise ValueError("sd_images pseudo-unknowns need the backbone, class texts and sd_model")
     config = ctx.diffusion if ctx.diffusion is not None else FeatureDiffusionConfig()
     seed = ctx.seed if config.seed is None else config.seed
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = distributed.device()  # --device
     icfg = ImageDiffusionConfig(
         model=ctx.sd_model, prompt=ctx.sd_prompt, sigma=config.sigma, guidance=config.guidance,
         steps=config.sample_steps, batch_size=16, projection=ctx.sd_projection,
@@ -67,13 +68,14 @@ def sd_image_unknowns(ctx: PseudoContext) -> DomainPool:
     key.update(json.dumps([domains, ctx.class_texts, settings, seed]).encode())
     out = root / "pools" / "images" / f"sd-{key.hexdigest()[:16]}"
     pipe = load_pipeline(icfg.model, device=device, dtype=icfg.torch_dtype(device))
-    manifest = generate_image_pool(
-        pipe, tokens, domains, [f"{d}:{i}" for d, i in zip(domains, rows, strict=True)],
-        ctx.class_texts, out_dir=out, cfg=icfg, seed=seed, progress=ctx.progress,
-        overwrite=True,  # the folder is this source's cache: a stale entry is remade, not an error
-        projection=conditioning_projection(icfg, pipe, ctx.backbone),
-        init_images=[_read(ctx.image_paths[i]) for i in rows] if icfg.strength < 1 else None,
-    )  # fmt: skip
+    with distributed.main_first():  # torchrun: rank 0 draws the pool, the others find it drawn
+        manifest = generate_image_pool(
+            pipe, tokens, domains, [f"{d}:{i}" for d, i in zip(domains, rows, strict=True)],
+            ctx.class_texts, out_dir=out, cfg=icfg, seed=seed, progress=ctx.progress,
+            overwrite=True,  # this source's cache folder: a stale entry is remade, not an error
+            projection=conditioning_projection(icfg, pipe, ctx.backbone),
+            init_images=[_read(ctx.image_paths[i]) for i in rows] if icfg.strength < 1 else None,
+        )  # fmt: skip
     feats = image_pool_features(
         ctx.backbone, manifest, cache_dir=root / "features", progress=ctx.progress
     )
