@@ -384,9 +384,9 @@ class PromptTrainer:
         self.model.eval()
         with distributed.placed(self.model) as dev:
             out = [
-                self.model(g[i : i + batch].to(dev).float(), t[i : i + batch].to(dev).float())
-                .logits.float()
-                .cpu()
+                self.model(
+                    g[i : i + batch].to(dev).float(), t[i : i + batch].to(dev).float()
+                ).logits.cpu()
                 for i in range(0, len(g), batch)
             ]
         return torch.cat(out)
