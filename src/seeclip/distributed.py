@@ -2,8 +2,9 @@
 
 ``--device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) is resolved once per process by
 :func:`resolve_device` and set with :func:`use_device`, as ``torch.cuda.set_device`` is: the
-feature cache's image encoder and the trainer's prompt model run there; everything else (data,
-pseudo-unknown generation, metrics) stays on the CPU, and results come back to the CPU.
+feature cache's image encoder, the trainer's prompt model and the image-space generator run
+there; everything else (data, mixup and feature-diffusion pseudo-unknowns, metrics) stays on the
+CPU, and results come back to the CPU.
 
 ``torchrun --nproc_per_node=N -m seeclip eval|train ...`` sets ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK`` and the rendezvous (``MASTER_ADDR``, ``MASTER_PORT``); :func:`init_from_env` joins
