@@ -94,8 +94,8 @@ def test_shards_tile_the_rows():
 def test_torchrun_eval_writes_one_run_close_to_the_single_process_one(small_digits, tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     args = ["eval", "--benchmark", "digits", "--method", "seeclip", "--backbone", "tiny-vit",
-            "--target", "printed", "--seed", "0", "--no-progress", "train.epochs=2",
-            "train.batch_size=8"]  # fmt: skip
+            "--target", "printed", "--seed", "0", "--device", "cpu", "--no-progress",
+            "train.epochs=2", "train.batch_size=8"]  # fmt: skip
     env = {**os.environ, "SEECLIP_HOME": str(small_digits), "OMP_NUM_THREADS": "1"}
     subprocess.run([torchrun, "--nproc_per_node=2", "-m", "seeclip", *args, "--runs-dir",
                     str(tmp_path / "ddp")], env=env, check=True, capture_output=True)  # fmt: skip

@@ -69,7 +69,8 @@ def test_resumed_training_equals_the_uninterrupted_one(backbone, tmp_path, selec
 def _train_cmd(runs: Path) -> list[str]:
     return [sys.executable, "-m", "seeclip.cli", "eval", "--benchmark", "digits",
             "--method", "seeclip", "--backbone", "tiny-vit", "--target", "printed",
-            "--seed", "0", "--threads", "1", "--no-progress", "--runs-dir", str(runs),
+            "--seed", "0", "--threads", "1", "--device", "cpu", "--no-progress", "--runs-dir",
+            str(runs),
             "train.epochs=40", "train.batch_size=8"]  # fmt: skip
 
 

@@ -240,8 +240,6 @@ def execute(
 def _init_worker(threads: int, device: str) -> None:
     import torch
 
-    from seeclip import distributed
-
     torch.set_num_threads(threads)
     distributed.use_device(torch.device(device))  # the parent's --device
 
