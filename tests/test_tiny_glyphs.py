@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from seeclip.backbone import build_backbone
 from seeclip.cli.pretrain import config_from_args
 from seeclip.datasets import get_benchmark
-from seeclip.pretrain import default_config, load_benchmark_arrays, pretrain_clip
+from seeclip.pretrain import default_config, load_benchmark_arrays, pretrain_clip, token_loss
 from seeclip.pretrain import zero_shot_accuracy as accuracy
 from seeclip.tiny_card import load_card
 from seeclip.tiny_clip import TINY_MODELS, PooledAttentionPool2d, build_tiny_clip
@@ -40,6 +40,7 @@ def test_glyphs_config_defaults_and_overrides():
     cfg = config_from_args(None, ["steps=7"], "glyphs")
     assert (cfg.world, cfg.steps, cfg.corpus_size, cfg.bf16) == ("glyphs", 7, 100000, False)
     assert default_config("digits").corpus_size == 60000
+    assert (cfg.token_steps, default_config("digits").token_steps) == (0, 0)  # docs/tiny_clip.md
     with pytest.raises(ValueError, match="no world"):
         default_config("nope")
 
@@ -54,6 +55,7 @@ def _tiny_cfg(**kw):
         eval_templates=("a photo of the {}.",),
         num_threads=1,
         eval_n_per_class=1,
+        token_steps=0,
     )
     return dataclasses.replace(default_config("glyphs"), **{**base, **kw})
 
@@ -76,6 +78,68 @@ def test_glyphs_pretraining_resumes_bit_for_bit(tmp_path):
     build_tiny_clip("tiny-glyphs", tmp_path / "a" / "tiny-glyphs.safetensors")  # strict load
     with pytest.raises(ValueError, match="tiny-glyphs"):
         build_tiny_clip("tiny-digits", tmp_path / "a" / "tiny-glyphs.safetensors")
+
+
+def test_token_loss_scores_each_caption_by_the_best_token():
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[3.0, 0.0], [1.0, 1.0]]], requires_grad=True)
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    scale = torch.tensor(0.0)  # exp(0) = 1
+    # image 0: caption 0 best matched by token 0 (cos 1), caption 1 by token 1 (cos 1)
+    # image 1: caption 0 by token 0 (cos 1), caption 1 by token 1 (cos 1/sqrt(2))
+    logits = torch.tensor([[1.0, 1.0], [1.0, 2**-0.5]])
+    expected = torch.nn.functional.cross_entropy(logits, torch.arange(2))
+    loss = token_loss(tokens, text, scale)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert tokens.grad.abs().sum() > 0
+
+
+def _token_tower_state(path):
+    return {k: v for k, v in load_file(str(path)).items()}
+
+
+def test_token_stage_trains_only_the_image_tower_and_resumes_bit_for_bit(tmp_path):
+    """Two CLIP steps, then three token-stage steps: the text tower and logit scale leave the
+    token stage exactly as the first stage's fp16 weights had them, the image tower moves; a run
+    stopped at the stage boundary or inside the token stage resumes to the same weights; and
+    ``init`` from the first stage's file gives the same weights as the run end to end (so the
+    shipped model is reproducible from the previous shipped file)."""
+    cfg = _tiny_cfg(steps=2, token_steps=3, token_batch_size=8, checkpoint_every=1)
+    bench = load_benchmark_arrays(n_per_class=1, world="glyphs")
+    card = pretrain_clip(cfg, tmp_path / "a", progress=False, benchmark=bench)
+    assert card["token_stage"]["steps"] == 3 and card["training"]["steps"] == 2
+    stage1 = _token_tower_state(tmp_path / "a" / "tiny-glyphs.stage1.safetensors")
+    final = _token_tower_state(tmp_path / "a" / "tiny-glyphs.safetensors")
+    assert stage1.keys() == final.keys()
+    text_side = [k for k in final if not k.startswith("visual.")]
+    assert "logit_scale" in text_side and "token_embedding.weight" in text_side
+    assert all(torch.equal(stage1[k], final[k]) for k in text_side)
+    moved = [k for k in final if k.startswith("visual.") and not torch.equal(stage1[k], final[k])]
+    assert "visual.layer4.0.conv1.weight" in moved and "visual.attnpool.v_proj.weight" in moved
+
+    for stop in (2, 3):  # the boundary, inside the token stage
+        out = tmp_path / f"stop{stop}"
+        part = pretrain_clip(cfg, out, progress=False, stop_at=stop, benchmark=bench)
+        assert part["step"] == stop
+        pretrain_clip(cfg, out, progress=False, benchmark=bench)
+        resumed = _token_tower_state(out / "tiny-glyphs.safetensors")
+        assert all(torch.equal(resumed[k], final[k]) for k in final), stop
+
+    (tmp_path / "a" / "tiny-glyphs.stage1.card.json").write_text('{"command": "stage one"}')
+    card = pretrain_clip(cfg, tmp_path / "init", progress=False, benchmark=bench,
+                         init=tmp_path / "a" / "tiny-glyphs.stage1.safetensors")  # fmt: skip
+    from_init = _token_tower_state(tmp_path / "init" / "tiny-glyphs.safetensors")
+    assert all(torch.equal(from_init[k], final[k]) for k in final)
+    assert card["training"]["stage1"] == {"command": "stage one"}
+    assert len(card["training"]["init"]["sha256"]) == 64
+
+
+def test_token_stage_init_is_refused_without_token_steps(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    with pytest.raises(ValueError, match="token_steps is 0; pass token_steps=N"):
+        pretrain_clip(_tiny_cfg(), tmp_path / "o", progress=False, init=weights)
+    with pytest.raises(ValueError, match="no such file"):
+        pretrain_clip(_tiny_cfg(token_steps=2), tmp_path / "o", progress=False, init=weights)
 
 
 @pytest.mark.slow
@@ -126,3 +190,15 @@ def test_shipped_tiny_glyphs_zero_shot_on_a_benchmark_subset():
     acc = accuracy(model, tokenizer, bench, templates=card["zero_shot"]["templates"],
                    classnames=NAMES)  # fmt: skip
     assert np.mean(list(acc.values())) >= card["zero_shot"]["ensemble"]["mean"] - 0.08, acc
+
+
+def test_cli_init_without_token_steps_is_one_line(tmp_path, capsys):
+    from seeclip import cli
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    code = cli.main(["pretrain-clip", "--world", "glyphs", "--out", str(tmp_path / "o"),
+                     "--init", str(weights)])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "pass token_steps=N" in err[0]
+    assert not (tmp_path / "o").exists()  # refused before any work

@@ -242,12 +242,7 @@ class Backbone(nn.Module):
                 tokens = visual.ln_post(tokens)
             tokens = tokens @ visual.proj
         else:
-            x = visual.stem(images)
-            x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
-            pooled = visual.attnpool(x)
-            # MaskCLIP: each position through the pool's value and output projections.
-            pool = visual.attnpool
-            tokens = pool.c_proj(pool.v_proj(x.flatten(2).transpose(1, 2)))
+            pooled, tokens = tiny_clip.resnet_tokens(visual, images)  # MaskCLIP tokens
         return F.normalize(pooled, dim=-1), tokens
 
     # ------------------------------------------------------------------ text

@@ -6,11 +6,19 @@ these are characters). Data come from the world's captioned corpus (fonts, photo
 disjoint from its benchmark): ``digits`` trains tiny-digits, ``glyphs`` trains tiny-glyphs
 (:data:`WORLDS`). Every batch and its augmentation are a function of ``(seed, step)``, so a run
 resumed from ``last.pt`` ends with the same weights as an uninterrupted one.
+
+An optional second stage (``token_steps`` > 0; off by default) trains the image tower
+alone, the text tower and logit scale frozen, with the CLIP loss plus a token-level one
+(:func:`token_loss`): each caption must be matched by the best-matching of the image's spatial
+tokens, so the local detail a caption names ("with a tail") has to be readable from single
+tokens. It starts from the first stage's weights rounded to fp16, exactly as they are shipped,
+so it can also start from a shipped file (``init``) without rerunning the first stage.
 The model is :mod:`seeclip.tiny_clip`'s; the card written at the end is :mod:`seeclip.tiny_card`'s.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -28,7 +36,7 @@ from torch import Tensor, nn
 from seeclip import tiny_card
 from seeclip.io import load_checkpoint, write_with
 from seeclip.paths import seeclip_home
-from seeclip.tiny_clip import SURGERY, build_tiny_clip
+from seeclip.tiny_clip import SURGERY, build_tiny_clip, resnet_tokens
 
 __all__ = [
     "WORLDS",
@@ -40,6 +48,7 @@ __all__ = [
     "load_benchmark_arrays",
     "pretrain_clip",
     "to_input",
+    "token_loss",
     "zero_shot_accuracy",
 ]
 
@@ -123,6 +132,11 @@ class PretrainConfig:
         PRIMARY_TEMPLATE, "the digit {}.", "the number {}.", "a picture of a {}.",
     )  # fmt: skip
     eval_n_per_class: int = 200  # benchmark images per class and domain (generate_benchmark's)
+    # second stage (0 = none): image tower only, CLIP loss + token_weight * token_loss
+    token_steps: int = 0  # its optimiser steps, after `steps`
+    token_batch_size: int = 128  # pairs per step
+    token_lr: float = 3e-4  # peak AdamW learning rate (warm-up over 10% of the steps, cosine)
+    token_weight: float = 1.0  # weight of token_loss against the CLIP loss
 
 
 def corpus_for(cfg: PretrainConfig, progress: bool) -> Path:
@@ -216,6 +230,22 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
 # ---------------------------------------------------------------------------- zero-shot evaluation
 
 
+def token_loss(tokens: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+    """Multiple-instance InfoNCE: an image's score for a caption is its best token's cosine.
+
+    Args:
+        tokens: spatial tokens [B, N, d] (normalised here).
+        text_features: the batch's caption features [B, d], L2-normalised, matching image i.
+        logit_scale: log of the softmax scale (CLIP's learned one).
+
+    Returns:
+        cross-entropy of each image's captions scored by max over tokens (image -> text).
+    """
+    sims = torch.einsum("bnd,jd->bjn", F.normalize(tokens, dim=-1), text_features)
+    logits = logit_scale.exp() * sims.max(dim=-1).values
+    return F.cross_entropy(logits, torch.arange(len(tokens)))
+
+
 def load_benchmark_arrays(
     root: Path | None = None,
     *,
@@ -296,10 +326,13 @@ def pretrain_clip(
     command: str | None = None,
     stop_at: int | None = None,
     benchmark: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    init: Path | None = None,
 ) -> dict:
     """Train a world's tiny CLIP: ``out/<model>.safetensors`` (fp16), ``card.json``, ``last.pt``.
 
-    Resumes from ``out/last.pt`` when it exists (same config required).
+    Resumes from ``out/last.pt`` when it exists (same config and ``init`` required). With a
+    token stage (``cfg.token_steps`` > 0) the first stage's weights are also written, as
+    ``out/<model>.stage1.safetensors``.
 
     Args:
         cfg: the run's configuration.
@@ -307,64 +340,133 @@ def pretrain_clip(
         progress: show tqdm bars.
         command: the command line to record in the card.
         stop_at: stop after checkpointing at this step, as if interrupted (None: run to the end).
+            Steps count on through the token stage (``cfg.steps + 1`` is its first).
         benchmark: images for the card's zero-shot accuracy (default: the full benchmark).
+        init: first-stage weights (a ``.safetensors`` this function wrote): skip the first stage
+            and run only the token stage from them. Their card (``<stem>.card.json`` beside
+            them), if there, goes into this card as the first stage's record.
 
     Returns:
-        the card (also written to ``out/card.json``); None-valued accuracy if stopped early.
+        the card (also written to ``out/card.json``); ``{"step", "losses"}`` if stopped early.
     """
+    if init is not None and cfg.token_steps <= 0:
+        raise ValueError(f"--init {init} starts the token stage, but token_steps is 0; "
+                         "pass token_steps=N (docs/tiny_clip.md tried 400)")  # fmt: skip
+    if init is not None and not Path(init).is_file():
+        raise ValueError(f"--init {init}: no such file; give the first stage's .safetensors")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads)
     try:
         return _run(cfg, out, progress=progress, command=command, stop_at=stop_at,
-                    benchmark=benchmark)  # fmt: skip
+                    benchmark=benchmark, init=init)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg, out, *, progress, command, stop_at, benchmark) -> dict:
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _stage1_record(init: Path) -> dict | None:
+    """Command, config and training record of the first stage, from the card beside ``init``."""
+    card = init.with_suffix(".card.json")
+    if not card.is_file():
+        return None
+    return {
+        k: v for k, v in tiny_card.load_card(card).items() if k in ("command", "config", "training")
+    }
+
+
+def _round_to_fp16(model: nn.Module) -> None:
+    """What saving in fp16 and loading back does to the weights (the token stage starts there)."""
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.to(torch.float16))
+
+
+def _token_optimizer(cfg: PretrainConfig, model: nn.Module):
+    """The token stage's AdamW and schedule: the image tower only, warm-up over 10%, cosine."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("visual."))
+    optimizer = torch.optim.AdamW(_param_groups(model.visual, cfg.weight_decay), lr=cfg.token_lr,
+                                  betas=tuple(cfg.betas), eps=cfg.eps)  # fmt: skip
+    warmup = max(1, cfg.token_steps // 10)
+
+    def f(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        t = (k - warmup) / max(1, cfg.token_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+@torch.no_grad()
+def _caption_features(
+    model: nn.Module, tokenizer, captions: Sequence[str]
+) -> tuple[Tensor, Tensor]:
+    """Normalised features of each distinct caption [U, d] (frozen text tower), and each
+    corpus item's row in them [N]."""
+    distinct = sorted(set(captions))
+    row = {c: i for i, c in enumerate(distinct)}
+    feats = [F.normalize(model.encode_text(tokenizer(distinct[i : i + 1024])).float(), dim=-1)
+             for i in range(0, len(distinct), 1024)]  # fmt: skip
+    return torch.cat(feats), torch.tensor([row[c] for c in captions])
+
+
+def _run(cfg, out, *, progress, command, stop_at, benchmark, init) -> dict:
     corpus = corpus_for(cfg, progress)
     images = torch.from_numpy(np.load(corpus / "images.npy"))
     captions = json.loads((corpus / "captions.json").read_text())
     world = WORLDS[cfg.world]
-    model, _, tokenizer = build_tiny_clip(world.model, seed=cfg.seed)
+    model, _, tokenizer = build_tiny_clip(world.model, init, seed=cfg.seed)
     tokens = tokenizer(captions)
     model.train()
     optimizer = torch.optim.AdamW(
         _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(1 / cfg.init_temperature))
+    if init is None:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1 / cfg.init_temperature))
+    init_record = None if init is None else {"path": str(init), "sha256": _file_sha256(init)}
 
-    step, losses, train_seconds = 0, [], 0.0
+    step = cfg.steps if init is not None else 0
+    losses, train_seconds, token_losses, token_seconds = [], 0.0, [], 0.0
     ckpt = out / "last.pt"
     if ckpt.exists():
         state = load_checkpoint(ckpt)
-        if state["config"] != _plain(asdict(cfg)):
-            raise ValueError(f"{ckpt} was written with another config; use a new --out")
+        if state["config"] != _plain(asdict(cfg)) or state.get("init") != init_record:
+            raise ValueError(f"{ckpt} was written with another config or --init; use a new --out")
+        if state["step"] > cfg.steps:  # in the token stage: its optimiser, not the first one's
+            optimizer, scheduler = _token_optimizer(cfg, model)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         step, losses, train_seconds = state["step"], state["losses"], state["train_seconds"]
+        token_losses, token_seconds = state.get("token_losses", []), state.get("token_seconds", 0.0)
 
     def checkpoint() -> None:
-        state = {"config": _plain(asdict(cfg)), "model": model.state_dict(),
+        state = {"config": _plain(asdict(cfg)), "init": init_record, "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "torch_rng": torch.get_rng_state(), "step": step, "losses": losses,
-                 "train_seconds": train_seconds}  # fmt: skip
+                 "train_seconds": train_seconds, "token_losses": token_losses,
+                 "token_seconds": token_seconds}  # fmt: skip
         write_with(ckpt, lambda tmp: torch.save(state, tmp))
 
+    total = cfg.steps + cfg.token_steps
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="pretrain-clip", unit="step")
+        bar = tqdm(total=total, initial=step, desc="pretrain-clip", unit="step")
     max_scale = math.log(cfg.max_logit_scale)
-    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    while step < end:
+    end = total if stop_at is None else min(stop_at, total)
+    while step < min(end, cfg.steps):
         t0 = time.perf_counter()
         idx = _batch_indices(step, len(images), cfg.batch_size, cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -392,12 +494,52 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark) -> dict:
                             scale=f"{model.logit_scale.exp().item():.1f}")  # fmt: skip
         if step % cfg.checkpoint_every == 0 or step == end:
             checkpoint()
+
+    if cfg.token_steps > 0 and cfg.steps <= step < end:
+        if step == cfg.steps:  # the stage boundary (not a resume inside the token stage)
+            if init is None:
+                _save_weights(model, out / f"{world.model}.stage1.safetensors", world.model)
+            _round_to_fp16(model)
+            optimizer, scheduler = _token_optimizer(cfg, model)
+        model.eval()  # the text tower only encodes the captions here
+        text, row = _caption_features(model, tokenizer, captions)
+        model.train()
+        scale = model.logit_scale.detach()
+    while cfg.steps <= step < end:
+        t0 = time.perf_counter()
+        k = step - cfg.steps
+        idx = _batch_indices(k, len(images), cfg.token_batch_size, cfg.seed + 1)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        x = augment(images[idx], cfg, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            pooled, spatial = resnet_tokens(model.visual, x)
+        txt = text[row[idx]]
+        loss = clip_loss(F.normalize(pooled.float(), dim=-1), txt, scale)
+        loss = loss + cfg.token_weight * token_loss(spatial.float(), txt, scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.visual.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        token_losses.append(loss.item())
+        dt = time.perf_counter() - t0
+        token_seconds += dt
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(token_stage_loss=f"{token_losses[-1]:.3f}",
+                            pairs_s=f"{cfg.token_batch_size / dt:.0f}")  # fmt: skip
+        if step % cfg.checkpoint_every == 0 or step == end:
+            checkpoint()
     if bar is not None:
         bar.close()
-    if step < cfg.steps:
-        return {"step": step, "losses": losses}
+    if step < total:
+        return {"step": step, "losses": losses + token_losses}
 
     model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
     _save_weights(model, out / f"{world.model}.safetensors", world.model)
     card = tiny_card.build_card(
         name=world.model,
@@ -410,6 +552,13 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark) -> dict:
         train_seconds=train_seconds,
         zero_shot=_zero_shot_section(cfg, model, tokenizer, benchmark),
     )
+    if cfg.token_steps > 0:
+        card["token_stage"] = tiny_card.training_summary(
+            token_losses, batch_size=cfg.token_batch_size, train_seconds=token_seconds,
+            logit_scale=model.logit_scale.detach().exp().item(), num_threads=cfg.num_threads,
+        )  # fmt: skip
+    if init is not None:
+        card["training"] = {"init": init_record, "stage1": _stage1_record(Path(init))}
     tiny_card.write_card(out / "card.json", card)
     return card
 

@@ -85,8 +85,8 @@ def training_summary(
         "pairs_seen": pairs,
         "train_seconds": round(train_seconds, 1),
         "pairs_per_second": round(pairs / max(train_seconds, 1e-9), 1),
-        "loss_first": float(np.mean(losses[:n_tail])),
-        "loss_last": float(np.mean(losses[-n_tail:])),
+        "loss_first": float(np.mean(losses[:n_tail])) if losses else None,
+        "loss_last": float(np.mean(losses[-n_tail:])) if losses else None,
         "final_logit_scale": logit_scale,
         "machine": {
             "cpus": os.cpu_count(),

@@ -38,6 +38,7 @@ __all__ = [
     "build_tiny_digits",
     "model_config",
     "output_stride8",
+    "resnet_tokens",
 ]
 
 ARCH = "tiny-digits"  # the open_clip config name (model_configs/tiny-digits.json)
@@ -104,6 +105,20 @@ def model_config(arch: str = ARCH) -> dict:
     """The open_clip config of a tiny model (``model_configs/<arch>.json``), before surgery."""
     _register_configs()
     return open_clip.get_model_config(arch)
+
+
+def resnet_tokens(
+    visual: ModifiedResNet, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ModifiedResNet's pooled output [B, d] and its spatial tokens [B, N, d], neither normalised.
+
+    The tokens are MaskCLIP's: each position of the last feature map through the attention pool's
+    value and output projections, so they live in the pooled output's space.
+    """
+    x = visual.stem(images)
+    x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+    pool = visual.attnpool
+    return pool(x), pool.c_proj(pool.v_proj(x.flatten(2).transpose(1, 2)))
 
 
 def output_stride8(model: nn.Module, *, pooled_query: bool = False) -> nn.Module:

@@ -31,6 +31,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="stop after the checkpoint at STEP (rerun without it to resume to the end); "
         "e.g. to keep an early text tower, as tiny-glyphs-sd's (docs/pseudo_unknowns.md)",
     )
+    p.add_argument(
+        "--init",
+        type=Path,
+        metavar="WEIGHTS",
+        help="first-stage weights (.safetensors written by pretrain-clip): run only the token "
+        "stage from them (needs token_steps=N; docs/tiny_clip.md)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -65,10 +72,13 @@ def run(args: argparse.Namespace) -> int:
     parts = ["seeclip", "pretrain-clip", "--world", args.world, "--out", str(args.out)]
     if args.config is not None:
         parts += ["--config", str(args.config)]
+    if args.init is not None:
+        parts += ["--init", str(args.init)]
     command = " ".join(parts + list(args.overrides))
     card = pretrain_clip(
-        cfg, args.out, progress=not args.no_progress, command=command, stop_at=args.stop_at
-    )
+        cfg, args.out, progress=not args.no_progress, command=command, stop_at=args.stop_at,
+        init=args.init,
+    )  # fmt: skip
     if "zero_shot" not in card:
         print(f"stopped at step {card['step']}: {args.out / 'last.pt'} (rerun to resume)")
         return 0
