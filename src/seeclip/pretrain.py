@@ -379,6 +379,16 @@ def _stage1_record(init: Path) -> dict | None:
     }
 
 
+def _step(loss: Tensor, optimizer, scheduler, params, grad_clip: float) -> None:
+    """One optimiser step on ``loss``: backward, clip ``params``' global norm (0: no clip), step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+
+
 def _round_to_fp16(model: nn.Module) -> None:
     """What saving in fp16 and loading back does to the weights (the token stage starts there)."""
     with torch.no_grad():
@@ -388,7 +398,8 @@ def _round_to_fp16(model: nn.Module) -> None:
 
 
 def _token_optimizer(cfg: PretrainConfig, model: nn.Module):
-    """The token stage's AdamW and schedule: the image tower only, warm-up over 10%, cosine."""
+    """The token stage's AdamW and schedule: warm-up over 10%, cosine. Freezes everything but
+    the image tower (``requires_grad``), which is all it optimises."""
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("visual."))
     optimizer = torch.optim.AdamW(_param_groups(model.visual, cfg.weight_decay), lr=cfg.token_lr,
@@ -476,12 +487,7 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark, init) -> dict:
             txt = model.encode_text(tokens[idx])
         loss = clip_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
                          model.logit_scale)  # fmt: skip
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        _step(loss, optimizer, scheduler, model.parameters(), cfg.grad_clip)
         with torch.no_grad():
             model.logit_scale.clamp_(0, max_scale)
         step += 1
@@ -516,12 +522,7 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark, init) -> dict:
         txt = text[row[idx]]
         loss = clip_loss(F.normalize(pooled.float(), dim=-1), txt, scale)
         loss = loss + cfg.token_weight * token_loss(spatial.float(), txt, scale)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.visual.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        _step(loss, optimizer, scheduler, model.visual.parameters(), cfg.grad_clip)
         step += 1
         token_losses.append(loss.item())
         dt = time.perf_counter() - t0
