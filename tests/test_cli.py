@@ -7,6 +7,7 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
+from seeclip.backbone import build_backbone
 from seeclip.builders import METHODS
 from seeclip.cli import main
 from seeclip.datasets import BENCHMARKS
@@ -73,6 +74,8 @@ def test_eval_writes_run_folder_whose_metrics_recompute(
     meta = json.loads((small_digits / "data" / "digits" / "meta.json").read_text())
     assert record["data_hash"] == meta["content_hash"] and record["data_hash_kind"] == "content"
     assert record["install"]["torch"] and record["config"]["seed"] == 3
+    # which weights: tiny-vit is random at seed 0, so the fingerprint is that model's
+    assert record["backbone_fingerprint"] == build_backbone("tiny-vit", seed=0).fingerprint
     assert record["protocol"] == "full" and record["target"] == "printed" and record["seed"] == 3
 
     # independent recomputation from predictions.npz: 6 known (zero..five), 4 unknown classes

@@ -94,6 +94,8 @@ def test_report_folder(runs, tmp_path, capsys):
     tex = (out / "tables.tex").read_text()
     assert r"\toprule" in tex and r"$\pm$" in tex and "seeclip" in tex
     md = (out / "index.md").read_text()
+    (fp,) = {r["backbone_fingerprint"] for r in records}  # every run on the same weights
+    assert f"weights {records[0]['backbone']} {fp[:12]} (sha256)" in md
     figures = sorted((out / "figures").glob("*.png"))
     kinds = {p.name.split("_")[0] for p in figures}
     assert kinds == {"roc", "scores", "h", "confusion"}  # the four kinds of plot

@@ -233,9 +233,12 @@ def write_report(
         write_text(out / f"tables.{fmt}", text[fmt]())
     figs = make_figures(records, tables, runs_dir, out / "figures") if plots else {}
     hashes = sorted({r["data_hash"][:16] for r in records if r.get("data_hash")})
+    weights = sorted({f"{r['backbone']} {r['backbone_fingerprint'][:12]}" for r in records
+                      if r.get("backbone_fingerprint")})  # fmt: skip
     seeds = sorted({r["seed"] for r in records})
     meta = (f"{len(records)} runs from `{runs_dir}`; seeds {', '.join(map(str, seeds))}; "
-            f"data {', '.join(hashes) or 'n/a'} (content hash). Cells: mean ± std over seeds, "
+            f"data {', '.join(hashes) or 'n/a'} (content hash); weights "
+            f"{', '.join(weights) or 'not recorded'} (sha256). Cells: mean ± std over seeds, "
             f"in %; the mean column averages the targets within each seed first.")  # fmt: skip
     write_text(out / "index.md", _index_md(title, meta, tables, figs, out, oracle))
     index = out / "index.html"

@@ -496,6 +496,7 @@ def _evaluate(
         "seed": cfg.seed,
         "backbone": run.backbone.name,
         "pretrained": run.backbone.pretrained,
+        "backbone_fingerprint": run.backbone.fingerprint,  # which weights (cache key's sha256)
         "n_known": int((y_true >= 0).sum()),
         "n_unknown": int((y_true < 0).sum()),
         **metrics.open_set_report(
