@@ -40,7 +40,8 @@ def test_glyphs_config_defaults_and_overrides():
     cfg = config_from_args(None, ["steps=7"], "glyphs")
     assert (cfg.world, cfg.steps, cfg.corpus_size, cfg.bf16) == ("glyphs", 7, 100000, False)
     assert default_config("digits").corpus_size == 60000
-    assert (cfg.token_steps, default_config("digits").token_steps) == (0, 0)  # docs/tiny_clip.md
+    assert (cfg.token_steps, cfg.token_weight) == (800, 3.0)  # the shipped run, docs/tiny_clip.md
+    assert default_config("digits").token_steps == 0
     with pytest.raises(ValueError, match="no world"):
         default_config("nope")
 
@@ -198,7 +199,7 @@ def test_cli_init_without_token_steps_is_one_line(tmp_path, capsys):
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"")
     code = cli.main(["pretrain-clip", "--world", "glyphs", "--out", str(tmp_path / "o"),
-                     "--init", str(weights)])  # fmt: skip
+                     "--init", str(weights), "token_steps=0"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "pass token_steps=N" in err[0]
     assert not (tmp_path / "o").exists()  # refused before any work
