@@ -18,7 +18,9 @@ and whether the folds rank the variants as the target does.
 4. prints Markdown: per protocol, each variant's mean over targets under the paper's rule (mean ±
    std over seeds), AccU on hard/easy unknowns where the benchmark names them, the same under
    ``lodo_threshold`` with the fold H, and Spearman's rho between fold H and target H over
-   (variant, target) pairs; then the per-target H tables; then the time it took.
+   (variant, target) pairs; which modules earn their place (declared with/without pairs of
+   variants, H paired by seed and target, under both rules); then the per-target H tables; then
+   the time it took.
 
 Target numbers are only reported, never used to choose anything.
 """
@@ -167,6 +169,93 @@ def lodo_h_picks(records) -> str:
     return "\n".join(lines)
 
 
+# Which modules earn their place: (question, variant with it, variant without it), read as the
+# paired difference with - without on the same (seed, target). Pairs whose variants a sweep
+# lacks are skipped; the glyph and digits presets differ in their pseudo-unknown source.
+COMMON_QUESTIONS = (
+    ("semantic tokens", "seeclip", "seeclip_no_sem"),
+    ("L_rep (margin 0.5)", "seeclip", "seeclip_no_rep"),
+    ("L_coh", "seeclip", "seeclip_no_coh"),
+    ("the preset's pseudo-unknowns (vs none)", "seeclip", "seeclip_no_pseudo"),
+    ("L_reg as the paper's sum (vs mean)", "seeclip_reg_sum", "seeclip"),
+    ("L_rep margin 0.2 (vs 0.5)", "seeclip_margin_0.2", "seeclip"),
+    ("a learned unknown prompt in CoOp (vs CoOp)", "coop_unknown", "coop"),
+    ("SeeCLIP preset (vs CoOp)", "seeclip", "coop"),
+)
+QUESTIONS = {
+    "glyphs": COMMON_QUESTIONS + (
+        ("mixup pseudo-unknowns (vs the preset's image pool)", "seeclip_mixup", "seeclip"),
+        ("feature diffusion (vs the preset's image pool)", "seeclip_feature_diffusion",
+         "seeclip"),
+        ("SDEdit images (vs the preset's from-noise images)", "seeclip_sdedit", "seeclip"),
+        ("SeeCLIP's prompts and losses (vs CoOp's unknown prompt), both mixup", "seeclip_mixup",
+         "coop_unknown"),
+        ("SeeCLIP with feature diffusion (vs CoOp)", "seeclip_feature_diffusion", "coop"),
+    ),
+    "digits": COMMON_QUESTIONS + (
+        ("feature diffusion (vs the preset's mixup)", "seeclip_diffusion", "seeclip"),
+        ("SeeCLIP's prompts and losses (vs CoOp's unknown prompt), both mixup", "seeclip",
+         "coop_unknown"),
+        ("SeeCLIP's prompts and losses (vs CoOp's unknown prompt), both feature diffusion",
+         "seeclip_diffusion", "coop_unknown_diffusion"),
+    ),
+}  # fmt: skip
+RULES = {
+    "paper rule": lambda r: r.get("h_score"),
+    "lodo_threshold": lambda r: (r.get("rules", {}).get("lodo_threshold") or {}).get("h_score"),
+}
+
+
+def paired_effect(records, with_, without, key) -> tuple[list[float], int]:
+    """Per seed where both variants have every target under ``key``: the mean over targets of
+    ``key(with) - key(without)``; and the number of targets whose mean difference over those
+    seeds is positive."""
+    by = defaultdict(dict)
+    for r in records:
+        if r["method"] in (with_, without) and key(r) is not None:
+            by[(r["seed"], r["target"])][r["method"]] = key(r)
+    targets = {r["target"] for r in records}
+    seeds = sorted({s for s, _ in by})
+    paired = [s for s in seeds if all(len(by.get((s, t), {})) == 2 for t in targets)]
+    diff = {(s, t): by[(s, t)][with_] - by[(s, t)][without] for s in paired for t in targets}
+    per_seed = [float(np.mean([diff[(s, t)] for t in targets])) for s in paired]
+    won = sum(np.mean([diff[(s, t)] for s in paired]) > 0 for t in targets) if paired else 0
+    return per_seed, int(won)
+
+
+def verdict(per_seed: list[float]) -> str:
+    """ "helps"/"hurts" when the mean paired difference is over two standard errors (std with
+    ddof 1 over seeds, over sqrt(n)) from 0, else "within noise"; one seed gives no verdict."""
+    if len(per_seed) < 2:
+        return "one seed" if per_seed else "n/a"
+    d = np.array(per_seed)
+    se = d.std(ddof=1) / np.sqrt(d.size)
+    if abs(d.mean()) <= 2 * se:
+        return "within noise"
+    return "helps" if d.mean() > 0 else "hurts"
+
+
+def module_effects(records, benchmark: str) -> str:
+    """The 'which modules earn their place' table: for each declared question, H(with) -
+    H(without) paired by seed and target, under the paper's rule and the calibrated one."""
+    present = {r["method"] for r in records}
+    cols = ["question", "with", "without"]
+    for rule in RULES:
+        cols += [f"ΔH {rule}", "seeds", "targets won", "verdict"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for question, with_, without in QUESTIONS.get(benchmark, COMMON_QUESTIONS):
+        if not {with_, without} <= present:
+            continue
+        cells = [question, with_, without]
+        n_targets = len({r["target"] for r in records})
+        for key in RULES.values():
+            per_seed, won = paired_effect(records, with_, without, key)
+            cells += [_pm(per_seed), str(len(per_seed)),
+                      f"{won}/{n_targets}" if per_seed else "n/a", verdict(per_seed)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def loss_shares(records, runs_dir, order) -> str:
     """Each SeeCLIP-family variant's last-epoch loss terms and gradient shares (mean over runs),
     read from the runs' epoch records: which terms act at which setting."""
@@ -270,6 +359,10 @@ def print_tables(records, spec, order, runs_dir, args, start) -> None:
         print()
         print(rank_agreement(rs))
         print(lodo_h_picks(rs))
+        print(f"\nWhich modules earn their place ({protocol}; ΔH = with - without, paired by "
+              f"seed and target, mean ± std over seeds; 'helps'/'hurts' beyond two standard "
+              f"errors):\n")  # fmt: skip
+        print(module_effects(rs, args.benchmark))
         print(f"\nLast-epoch gradient shares and L_rep activity ({protocol}, every seed):\n")
         print(loss_shares(rs, runs_dir, order))
         for t in paper_tables(rs, ["h_score"]):

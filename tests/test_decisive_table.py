@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from seeclip.sweep import SweepSpec, Variant
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "decisive_table.py"
@@ -38,3 +40,47 @@ def test_rows_whose_h_std_exceeds_the_limit_get_more_seeds_per_protocol():
     # a seed outside the spec's seeds (a row that already has seed 3) does not move the rule
     extra = _records("steady", "full", [0.0, 0.0, 0.0, 0.9])[-2:]
     assert noisy_rows(records + extra, spec, 2.0)["full"] == ["noisy"]
+
+
+def _h(method, seed, target, h, calibrated=None):
+    r = {"method": method, "protocol": "full", "seed": seed, "target": target, "h_score": h}
+    if calibrated is not None:
+        r["rules"] = {"lodo_threshold": {"h_score": calibrated}}
+    return r
+
+
+def test_module_effects_pair_runs_by_seed_and_target_and_call_only_clear_differences():
+    script = _script()
+    # with - without: seed 0 (+0.10, +0.00), seed 1 (+0.08, +0.02), seed 2 (+0.06, +0.04)
+    records = [
+        _h("seeclip", s, t, 0.5 + d, calibrated=0.6 if s == 0 else None)
+        for s, ds in enumerate([(0.10, 0.00), (0.08, 0.02), (0.06, 0.04)])
+        for t, d in zip("ab", ds, strict=True)
+    ] + [_h("seeclip_no_sem", s, t, 0.5, calibrated=0.7 if s == 0 else None)
+         for s in range(3) for t in "ab"]  # fmt: skip
+    per_seed, won = script.paired_effect(
+        records, "seeclip", "seeclip_no_sem", lambda r: r["h_score"]
+    )
+    assert per_seed == pytest.approx([0.05, 0.05, 0.05])
+    assert won == 2
+    assert script.verdict(per_seed) == "helps"
+    # a seed that lacks a target in either variant is not paired
+    partial = [r for r in records if not (r["seed"] == 2 and r["target"] == "b"
+                                          and r["method"] == "seeclip_no_sem")]  # fmt: skip
+    assert len(script.paired_effect(partial, "seeclip", "seeclip_no_sem",
+                                    lambda r: r["h_score"])[0]) == 2  # fmt: skip
+    # the calibrated rule reads rules.lodo_threshold; only seed 0 was validated here
+    cal, won = script.paired_effect(
+        records, "seeclip", "seeclip_no_sem", script.RULES["lodo_threshold"]
+    )
+    assert cal == pytest.approx([-0.1]) and won == 0
+    assert script.verdict(cal) == "one seed"
+    assert script.verdict([0.1, -0.1, 0.05]) == "within noise"
+    assert script.verdict([-0.05, -0.06, -0.04]) == "hurts"
+    table = script.module_effects(records, "glyphs").splitlines()
+    # only the question whose two variants ran appears
+    assert len(table) == 3
+    assert table[2].startswith(
+        "| semantic tokens | seeclip | seeclip_no_sem | 5.0 ± 0.0 | 3 | 2/2 |"
+    )
+    assert table[2].endswith("| -10.0 | 1 | 0/2 | one seed |")
