@@ -14,7 +14,9 @@ and whether the folds rank the variants as the target does.
    generator retrains per fold);
 3. with ``--more-seeds``: those seeds too for every (protocol, variant) whose H under the paper's
    rule has a std over ``--seeds`` above ``--more-if-std`` points (issue 10: 5 seeds where the
-   std is over 2 points); the rule reads only the runs' target H spread, never picks a setting;
+   std is over 2 points), and, after step 2, those seeds validated for every row whose H under
+   ``lodo_threshold`` has a std over ``--validate-seeds`` above the same limit; the rule reads
+   only the runs' target H spread, never picks a setting;
 4. prints Markdown: per protocol, each variant's mean over targets under the paper's rule (mean ±
    std over seeds), AccU on hard/easy unknowns where the benchmark names them, the same under
    ``lodo_threshold`` with the fold H, and Spearman's rho between fold H and target H over
@@ -105,12 +107,16 @@ def summary(records, order, hard_easy: bool) -> str:
     return "\n".join(lines)
 
 
-def noisy_rows(records, spec, max_std: float) -> dict[str, list[str]]:
-    """protocol -> the variant labels whose mean-over-targets H (paper rule) has a std over the
-    spec's seeds above ``max_std`` points."""
+def noisy_rows(records, spec, max_std: float, *, rule: str = "own",
+               seeds=None) -> dict[str, list[str]]:  # fmt: skip
+    """protocol -> the variant labels whose mean-over-targets H under ``rule`` (``own``: the
+    paper's; ``lodo_threshold``: the calibrated one) has a std over ``seeds`` (default: the
+    spec's) above ``max_std`` points."""
+    seeds = spec.seeds if seeds is None else seeds
     out = {}
     for protocol in spec.protocols:
-        rs = [r for r in records if r["protocol"] == protocol and r["seed"] in spec.seeds]
+        rs = [r for r in under_rule(records, rule)
+              if r["protocol"] == protocol and r["seed"] in seeds]  # fmt: skip
         h = per_seed_means(rs, lambda r: r["h_score"])
         out[protocol] = [
             v.label
@@ -200,21 +206,17 @@ QUESTIONS = {
          "seeclip_diffusion", "coop_unknown_diffusion"),
     ),
 }  # fmt: skip
-RULES = {
-    "paper rule": lambda r: r.get("h_score"),
-    "lodo_threshold": lambda r: (r.get("rules", {}).get("lodo_threshold") or {}).get("h_score"),
-}
+RULES = {"paper rule": "own", "lodo_threshold": "lodo_threshold"}  # column label -> report rule
 
 
-def paired_effect(records, with_, without, key) -> tuple[list[float], int]:
-    """Per seed where both variants have every target under ``key``: the mean over targets of
-    ``key(with) - key(without)``; and the number of targets whose mean difference over those
-    seeds is positive."""
+def paired_effect(records, with_, without, targets) -> tuple[list[float], int]:
+    """Per seed where both variants have an H for every one of ``targets``: the mean over targets
+    of H(with) - H(without); and the number of targets whose mean difference over those seeds
+    is positive. ``records`` are under one rule (``seeclip.report.under_rule``)."""
     by = defaultdict(dict)
     for r in records:
-        if r["method"] in (with_, without) and key(r) is not None:
-            by[(r["seed"], r["target"])][r["method"]] = key(r)
-    targets = {r["target"] for r in records}
+        if r["method"] in (with_, without) and r.get("h_score") is not None:
+            by[(r["seed"], r["target"])][r["method"]] = r["h_score"]
     seeds = sorted({s for s, _ in by})
     paired = [s for s in seeds if all(len(by.get((s, t), {})) == 2 for t in targets)]
     diff = {(s, t): by[(s, t)][with_] - by[(s, t)][without] for s in paired for t in targets}
@@ -239,6 +241,8 @@ def module_effects(records, benchmark: str) -> str:
     """The 'which modules earn their place' table: for each declared question, H(with) -
     H(without) paired by seed and target, under the paper's rule and the calibrated one."""
     present = {r["method"] for r in records}
+    targets = {r["target"] for r in records}
+    by_rule = [under_rule(records, rule) for rule in RULES.values()]
     cols = ["question", "with", "without"]
     for rule in RULES:
         cols += [f"ΔH {rule}", "seeds", "targets won", "verdict"]
@@ -247,11 +251,10 @@ def module_effects(records, benchmark: str) -> str:
         if not {with_, without} <= present:
             continue
         cells = [question, with_, without]
-        n_targets = len({r["target"] for r in records})
-        for key in RULES.values():
-            per_seed, won = paired_effect(records, with_, without, key)
-            cells += [_pm(per_seed), str(len(per_seed)),
-                      f"{won}/{n_targets}" if per_seed else "n/a", verdict(per_seed)]  # fmt: skip
+        for rs in by_rule:
+            per_seed, won = paired_effect(rs, with_, without, targets)
+            won_cell = f"{won}/{len(targets)}" if per_seed else "n/a"
+            cells += [_pm(per_seed), str(len(per_seed)), won_cell, verdict(per_seed)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -344,6 +347,18 @@ def main() -> None:
                    and (c.label or c.method) not in skip]  # fmt: skip
     settings = LodoSettings(class_splits=args.class_splits)
     validated = run_sweep(to_validate, runs_dir=runs_dir, jobs=args.jobs, validate=settings)
+    if args.more_seeds and args.validate_seeds:
+        more = noisy_rows(validated.records, spec, args.more_if_std, rule="lodo_threshold",
+                          seeds=args.validate_seeds)  # fmt: skip
+        for protocol, labels in more.items():
+            print(f"{protocol}: lodo_threshold H std > {args.more_if_std} points over seeds "
+                  f"{args.validate_seeds} -> validating seeds {args.more_seeds} for "
+                  f"{', '.join(labels)}")  # fmt: skip
+        extra = [c for c in plan(dataclasses.replace(spec, seeds=tuple(args.more_seeds)))
+                 if (c.label or c.method) in more.get(c.data.protocol, ())]  # fmt: skip
+        validated.outcomes.extend(
+            run_sweep(extra, runs_dir=runs_dir, jobs=args.jobs, validate=settings).outcomes
+        )
     by_hash = {r["config_hash"]: r for r in paper.records}
     by_hash.update({r["config_hash"]: r for r in validated.records})
     records = list(by_hash.values())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from seeclip.report import under_rule
 from seeclip.sweep import SweepSpec, Variant
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "decisive_table.py"
@@ -42,6 +43,24 @@ def test_rows_whose_h_std_exceeds_the_limit_get_more_seeds_per_protocol():
     assert noisy_rows(records + extra, spec, 2.0)["full"] == ["noisy"]
 
 
+def test_the_calibrated_rule_asks_for_more_seeds_from_its_own_spread_over_validated_seeds():
+    noisy_rows = _script().noisy_rows
+    spec = SweepSpec(config="c.yaml", variants=(Variant("steady", ()), Variant("noisy", ())),
+                     protocols=("full",), seeds=(0, 1, 2))  # fmt: skip
+    # paper-rule H is steady for both; calibrated H (rules.lodo_threshold) is not for "noisy"
+    records = [
+        {**r, "rules": {"lodo_threshold": {"h_score": cals[r["seed"]]}}}
+        for label, cals in (("steady", [0.6, 0.6, 0.61]), ("noisy", [0.4, 0.5, 0.6]))
+        for r in _records(label, "full", [0.3, 0.3, 0.3])
+    ]
+    assert noisy_rows(records, spec, 2.0) == {"full": []}
+    assert noisy_rows(records, spec, 2.0, rule="lodo_threshold") == {"full": ["noisy"]}
+    # only the validated seeds count; an unvalidated run has no calibrated H
+    assert noisy_rows(records, spec, 2.0, rule="lodo_threshold", seeds=[0]) == {"full": []}
+    unvalidated = [{k: v for k, v in r.items() if k != "rules"} for r in records]
+    assert noisy_rows(unvalidated, spec, 2.0, rule="lodo_threshold") == {"full": []}
+
+
 def _h(method, seed, target, h, calibrated=None):
     r = {"method": method, "protocol": "full", "seed": seed, "target": target, "h_score": h}
     if calibrated is not None:
@@ -58,9 +77,7 @@ def test_module_effects_pair_runs_by_seed_and_target_and_call_only_clear_differe
         for t, d in zip("ab", ds, strict=True)
     ] + [_h("seeclip_no_sem", s, t, 0.5, calibrated=0.7 if s == 0 else None)
          for s in range(3) for t in "ab"]  # fmt: skip
-    per_seed, won = script.paired_effect(
-        records, "seeclip", "seeclip_no_sem", lambda r: r["h_score"]
-    )
+    per_seed, won = script.paired_effect(records, "seeclip", "seeclip_no_sem", {"a", "b"})
     assert per_seed == pytest.approx([0.05, 0.05, 0.05])
     assert won == 2
     assert script.verdict(per_seed) == "helps"
@@ -68,10 +85,10 @@ def test_module_effects_pair_runs_by_seed_and_target_and_call_only_clear_differe
     partial = [r for r in records if not (r["seed"] == 2 and r["target"] == "b"
                                           and r["method"] == "seeclip_no_sem")]  # fmt: skip
     assert len(script.paired_effect(partial, "seeclip", "seeclip_no_sem",
-                                    lambda r: r["h_score"])[0]) == 2  # fmt: skip
+                                    {"a", "b"})[0]) == 2  # fmt: skip
     # the calibrated rule reads rules.lodo_threshold; only seed 0 was validated here
     cal, won = script.paired_effect(
-        records, "seeclip", "seeclip_no_sem", script.RULES["lodo_threshold"]
+        under_rule(records, "lodo_threshold"), "seeclip", "seeclip_no_sem", {"a", "b"}
     )
     assert cal == pytest.approx([-0.1]) and won == 0
     assert script.verdict(cal) == "one seed"
