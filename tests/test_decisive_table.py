@@ -101,3 +101,33 @@ def test_module_effects_pair_runs_by_seed_and_target_and_call_only_clear_differe
         "| semantic tokens | seeclip | seeclip_no_sem | 5.0 ± 0.0 | 3 | 2/2 |"
     )
     assert table[2].endswith("| -10.0 | 1 | 0/2 | one seed |")
+
+
+def _validated(method, seed, target, fold, h, cal):
+    return {"method": method, "seed": seed, "target": target, "h_score": h,
+            "rules": {"lodo_threshold": {"h_score": cal}},
+            "validation": {"mean": {"h_score": fold, "h_score_lodo_threshold": fold}}}  # fmt: skip
+
+
+def test_lodo_h_picks_choose_from_the_same_menu_in_every_cell():
+    lodo_h_picks = _script().lodo_h_picks
+    # seed 0: both variants validated, "good" has the better folds; seed 3: only "noisy" was
+    # validated (a row given more seeds), so that cell offers no real choice and is left out
+    records = [
+        _validated("good", 0, "a", fold=0.9, h=0.2, cal=0.7),
+        _validated("noisy", 0, "a", fold=0.5, h=0.1, cal=0.8),
+        _validated("good", 1, "a", fold=0.4, h=0.3, cal=0.6),
+        _validated("noisy", 1, "a", fold=0.6, h=0.5, cal=0.4),
+        _validated("noisy", 3, "a", fold=0.99, h=0.0, cal=0.0),
+    ]
+    text = lodo_h_picks(records)
+    assert (
+        "a seed 0: lodo_h picks good (own, fold H 0.900) -> target H 0.200; best in hindsight "
+        "0.800" in text
+    )
+    assert "a seed 1: lodo_h picks noisy (own, fold H 0.600) -> target H 0.500" in text
+    assert "seed 3" not in text
+    assert text.endswith(
+        "mean target H of the picks 0.350; of the best in hindsight 0.700 "
+        "(2 cells, 2 candidate variants; left out, lacking some: 1)"
+    )
