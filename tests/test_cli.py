@@ -202,6 +202,9 @@ def test_train_from_a_preset_then_report(small_digits, tmp_path, monkeypatch, ca
     assert main(["report", "--runs-dir", str(runs)]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if "seeclip_no_rep" in line]
     assert len(row) == 1 and "| textured | 2 |" in row[0] and " ± " in row[0]
+    assert main(["report", str(runs), "--seeds", "1"]) == 0  # one seed's runs only
+    row = [line for line in capsys.readouterr().out.splitlines() if "seeclip_no_rep" in line]
+    assert len(row) == 1 and "| textured | 1 |" in row[0] and " ± " not in row[0]
     with pytest.raises(SystemExit):
         main(["train"])  # a preset is required
 

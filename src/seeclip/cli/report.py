@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
         help="with --out: comma-separated table formats among md, csv, tex (default: all)",
     )
     p.add_argument("--benchmark", help="only this benchmark's runs")
+    p.add_argument("--seeds", type=int, nargs="+", help="only these seeds' runs")
     p.add_argument("--means-only", action="store_true", help="only the mean-over-targets rows")
     p.add_argument(
         "--rule",
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     records = read_records(runs_dir)
     if args.benchmark:
         records = [r for r in records if r["benchmark"] == args.benchmark]
+    if args.seeds:
+        records = [r for r in records if r["seed"] in args.seeds]
     records = under_rule(records, args.rule)
     if not records:
         raise FileNotFoundError(
