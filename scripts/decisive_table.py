@@ -301,6 +301,17 @@ def loss_shares(records, runs_dir, order) -> str:
     return "\n".join(lines)
 
 
+def more_seed_configs(records, spec, args, *, rule: str, seeds) -> list:
+    """The ``--more-seeds`` configs of every (protocol, variant) whose H under ``rule`` has a
+    std over ``seeds`` above ``--more-if-std`` points; says which rows they are."""
+    more = noisy_rows(records, spec, args.more_if_std, rule=rule, seeds=seeds)
+    for protocol, labels in more.items():
+        print(f"{protocol}: {rule} H std > {args.more_if_std} points over seeds {list(seeds)} "
+              f"-> seeds {args.more_seeds} for {', '.join(labels)}")  # fmt: skip
+    return [c for c in plan(dataclasses.replace(spec, seeds=tuple(args.more_seeds)))
+            if (c.label or c.method) in more.get(c.data.protocol, ())]  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--benchmark", default="digits")
@@ -349,12 +360,7 @@ def main() -> None:
         return print_tables(records, spec, order, runs_dir, args, start)
     paper = run_sweep(configs, runs_dir=runs_dir, jobs=args.jobs)
     if args.more_seeds:
-        more = noisy_rows(paper.records, spec, args.more_if_std)
-        for protocol, labels in more.items():
-            print(f"{protocol}: H std > {args.more_if_std} points over seeds {list(spec.seeds)} "
-                  f"-> seeds {args.more_seeds} for {', '.join(labels)}")  # fmt: skip
-        extra = [c for c in plan(dataclasses.replace(spec, seeds=tuple(args.more_seeds)))
-                 if (c.label or c.method) in more.get(c.data.protocol, ())]  # fmt: skip
+        extra = more_seed_configs(paper.records, spec, args, rule="own", seeds=spec.seeds)
         paper.outcomes.extend(run_sweep(extra, runs_dir=runs_dir, jobs=args.jobs).outcomes)
     skip = set(args.no_validate if args.no_validate is not None else
                [lab for lab in order if "diffusion" in lab])  # fmt: skip
@@ -363,14 +369,8 @@ def main() -> None:
     settings = LodoSettings(class_splits=args.class_splits)
     validated = run_sweep(to_validate, runs_dir=runs_dir, jobs=args.jobs, validate=settings)
     if args.more_seeds and args.validate_seeds:
-        more = noisy_rows(validated.records, spec, args.more_if_std, rule="lodo_threshold",
-                          seeds=args.validate_seeds)  # fmt: skip
-        for protocol, labels in more.items():
-            print(f"{protocol}: lodo_threshold H std > {args.more_if_std} points over seeds "
-                  f"{args.validate_seeds} -> validating seeds {args.more_seeds} for "
-                  f"{', '.join(labels)}")  # fmt: skip
-        extra = [c for c in plan(dataclasses.replace(spec, seeds=tuple(args.more_seeds)))
-                 if (c.label or c.method) in more.get(c.data.protocol, ())]  # fmt: skip
+        extra = more_seed_configs(validated.records, spec, args, rule="lodo_threshold",
+                                  seeds=args.validate_seeds)  # fmt: skip
         validated.outcomes.extend(
             run_sweep(extra, runs_dir=runs_dir, jobs=args.jobs, validate=settings).outcomes
         )
