@@ -1,6 +1,7 @@
 """The shipped tiny-glyphs-sd through the image-space generator path a real SD checkpoint takes."""
 
 import csv
+import logging
 
 import numpy as np
 import pytest
@@ -155,3 +156,18 @@ def test_sd_images_source_passes_source_images_for_sdedit(tmp_path):
                                              **kw))  # fmt: skip
     assert source.sample("printed", 2, torch.Generator().manual_seed(0))[0].shape == (2, 128)
     assert len(list((tmp_path / "pools" / "images").glob("sd-*/manifest.csv"))) == 1
+
+
+def test_loading_does_not_ask_for_accelerate():
+    # without accelerate, diffusers used to log an "install accelerate" warning on every load;
+    # its library logger does not propagate, so listen on it directly
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    library = logging.getLogger("diffusers")
+    library.addHandler(handler)
+    try:
+        load_pipeline("tiny-glyphs-sd")
+    finally:
+        library.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "accelerate" in r.getMessage()]

@@ -5,6 +5,7 @@ diffusers and transformers are imported lazily: they come with the ``diffusion``
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,9 @@ def load_pipeline(
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
+            # accelerate's low-memory loading when it is installed; without it diffusers falls
+            # back to the same False after a warning on every load (one per run in a sweep)
+            low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
         )
     except (OSError, ValueError) as err:  # HF's LocalEntryNotFoundError is an OSError
         raise WeightsUnavailableError(f"{hint} ({type(err).__name__}: {err})") from err
