@@ -3,6 +3,12 @@
 import dataclasses
 import json
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +162,51 @@ def test_a_failing_run_is_reported_and_the_others_finish(small_digits, tmp_path,
     assert "no-such-arch" in result.failed[0].error
     record = json.loads((run_dir_of(cfgs[1], tmp_path) / "results.jsonl").read_text())
     assert record["seed"] == 1
+
+
+def _workers_of(parent: int) -> list[int]:
+    """Live multiprocessing workers whose parent is ``parent`` (Linux /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and fields[0] not in "ZX" and b"spawn_main" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in "ZX"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_sigterm_to_a_parallel_sweep_stops_its_workers():
+    # `kill`, `timeout` or a scheduler stop only the parent; its spawned workers used to be left
+    # behind, finishing their task and then waiting for work forever
+    code = ("import time\nfrom seeclip.sweep import run_parallel\n"
+            "run_parallel(time.sleep, [(60,)] * 4, jobs=2, on_result=print)\n")  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    workers = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := _workers_of(parent.pid)) < 2:
+            assert time.monotonic() < deadline, "the workers never started"
+            time.sleep(0.2)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if _alive(w)], "workers outlived the stopped sweep"
+    finally:
+        parent.kill()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)

@@ -9,7 +9,9 @@ target domains and seeds. Each combination is one ordinary run folder
   so two sweeps over one runs folder never compute a run twice at once; a run locked by
   another process is waited for at the end;
 - ``jobs`` processes (``spawn``, one torch thread each by default) share the feature cache,
-  which the parent fills first so that no two processes build it at once.
+  which the parent fills first so that no two processes build it at once;
+- stopping the sweep (Ctrl-C, or SIGTERM from ``kill``, ``timeout`` or a scheduler) stops its
+  worker processes too; finished runs stay finished, so the same command resumes.
 
 A sweep file (YAML) names everything::
 
@@ -30,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -274,6 +278,62 @@ class SweepResult:
         return [o.record for o in self.outcomes if o.record is not None]
 
 
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """A SIGTERM (``kill``, ``timeout``, a batch scheduler) unwinds like Ctrl-C, exit status 143.
+
+    Python's default for SIGTERM ends the process at once, with no ``finally``: a sweep's
+    workers would be left waiting for work forever. Only the main thread can take signals, so
+    elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_parallel(
+    fn: Callable,
+    tasks: Sequence[tuple],
+    *,
+    jobs: int,
+    on_result: Callable,
+    initializer: Callable | None = None,
+    initargs: tuple = (),
+) -> None:
+    """``fn(*task)`` for every task in ``jobs`` spawned processes; ``on_result`` gets each result
+    in the parent as it arrives.
+
+    Stopping the parent (Ctrl-C, SIGTERM) stops the workers too: the tasks not started are
+    cancelled and the running ones end with their process (a run folder is only marked done
+    when it is complete, so a resumed sweep redoes exactly those).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    others = set(multiprocessing.active_children())  # the caller's own processes stay untouched
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=initializer, initargs=initargs)
+    try:
+        with _sigterm_unwinds():
+            pending = {pool.submit(fn, *task) for task in tasks}
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    on_result(fut.result())
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in set(multiprocessing.active_children()) - others:
+            worker.terminate()
+        raise
+    pool.shutdown()
+
+
 def run_sweep(
     configs: Sequence[RunConfig],
     *,
@@ -323,19 +383,20 @@ def run_sweep(
             bar.write(f"FAILED {outcome.run_dir}: {outcome.error}")
 
     args = (runs_dir, cache_dir, validate)
-    if jobs <= 1:
-        for cfg in todo:
-            finish(execute(cfg, *args))
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        init = (threads, str(distributed.device()))  # workers use the parent's --device
-        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=init) as pool:  # fmt: skip
-            pending = {pool.submit(execute, cfg, *args) for cfg in todo}
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    finish(fut.result())
+    try:
+        if jobs <= 1:
+            with _sigterm_unwinds():
+                for cfg in todo:
+                    finish(execute(cfg, *args))
+        else:
+            init = (threads, str(distributed.device()))  # workers use the parent's --device
+            run_parallel(execute, [(cfg, *args) for cfg in todo], jobs=jobs, on_result=finish,
+                         initializer=_init_worker, initargs=init)  # fmt: skip
+    except (KeyboardInterrupt, SystemExit):
+        bar.close()
+        log(f"stopped: {sum(o.status != 'failed' for o in result.outcomes)} runs are finished "
+            f"under {runs_dir}; the same command resumes with the others")  # fmt: skip
+        raise
     for cfg in busy:  # another process held these: wait for it, then read (or redo) the run
         bar.set_postfix_str(f"waiting for {cfg.run_name()} (another process)", refresh=True)
         finish(execute(cfg, *args, wait=True))
