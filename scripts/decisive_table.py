@@ -383,7 +383,9 @@ def main() -> None:
 def print_tables(records, spec, order, runs_dir, args, start) -> None:
     hard_easy = any(r.get("acc_unknown_hard") is not None for r in records)
     for protocol in spec.protocols:
-        rs = [r for r in records if r["protocol"] == protocol]
+        # the sweep's row order, whether the records come from this run or from disk
+        rs = sorted((r for r in records if r["protocol"] == protocol),
+                    key=lambda r: order.index(r["method"]))  # fmt: skip
         print(f"\n### {args.benchmark} / {protocol}: mean over targets\n")
         print(summary(rs, order, hard_easy))
         print()

@@ -4,7 +4,9 @@ seeds exceeds 2 points), read from the records' target H only."""
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -131,3 +133,17 @@ def test_lodo_h_picks_choose_from_the_same_menu_in_every_cell():
         "mean target H of the picks 0.350; of the best in hindsight 0.700 "
         "(2 cells, 2 candidate variants; left out, lacking some: 1)"
     )
+
+
+def test_tables_keep_the_sweeps_row_order_whatever_order_the_records_come_in(tmp_path, capsys):
+    script = _script()
+    spec = SweepSpec(config="c.yaml", variants=(Variant("zeroshot", ()), Variant("coop", ())),
+                     protocols=("full",), seeds=(0,))  # fmt: skip
+    # read from disk, runs come in folder order: "coop" before "zeroshot"
+    records = [{**_h(m, 0, t, 0.5), "benchmark": "glyphs", "config_hash": m + t, "data_hash": "d"}
+               for m in ("coop", "zeroshot") for t in "ab"]  # fmt: skip
+    args = SimpleNamespace(benchmark="glyphs", jobs=1)
+    script.print_tables(records, spec, ["zeroshot", "coop"], tmp_path, args, time.perf_counter())
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| zeroshot") or line.startswith("| coop")]  # fmt: skip
+    assert rows and rows == ["| zeroshot", "| coop"] * (len(rows) // 2)
