@@ -6,10 +6,11 @@ says "unknown" on one target), from the finished runs' saved predictions.
 
 Per (method, target), mean over the seeds found: the median unknown score of the target's known
 and unknown samples and of fresh draws of the run's own pseudo-unknowns; the share of target
-unknowns and knowns the paper's rule (argmax over C+1) rejects, and the share the threshold
-calibrated on the source folds rejects (``lodo_threshold``, validated runs only); AUROC. Every
-number is read from the records and ``predictions.npz``; nothing is trained, and nothing here
-chooses a setting.
+unknowns and knowns the method's own rule rejects (the argmax over C+1 for SeeCLIP and
+``coop_unknown``, the source-data threshold for the baselines without an unknown prompt) and
+the share the threshold calibrated on the source folds rejects (``lodo_threshold``, validated
+runs only); AUROC. Every number is read from the records and ``predictions.npz``; nothing is
+trained, and nothing here chooses a setting.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ COLUMNS = (
     "median score known",
     "median score unknown",
     "median score pseudo-unknown",
-    "argmax rejects unknown %",
-    "argmax rejects known %",
+    "own rule rejects unknown %",
+    "own rule rejects known %",
     "lodo_threshold rejects unknown %",
     "lodo_threshold rejects known %",
     "AUROC",
@@ -68,9 +69,10 @@ def table(records: list[dict], runs_dir: str | Path) -> str:
     head = ["method", "target", "runs", *COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (method, target), stats in sorted(rows.items()):
-        mean = np.nanmean(np.array(stats, dtype=float), axis=0) if stats else []
-        cells = [f"{v:.3f}" if i < 3 else f"{v:.1f}" for i, v in enumerate(mean)]
-        cells = [c if c != "nan" else "-" for c in cells]
+        cells = []
+        for i, column in enumerate(np.array(stats, dtype=float).T):
+            kept = column[~np.isnan(column)]  # a column a run lacks is "-", not a warning
+            cells.append("-" if not kept.size else f"{kept.mean():.{3 if i < 3 else 1}f}")
         lines.append("| " + " | ".join([method, target, str(len(stats)), *cells]) + " |")
     return "\n".join(lines)
 
