@@ -90,7 +90,7 @@ def main() -> None:
                and (args.targets is None or r["target"] in args.targets)]  # fmt: skip
     if not records:
         raise SystemExit(f"no finished runs match under {args.runs_dir}; check --runs-dir, "
-                         f"--protocol and --methods")  # fmt: skip
+                         f"--protocol, --methods and --targets")  # fmt: skip
     print(table(records, args.runs_dir))
 
 

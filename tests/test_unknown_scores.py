@@ -68,7 +68,7 @@ def _run(runs_dir: Path, method: str, target: str, seed: int, pred: dict, thresh
 def test_the_command_averages_seeds_per_method_and_target(tmp_path):
     _run(tmp_path, "seeclip", "textured", 0, _pred(), threshold=0.5)
     shifted = _pred()
-    shifted["unknown_score"] = shifted["unknown_score"] * 0 + 0.0  # rejects nothing by score
+    shifted["unknown_score"] = np.zeros(8)  # the threshold rejects nothing
     _run(tmp_path, "seeclip", "textured", 1, shifted, threshold=0.5)
     _run(tmp_path, "coop", "outline", 0, _pred(pseudo=False))
     cmd = [sys.executable, str(SCRIPT), "--runs-dir", str(tmp_path), "--protocol", "daml"]
