@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from seeclip import metrics
+from seeclip.features import Prediction
 from seeclip.report import dedupe, read_records
 from seeclip.report_files import load_predictions
+from seeclip.validation import apply_threshold
 
 COLUMNS = (
     "median score known",
@@ -39,20 +41,28 @@ COLUMNS = (
 
 def score_stats(pred: dict[str, np.ndarray], threshold: float | None) -> list[float]:
     """One run's :data:`COLUMNS` (NaN where the run lacks it: no pseudo-unknowns drawn, or not
-    validated)."""
+    validated). The calibrated rule is applied by :func:`seeclip.validation.apply_threshold`,
+    as at evaluation."""
     unknown = pred["y_true"] < 0
-    score = pred["unknown_score"]
-    rejected = pred["y_pred"] == len(pred["known_classes"])
+    score, num_known = pred["unknown_score"], len(pred["known_classes"])
     pseudo = pred.get("pseudo_unknown_score")
-    above = score > threshold if threshold is not None else None
+
+    def rejects(y_pred: np.ndarray | None) -> list[float]:  # % of unknowns, % of knowns
+        if y_pred is None:
+            return [np.nan, np.nan]
+        rejected = y_pred == num_known
+        return [100 * rejected[unknown].mean(), 100 * rejected[~unknown].mean()]
+
+    calibrated = None
+    if threshold is not None:
+        own = Prediction(pred["y_pred"], pred["y_pred_closed"], score)
+        calibrated = apply_threshold(own, threshold, num_known).y_pred
     return [
         float(np.median(score[~unknown])),
         float(np.median(score[unknown])),
         float(np.median(pseudo)) if pseudo is not None else np.nan,
-        100 * rejected[unknown].mean(),
-        100 * rejected[~unknown].mean(),
-        100 * above[unknown].mean() if above is not None else np.nan,
-        100 * above[~unknown].mean() if above is not None else np.nan,
+        *rejects(pred["y_pred"]),
+        *rejects(calibrated),
         100 * metrics.auroc(pred["y_true"], score),
     ]
 

@@ -1,3 +1,6 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +12,20 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     """Every test gets its own SEECLIP_HOME, so nothing reads or writes the user's cache."""
     monkeypatch.setenv("SEECLIP_HOME", str(tmp_path_factory.mktemp("seeclip_home")))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def load_script():
+    """``load_script("decisive_table")``: a module of ``scripts/``, imported from its file."""
+
+    def load(name: str):
+        path = Path(__file__).parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 def pytest_configure(config):

@@ -3,9 +3,7 @@ seeds exceeds 2 points), read from the records' target H only."""
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,23 +11,14 @@ import pytest
 from seeclip.report import under_rule
 from seeclip.sweep import SweepSpec, Variant
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "decisive_table.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("decisive_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def _records(method, protocol, h_by_seed, targets=("a", "b")):
     return [{"method": method, "protocol": protocol, "seed": s, "target": t, "h_score": h}
             for s, h in enumerate(h_by_seed) for t in targets]  # fmt: skip
 
 
-def test_rows_whose_h_std_exceeds_the_limit_get_more_seeds_per_protocol():
-    noisy_rows = _script().noisy_rows
+def test_rows_whose_h_std_exceeds_the_limit_get_more_seeds_per_protocol(load_script):
+    noisy_rows = load_script("decisive_table").noisy_rows
     spec = SweepSpec(config="c.yaml", variants=(Variant("steady", ()), Variant("noisy", ())),
                      protocols=("full", "daml"), seeds=(0, 1, 2))  # fmt: skip
     records = (
@@ -45,8 +34,10 @@ def test_rows_whose_h_std_exceeds_the_limit_get_more_seeds_per_protocol():
     assert noisy_rows(records + extra, spec, 2.0)["full"] == ["noisy"]
 
 
-def test_the_calibrated_rule_asks_for_more_seeds_from_its_own_spread_over_validated_seeds():
-    noisy_rows = _script().noisy_rows
+def test_the_calibrated_rule_asks_for_more_seeds_from_its_own_spread_over_validated_seeds(
+    load_script,
+):
+    noisy_rows = load_script("decisive_table").noisy_rows
     spec = SweepSpec(config="c.yaml", variants=(Variant("steady", ()), Variant("noisy", ())),
                      protocols=("full",), seeds=(0, 1, 2))  # fmt: skip
     # paper-rule H is steady for both; calibrated H (rules.lodo_threshold) is not for "noisy"
@@ -70,8 +61,8 @@ def _h(method, seed, target, h, calibrated=None):
     return r
 
 
-def test_module_effects_pair_runs_by_seed_and_target_and_call_only_clear_differences():
-    script = _script()
+def test_module_effects_pair_runs_by_seed_and_target_and_call_only_clear_differences(load_script):
+    script = load_script("decisive_table")
     # with - without: seed 0 (+0.10, +0.00), seed 1 (+0.08, +0.02), seed 2 (+0.06, +0.04)
     records = [
         _h("seeclip", s, t, 0.5 + d, calibrated=0.6 if s == 0 else None)
@@ -111,8 +102,8 @@ def _validated(method, seed, target, fold, h, cal):
             "validation": {"mean": {"h_score": fold, "h_score_lodo_threshold": fold}}}  # fmt: skip
 
 
-def test_lodo_h_picks_choose_from_the_same_menu_in_every_cell():
-    lodo_h_picks = _script().lodo_h_picks
+def test_lodo_h_picks_choose_from_the_same_menu_in_every_cell(load_script):
+    lodo_h_picks = load_script("decisive_table").lodo_h_picks
     # seed 0: both variants validated, "good" has the better folds; seed 3: only "noisy" was
     # validated (a row given more seeds), so that cell offers no real choice and is left out
     records = [
@@ -135,8 +126,10 @@ def test_lodo_h_picks_choose_from_the_same_menu_in_every_cell():
     )
 
 
-def test_tables_keep_the_sweeps_row_order_whatever_order_the_records_come_in(tmp_path, capsys):
-    script = _script()
+def test_tables_keep_the_sweeps_row_order_whatever_order_the_records_come_in(
+    tmp_path, capsys, load_script
+):
+    script = load_script("decisive_table")
     spec = SweepSpec(config="c.yaml", variants=(Variant("zeroshot", ()), Variant("coop", ())),
                      protocols=("full",), seeds=(0,))  # fmt: skip
     # read from disk, runs come in folder order: "coop" before "zeroshot"

@@ -3,7 +3,6 @@ cases, and a whole runs folder read back the way the docs' command reads it)."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -16,18 +15,12 @@ from seeclip.records import write_records
 SCRIPT = Path(__file__).parents[1] / "scripts" / "unknown_scores.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("unknown_scores", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _pred(pseudo=True):
     # 2 known classes; samples 0-3 known, 4-7 unknown (-1); C = 2 is "unknown" in y_pred
     pred = {
         "y_true": np.array([0, 1, 0, 1, -1, -1, -1, -1]),
         "y_pred": np.array([0, 2, 0, 1, 2, 2, 0, 1]),
+        "y_pred_closed": np.array([0, 1, 0, 1, 0, 1, 0, 1]),
         "unknown_score": np.array([0.1, 0.6, 0.2, 0.3, 0.9, 0.7, 0.4, 0.05]),
         "known_classes": np.array(["A", "B"]),
     }
@@ -36,8 +29,8 @@ def _pred(pseudo=True):
     return pred
 
 
-def test_one_runs_statistics_by_hand():
-    stats = _script().score_stats(_pred(), threshold=0.5)
+def test_one_runs_statistics_by_hand(load_script):
+    stats = load_script("unknown_scores").score_stats(_pred(), threshold=0.5)
     assert stats[:3] == pytest.approx([0.25, 0.55, 0.9])  # medians: known, unknown, pseudo
     # argmax rejects 2 of 4 unknowns and 1 of 4 knowns; score > 0.5: 2 of 4 and 1 of 4
     assert stats[3:7] == pytest.approx([50.0, 25.0, 50.0, 25.0])
@@ -46,8 +39,8 @@ def test_one_runs_statistics_by_hand():
     assert stats[7] == pytest.approx(100 * 11 / 16)
 
 
-def test_missing_pseudo_unknowns_and_threshold_are_nan_not_zero():
-    stats = _script().score_stats(_pred(pseudo=False), threshold=None)
+def test_missing_pseudo_unknowns_and_threshold_are_nan_not_zero(load_script):
+    stats = load_script("unknown_scores").score_stats(_pred(pseudo=False), threshold=None)
     assert np.isnan(stats[2]) and np.isnan(stats[5]) and np.isnan(stats[6])
     assert not np.isnan(stats[3])
 
