@@ -1,6 +1,11 @@
+import csv
+import html
+import io
+
 import pytest
 
-from seeclip.report import ReportError, summarize
+from seeclip.report import Cell, ReportError, paper_tables, summarize
+from seeclip.report_files import write_report
 
 
 def rec(method, target, seed, h, auroc=None):
@@ -50,3 +55,108 @@ def test_one_label_for_two_settings_names_both_and_the_keys():
              config={"seed": 1, "train": {"epochs": 3}})  # fmt: skip
     with pytest.raises(ReportError, match=r"s1 and s2, which differ in train.epochs \(2 vs 3\)"):
         summarize([a, b])
+
+
+# ------------------------------------------------- means over targets with missing or extra cells
+
+
+def _hashed(method, target, seed, h):
+    return dict(rec(method, target, seed, h), config_hash=f"{method}-{target}-{seed}",
+                setting_hash=f"{method}-setting")  # fmt: skip
+
+
+def _mean_row(table: str, method: str = "m") -> list[str]:
+    (row,) = [x for x in table.splitlines() if f"| {method} | **mean** |" in x]
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_a_seed_missing_a_target_is_left_out_of_the_mean_and_named():
+    # seed 0 has both targets (mean 0.4); seed 1 lacks t2. Averaging what is there would print
+    # "40.0 ± 0.0" (seed 1's t1 alone is 0.4): a mean over a different set of targets per seed.
+    records = [_hashed("m", "t1", 0, 0.2), _hashed("m", "t2", 0, 0.6), _hashed("m", "t1", 1, 0.4)]
+    table = summarize(records, metrics=("h_score",))
+    assert _mean_row(table) == ["b", "full", "m", "**mean**", "1", "40.0 †"]
+    assert table.splitlines()[-1] == (
+        "† m: mean over the seeds with every target only; missing t2 seed 1"
+    )
+    (paper,) = paper_tables(records, ["h_score"])
+    assert paper.cells["m"]["mean"] == Cell(pytest.approx(0.4), 0.0, 1, ("t2 seed 1",))
+
+
+def test_extra_seeds_on_one_target_enter_its_cell_but_not_the_mean():
+    records = [
+        _hashed("m", t, s, h)
+        for t, s, h in [
+            ("t1", 0, 0.2),
+            ("t2", 0, 0.4),
+            ("t1", 1, 0.6),
+            ("t2", 1, 0.8),
+            ("t1", 2, 1.0),
+        ]
+    ]
+    table = summarize(records, metrics=("h_score",))
+    (t1,) = [x for x in table.splitlines() if "| t1 |" in x]
+    # t1 over seeds 0-2: 0.2, 0.6, 1.0 -> 60.0 ± 32.7 (population std, by hand)
+    assert "| t1 | 3 | 60.0 ± 32.7 |" in t1
+    # the mean over targets: seed 0 -> 0.3, seed 1 -> 0.7 -> 50.0 ± 20.0; seed 2 left out
+    assert _mean_row(table) == ["b", "full", "m", "**mean**", "2", "50.0 ± 20.0 †"]
+    assert "missing t2 seed 2" in table
+
+
+def test_a_metric_missing_on_one_target_marks_the_mean_incomplete():
+    records = [_hashed("m", "t1", 0, 0.2), _hashed("m", "t2", 0, 0.6)]
+    records[1]["auroc"] = None
+    records[0]["auroc"] = 0.9
+    (row,) = [r for r in paper_tables(records, ["auroc"])[0].rows() if r[0] == "m"]
+    assert row == ("m", "90.0", "n/a", "incomplete †")
+    # a metric no run has is not applicable, not incomplete
+    (row,) = paper_tables([_hashed("m", "t1", 0, 0.2), _hashed("m", "t2", 0, 0.6)],
+                          ["auroc"])[0].rows()  # fmt: skip
+    assert row == ("m", "n/a", "n/a", "n/a")
+
+
+def test_two_runs_for_one_cell_are_an_error_not_an_average():
+    a = _hashed("m", "t1", 0, 0.2)
+    b = dict(a, config_hash="other", h_score=0.8)
+    with pytest.raises(ReportError, match=r"two runs of 'm' \(b/full\) for target 't1' seed 0"):
+        summarize([a, b])
+    with pytest.raises(ReportError, match="remove one run folder"):
+        paper_tables([a, b])
+    # the same run read twice (same config hash) is one run
+    assert (
+        _mean_row(summarize([a, dict(a), _hashed("m", "t2", 0, 0.4)], metrics=("h_score",)))[-1]
+        == "30.0"
+    )
+
+
+def test_every_format_shows_the_same_numbers_for_the_same_records(tmp_path):
+    records = [_hashed("m", "t1", 0, 0.2), _hashed("m", "t2", 0, 0.6), _hashed("m", "t1", 1, 0.4),
+               _hashed("n", "t1", 0, 0.1), _hashed("n", "t2", 0, 0.3),
+               _hashed("n", "t1", 1, 0.5), _hashed("n", "t2", 1, 0.9)]  # fmt: skip
+    # by hand: m -> seed 0 only, 40.0, t2 seed 1 missing; n -> seeds 0.2 and 0.7 -> 45.0 ± 25.0
+    expected = {"m": "40.0 †", "n": "45.0 ± 25.0"}
+    text = summarize(records, metrics=("h_score",))
+    assert {m: _mean_row(text, m)[-1] for m in expected} == expected
+    write_report(records, tmp_path, runs_dir=tmp_path, plots=False)
+    md = (tmp_path / "tables.md").read_text()
+    tex = (tmp_path / "tables.tex").read_text()
+    page = (tmp_path / "index.html").read_text()
+    h_md = md.split("### b / full: H")[1].split("###")[0]
+    for method, cell in expected.items():
+        assert f"| {method} | " in h_md and h_md.split(f"| {method} | ")[1].split("\n")[0] \
+            .rstrip(" |").endswith(cell)  # fmt: skip
+        tex_cell = cell.replace("±", r"$\pm$").replace("†", r"$^\dagger$")
+        assert any(line.startswith(f"{method} & ") and line.endswith(f"{tex_cell} \\\\")
+                   for line in tex.splitlines())  # fmt: skip
+        assert f"<td>{cell}</td></tr>" in page
+    note = "† m: mean over the seeds with every target only; missing t2 seed 1"
+    assert note in h_md and html.escape(note) in page
+    assert r"$^\dagger$ m: mean over the seeds" in tex
+    rows = [r for r in csv.DictReader(io.StringIO((tmp_path / "tables.csv").read_text()))
+            if r["metric"] == "h_score" and r["target"] == "mean"]  # fmt: skip
+    by_method = {r["method"]: r for r in rows}
+    assert float(by_method["m"]["mean"]) == pytest.approx(0.4)
+    assert (by_method["m"]["seeds"], by_method["m"]["missing"]) == ("1", "t2 seed 1")
+    assert float(by_method["n"]["mean"]) == pytest.approx(0.45)
+    assert float(by_method["n"]["std"]) == pytest.approx(0.25)
+    assert (by_method["n"]["seeds"], by_method["n"]["missing"]) == ("2", "")

@@ -36,7 +36,8 @@ def test_paper_table_cells_and_mean_column():
     rows = {r[0]: r[1:] for r in table.rows()}
     assert rows["m"] == ("30.0 ± 10.0", "70.0 ± 10.0", "50.0 ± 10.0")
     # n has no run on t2: no mean over targets rather than a mean of what is there
-    assert rows["n"] == ("50.0", "n/a", "n/a")
+    assert rows["n"] == ("50.0", "n/a", "incomplete †")
+    assert table.notes() == ["† n: mean over the seeds with every target only; missing t2 seed 0"]
 
 
 def test_oracle_h_is_the_best_threshold_by_brute_force():

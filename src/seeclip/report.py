@@ -8,7 +8,6 @@ average of the two.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,15 +102,6 @@ def _setting(record: dict) -> str:
     return record.get("selection_hash") or record["setting_hash"]
 
 
-def _fmt(values: Sequence[float | None]) -> str:
-    vals = np.array([np.nan if v is None else v for v in values], dtype=float) * 100
-    if np.all(np.isnan(vals)):
-        return "n/a"
-    if len(vals) == 1 or np.sum(~np.isnan(vals)) == 1:
-        return f"{np.nanmean(vals):.1f}"
-    return f"{np.nanmean(vals):.1f} ± {np.nanstd(vals):.1f}"
-
-
 def default_metrics(records: Iterable[dict]) -> tuple[str, ...]:
     """:data:`METRICS`, with the hard/easy AccU columns after AccU when any record has them."""
     present = [m for m in GROUP_METRICS if any(r.get(m) is not None for r in records)]
@@ -137,80 +127,86 @@ def under_rule(records: Iterable[dict], rule: str) -> list[dict]:
     return out
 
 
-def summarize(
-    records: Iterable[dict], *, metrics: Sequence[str] | None = None, per_target: bool = True
-) -> str:
-    """A Markdown table: one row per (method, target) plus each method's mean over targets.
+# ----------------------------------------------------------------- cells, shared by every table
 
-    ``metrics=None`` shows :func:`default_metrics`.
-
-    With several seeds a cell is mean ± std over seeds; the "mean" row first averages over
-    targets within each seed, then reports mean ± std of those per-seed averages. Each run
-    counts once (:func:`dedupe`), and a label with two settings raises :class:`ReportError`.
-    """
-    records = dedupe(records)
-    check_labels(records)
-    if metrics is None:
-        metrics = default_metrics(records)
-    groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        key = (r["benchmark"], r["protocol"], r["method"], r["target"])
-        for m in metrics:
-            groups[key][m].append(r.get(m))
-        groups[key]["seed"].append(r["seed"])
-    lines = [
-        "| benchmark | protocol | method | target | seeds | "
-        + " | ".join(HEADERS[m] for m in metrics)
-        + " |",
-        "|" + "---|" * (5 + len(metrics)),
-    ]
-    by_method: dict[tuple, list] = defaultdict(list)
-    for key in sorted(groups):
-        g = groups[key]
-        by_method[key[:3]].append(g)
-        if not per_target:
-            continue
-        lines.append(
-            f"| {' | '.join(key)} | {len(set(g['seed']))} | "
-            + " | ".join(_fmt(g[m]) for m in metrics)
-            + " |"
-        )
-    for key, targets in sorted(by_method.items()):
-        if len(targets) < 2 and per_target:
-            continue
-        cells = []
-        for m in metrics:
-            per_seed: dict[int, list] = defaultdict(list)
-            for g in targets:
-                for seed, v in zip(g["seed"], g[m], strict=True):
-                    per_seed[seed].append(np.nan if v is None else v)
-            means = [
-                np.nan if np.all(np.isnan(v)) else float(np.nanmean(v)) for v in per_seed.values()
-            ]
-            cells.append(_fmt(means))
-        lines.append(
-            f"| {' | '.join(key)} | **mean** | {len(per_seed)} | " + " | ".join(cells) + " |"
-        )
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ the paper's layout (issue 11)
+INCOMPLETE = "†"  # marks a mean over targets that some seeds could not enter
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One table cell: mean and std (fractions) over seeds, and how many seeds."""
+    """One table cell: mean and std (fractions) over seeds, and how many seeds.
+
+    ``missing`` names the (target, seed) results a mean over targets lacked, e.g.
+    ``("t2 seed 1",)``: those seeds are left out of the mean rather than averaged over
+    fewer targets, and the cell is marked with :data:`INCOMPLETE`.
+    """
 
     mean: float | None
     std: float | None
     seeds: int
+    missing: tuple[str, ...] = ()
 
     def text(self) -> str:
+        mark = f" {INCOMPLETE}" if self.missing else ""
         if self.mean is None:
-            return "n/a"
+            return ("incomplete" if self.missing else "n/a") + mark
         if self.seeds < 2 or self.std is None:
-            return f"{self.mean * 100:.1f}"
-        return f"{self.mean * 100:.1f} ± {self.std * 100:.1f}"
+            return f"{self.mean * 100:.1f}{mark}"
+        return f"{self.mean * 100:.1f} ± {self.std * 100:.1f}{mark}"
+
+
+def _cell(values: list[float | None], missing: tuple[str, ...] = ()) -> Cell:
+    vals = np.array([v for v in values if v is not None and not np.isnan(v)], dtype=float)
+    if vals.size == 0:
+        return Cell(None, None, 0, missing)
+    return Cell(float(vals.mean()), float(vals.std()), int(vals.size), missing)
+
+
+Runs = dict[str, dict[int, dict]]  # target -> seed -> final record
+
+
+def mean_over_targets(runs: Runs, targets: Sequence[str], metric: str) -> Cell:
+    """Mean ± std over seeds of each seed's mean over ``targets``.
+
+    Only seeds with a value on every target enter; any other seed is named in
+    ``Cell.missing`` (a mean of fewer targets is a different quantity, never averaged in).
+    """
+    seeds = sorted({s for per_seed in runs.values() for s in per_seed})
+    means, missing = [], []
+    for s in seeds:
+        vals = [runs.get(t, {}).get(s, {}).get(metric) for t in targets]
+        lacking = [t for t, v in zip(targets, vals, strict=True) if v is None]
+        if lacking:
+            missing += [f"{t} seed {s}" for t in lacking]
+        else:
+            means.append(float(np.mean(vals)))
+    if not means and all(r.get(metric) is None for p in runs.values() for r in p.values()):
+        return Cell(None, None, 0)  # the metric does not exist for this method: n/a, not missing
+    return _cell(means, tuple(missing))
+
+
+def _group_runs(records: Iterable[dict]) -> dict[tuple[str, str], dict[str, Runs]]:
+    """(benchmark, protocol) -> method (first-seen order) -> target -> seed -> record.
+
+    Each run counts once (:func:`dedupe`); a label with two settings, or two runs for one
+    (method, target, seed), raises :class:`ReportError`.
+    """
+    records = dedupe(records)
+    check_labels(records)
+    groups: dict[tuple[str, str], dict[str, Runs]] = {}
+    for r in records:
+        methods = groups.setdefault((r["benchmark"], r["protocol"]), {})
+        per_seed = methods.setdefault(r["method"], {}).setdefault(r["target"], {})
+        if r["seed"] in per_seed:
+            other = per_seed[r["seed"]]
+            raise ReportError(
+                f"two runs of {r['method']!r} ({r['benchmark']}/{r['protocol']}) for target "
+                f"{r['target']!r} seed {r['seed']}: {other.get('config_hash', '?')} and "
+                f"{r.get('config_hash', '?')}; remove one run folder or give one a different "
+                f"label=..."
+            )
+        per_seed[r["seed"]] = r
+    return groups
 
 
 @dataclass(frozen=True)
@@ -232,47 +228,84 @@ class Table:
         return ("method", *self.targets, "mean")
 
     def rows(self) -> list[tuple[str, ...]]:
-        return [(m, *(c[t].text() for t in (*self.targets, "mean"))) for m, c in
-                self.cells.items()]  # fmt: skip
+        return [(m, *(c[t].text() for t in self.header[1:])) for m, c in self.cells.items()]
+
+    def notes(self) -> list[str]:
+        """One line per method whose mean over targets left seeds out (:data:`INCOMPLETE`)."""
+        return incomplete_notes({m: c["mean"] for m, c in self.cells.items()})
 
 
-def _cell(values: list[float]) -> Cell:
-    vals = np.array([v for v in values if v is not None and not np.isnan(v)], dtype=float)
-    if vals.size == 0:
-        return Cell(None, None, 0)
-    return Cell(float(vals.mean()), float(vals.std()), int(vals.size))
+def incomplete_notes(means: Mapping[str, Cell]) -> list[str]:
+    return [
+        f"{INCOMPLETE} {name}: mean over the seeds with every target only; missing "
+        f"{', '.join(cell.missing)}"
+        for name, cell in means.items()
+        if cell.missing
+    ]
 
 
 def paper_tables(records: Iterable[dict], metrics: Sequence[str] | None = None) -> list[Table]:
     """One :class:`Table` per (benchmark, protocol, metric), the layout of the paper's tables:
-    a row per method, a column per target and the mean over targets. A cell is mean ± std over
-    seeds; the mean column averages the targets within each seed first (as :func:`summarize`).
-    Methods keep their first-seen order; each run counts once and labels are checked."""
-    records = dedupe(records)
-    check_labels(records)
+    a row per method, a column per target of the benchmark and protocol, and the mean over
+    targets (:func:`mean_over_targets`). A cell is mean ± std over seeds. Methods keep their
+    first-seen order; each run counts once and labels are checked."""
+    records = list(records)
     if metrics is None:
         metrics = default_metrics(records)
-    groups: dict[tuple[str, str], dict] = {}
-    for r in records:
-        methods = groups.setdefault((r["benchmark"], r["protocol"]), {})
-        per_target = methods.setdefault(r["method"], defaultdict(dict))
-        per_target[r["target"]][r["seed"]] = r
     tables = []
-    for (bench, protocol), methods in groups.items():
-        targets = tuple(sorted({t for m in methods.values() for t in m}))
+    for (bench, protocol), methods in _group_runs(records).items():
+        targets = tuple(sorted({t for runs in methods.values() for t in runs}))
         for metric in metrics:
-            cells: dict[str, dict[str, Cell]] = {}
-            for method, per_target in methods.items():
-                row = {t: _cell([r.get(metric) for r in per_target.get(t, {}).values()])
-                       for t in targets}  # fmt: skip
-                seeds = sorted({s for runs in per_target.values() for s in runs})
-                complete = [s for s in seeds if all(s in per_target.get(t, {}) for t in targets)]
-                means = []
-                for s in complete:  # a seed missing a target has no mean over targets
-                    vals = [per_target[t][s].get(metric) for t in targets]
-                    vals = [v for v in vals if v is not None]
-                    means.append(float(np.mean(vals)) if vals else None)
-                row["mean"] = _cell(means)
-                cells[method] = row
+            cells = {
+                method: {
+                    **{t: _cell([r.get(metric) for r in runs.get(t, {}).values()])
+                       for t in targets},
+                    "mean": mean_over_targets(runs, targets, metric),
+                }
+                for method, runs in methods.items()
+            }  # fmt: skip
             tables.append(Table(bench, protocol, metric, targets, cells))
     return tables
+
+
+def summarize(
+    records: Iterable[dict], *, metrics: Sequence[str] | None = None, per_target: bool = True
+) -> str:
+    """A Markdown table: one row per (method, target) plus each method's mean over targets.
+
+    ``metrics=None`` shows :func:`default_metrics`. A cell is mean ± std over seeds; the
+    "mean" row is :func:`mean_over_targets` over every target of its benchmark and protocol,
+    the same numbers as :func:`paper_tables`' mean column. Each run counts once
+    (:func:`dedupe`), and a label with two settings raises :class:`ReportError`.
+    """
+    records = list(records)
+    if metrics is None:
+        metrics = default_metrics(records)
+    tables = {(t.benchmark, t.protocol, t.metric): t for t in paper_tables(records, metrics)}
+    lines = [
+        "| benchmark | protocol | method | target | seeds | "
+        + " | ".join(HEADERS[m] for m in metrics)
+        + " |",
+        "|" + "---|" * (5 + len(metrics)),
+    ]
+    mean_lines, notes = [], []
+    for (bench, protocol), methods in sorted(_group_runs(records).items()):
+        targets = sorted({t for runs in methods.values() for t in runs})
+        for method in sorted(methods):
+            runs = methods[method]
+            cells = [tables[(bench, protocol, m)].cells[method] for m in metrics]
+            for t in targets if per_target else ():
+                if t in runs:
+                    lines.append(f"| {bench} | {protocol} | {method} | {t} | {len(runs[t])} | "
+                                 + " | ".join(c[t].text() for c in cells) + " |")  # fmt: skip
+            if per_target and len(targets) < 2:
+                continue  # one target: the mean row would repeat it
+            means = [c["mean"] for c in cells]
+            complete = sum(all(s in runs.get(t, {}) for t in targets)
+                           for s in {s for p in runs.values() for s in p})  # fmt: skip
+            mean_lines.append(f"| {bench} | {protocol} | {method} | **mean** | {complete} | "
+                              + " | ".join(c.text() for c in means) + " |")  # fmt: skip
+            missing = sorted({m for c in means for m in c.missing})
+            if missing:
+                notes += incomplete_notes({method: Cell(None, None, 0, tuple(missing))})
+    return "\n".join(lines + mean_lines + ([""] + notes if notes else []))

@@ -19,7 +19,7 @@ import numpy as np
 
 from seeclip import figures, metrics
 from seeclip.io import write_text
-from seeclip.report import HEADERS, Table, dedupe, default_metrics, paper_tables
+from seeclip.report import HEADERS, INCOMPLETE, Table, dedupe, default_metrics, paper_tables
 
 FORMATS = ("md", "csv", "tex")
 ORACLE_NOTE = (
@@ -63,13 +63,15 @@ def with_oracle(records: list[dict], runs_dir: str | Path) -> list[dict]:
 def table_md(t: Table) -> str:
     head = "| " + " | ".join(t.header) + " |"
     sep = "|" + "---|" * len(t.header)
-    return "\n".join([head, sep, *("| " + " | ".join(r) + " |" for r in t.rows())])
+    notes = ["", *t.notes()] if t.notes() else []
+    return "\n".join([head, sep, *("| " + " | ".join(r) + " |" for r in t.rows()), *notes])
 
 
 def table_tex(t: Table) -> str:
     def esc(s: str) -> str:
         return s.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%") \
-            .replace("&", r"\&").replace("#", r"\#").replace("±", r"$\pm$")  # fmt: skip
+            .replace("&", r"\&").replace("#", r"\#").replace("±", r"$\pm$") \
+            .replace(INCOMPLETE, r"$^\dagger$")  # fmt: skip
 
     lines = [
         f"% {t.title}",
@@ -80,22 +82,26 @@ def table_tex(t: Table) -> str:
         *(" & ".join(esc(c) for c in r) + r" \\" for r in t.rows()),
         r"\bottomrule",
         r"\end{tabular}",
+        *(r"\par{\footnotesize " + esc(note) + "}" for note in t.notes()),
     ]
     return "\n".join(lines)
 
 
 def tables_csv(tables: list[Table]) -> str:
-    """Tidy CSV: one line per (table, method, target or mean), fractions, not text."""
+    """Tidy CSV: one line per (table, method, target or mean), fractions, not text; ``missing``
+    names the (target, seed) results a mean over targets left out (``;``-separated)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["benchmark", "protocol", "metric", "method", "target", "mean", "std", "seeds"])
+    w.writerow(["benchmark", "protocol", "metric", "method", "target", "mean", "std", "seeds",
+                "missing"])  # fmt: skip
     for t in tables:
         for method, row in t.cells.items():
             for target in (*t.targets, "mean"):
                 c = row[target]
                 w.writerow([t.benchmark, t.protocol, t.metric, method, target,
                             "" if c.mean is None else f"{c.mean:.6f}",
-                            "" if c.std is None else f"{c.std:.6f}", c.seeds])  # fmt: skip
+                            "" if c.std is None else f"{c.std:.6f}", c.seeds,
+                            ";".join(c.missing)])  # fmt: skip
     return buf.getvalue()
 
 
@@ -269,7 +275,8 @@ def _table_html(t: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
                    for r in t.rows())  # fmt: skip
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in t.notes())
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{notes}"
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
