@@ -1,5 +1,9 @@
 import importlib.util
+import os
 from pathlib import Path
+
+# before anything imports huggingface_hub, which reads it once at import: tests never go online
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch

@@ -2,7 +2,7 @@
 
 import csv
 import json
-import time
+import socket
 
 import numpy as np
 import pytest
@@ -247,15 +247,24 @@ def test_input_and_config_validation(pipe, tokens, tmp_path):
 
 
 def test_missing_weights_fail_fast_offline(tmp_path, monkeypatch):
+    """Missing weights are an error that names the fix, and no connection is ever tried (what
+    makes it fast on any machine: no download attempt, no retries)."""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    start = time.perf_counter()
+    tried = []
+
+    def no_network(*args, **kwargs):
+        tried.append(args)
+        raise OSError("the test forbids network access")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     with pytest.raises(WeightsUnavailableError, match="SD weights not found locally.*--sd-model"):
         load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")
     with pytest.raises(WeightsUnavailableError, match="model_index.json"):
         load_pipeline(str(tmp_path))
     with pytest.raises(WeightsUnavailableError, match="--sd-model"):
         load_pipeline(str(tmp_path / "no" / "such" / "folder"))
-    assert time.perf_counter() - start < 10
+    assert tried == []
 
 
 def test_load_pipeline_from_local_folder(pipe, tmp_path):
