@@ -1,6 +1,9 @@
 """`seeclip generate` end to end on a reduced digits benchmark with tiny models (no download)."""
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from seeclip.cli import main
 
@@ -101,3 +104,73 @@ def test_stored_feature_pools_train_and_select_with_a_held_out_val_pool(preset, 
     assert main(["train", "--config", str(preset), "--runs-dir", str(tmp_path / "r0"), *use]) == 2
     assert "needs train.val_pseudo_pool=PATH" in capsys.readouterr().err
     assert _train_one_run(preset, tmp_path / "r1", *use, f"train.val_pseudo_pool={val_pool}")
+
+
+def _training_pool(preset, cache, *overrides):
+    """The pool training builds for ``train.pseudo_unknowns``: its source, as a run makes it,
+    with its pools under ``cache``."""
+    from seeclip.config import load_config
+    from seeclip.runner import load_run_data, pseudo_sources
+
+    cfg = load_config(preset, list(overrides))
+    run = load_run_data(cfg, progress=False)
+    return pseudo_sources(cfg, run, cache_dir=cache, progress=False).train()
+
+
+def _pool_images(manifest) -> list[tuple[str, str, bytes]]:
+    from seeclip.generate.image_pool import load_image_pool
+
+    pool = load_image_pool(manifest)
+    return [(d, s, (pool.root / p).read_bytes())
+            for p, d, s in zip(pool.paths, pool.domains, pool.sources, strict=True)]  # fmt: skip
+
+
+def test_generate_and_training_draw_the_same_image_pool(preset, tmp_path, capsys, monkeypatch):
+    """Every setting of the image generator reaches `seeclip generate` as it reaches training:
+    the sample steps, SDEdit strength and diffusion seed included."""
+    from seeclip.generate import sd_pipeline
+    from seeclip.testing import build_tiny_pipeline
+
+    monkeypatch.setattr(sd_pipeline, "load_pipeline", lambda *a, **k: build_tiny_pipeline(0))
+    settings = ["diffusion.sample_steps=3", "train.sd_strength=0.6", "diffusion.seed=7",
+                "diffusion.guidance=2", "diffusion.pool_per_domain=2"]  # fmt: skip
+    assert main(_image_argv(preset, "--out", str(tmp_path / "pool"), *settings)) == 0
+    assert "image pool: 6 images" in capsys.readouterr().out
+    generated = _pool_images(tmp_path / "pool")
+    _training_pool(preset, tmp_path / "cache", "train.pseudo_unknowns=sd_images", *settings)
+    (trained,) = (tmp_path / "cache" / "pools" / "images").glob("sd-*/manifest.csv")
+    assert _pool_images(trained) == generated
+    assert sorted(d for d, _, _ in generated) == ["handwritten"] * 2 + ["printed"] * 2 + [
+        "textured"
+    ] * 2  # the sources of target outline, 2 each
+    # each setting changes the images, so the equality above is not two pools ignoring it
+    for changed in ("diffusion.sample_steps=2", "train.sd_strength=0.8", "diffusion.seed=8"):
+        other = [s for s in settings if s.split("=")[0] != changed.split("=")[0]]
+        out = tmp_path / changed
+        assert main(_image_argv(preset, "--out", str(out), *other, changed)) == 0
+        assert [b for *_, b in _pool_images(out)] != [b for *_, b in generated], changed
+    # without --out, generate draws into the folder training looks in: training reuses it
+    capsys.readouterr()
+    cache = tmp_path / "ahead"
+    assert main(_image_argv(preset, "--cache-dir", str(cache), *settings)) == 0
+    (ahead,) = (cache / "pools" / "images").glob("sd-*/manifest.csv")
+    stamps = {p: p.stat().st_mtime_ns for p in ahead.parent.iterdir()}
+    _training_pool(preset, cache, "train.pseudo_unknowns=sd_images", *settings)
+    assert list((cache / "pools" / "images").iterdir()) == [ahead.parent]
+    assert {p: p.stat().st_mtime_ns for p in ahead.parent.iterdir()} == stamps
+
+
+def test_generate_and_training_draw_the_same_feature_pool(preset, tmp_path, capsys):
+    settings = ["diffusion.seed=3", "diffusion.pool_per_domain=4", *TINY_DIFFUSION]
+    argv = ["generate", "--config", str(preset), "--backend", "feature",
+            "--cache-dir", str(tmp_path / "a"), "--no-progress", *settings]  # fmt: skip
+    assert main(argv) == 0
+    path = Path(_pool_path(capsys.readouterr().out))
+    stored = _training_pool(preset, tmp_path, "train.pseudo_unknowns=pool",
+                            f"train.pseudo_pool={path}").features  # fmt: skip
+    # training draws its own pool (another cache root): the same folder name and features
+    trained = _training_pool(preset, tmp_path / "b", "train.pseudo_unknowns=diffusion", *settings)
+    assert trained.path.name == path.name and trained.path != path
+    assert torch.equal(trained.features().global_, stored.global_)
+    assert torch.equal(trained.features().tokens, stored.tokens.to(trained.features().tokens))
+    assert trained.features().domains == stored.domains

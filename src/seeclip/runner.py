@@ -243,6 +243,38 @@ def load_run_data(
                    root=manifest.root)  # fmt: skip
 
 
+def pseudo_context(
+    cfg: RunConfig,
+    run: RunData,
+    indices: np.ndarray,
+    labels: np.ndarray,
+    *,
+    pool: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> PseudoContext:
+    """What a pseudo-unknown source of ``cfg`` is built from: the features of the manifest rows
+    ``indices`` (source images only) and the config's settings. Training and ``seeclip
+    generate`` both build their sources through here, so one setting means one pool."""
+    return PseudoContext(
+        run.features(indices),
+        torch.as_tensor(labels),
+        backbone=run.backbone,
+        class_texts=run.class_texts,
+        template=run.spec.template,
+        seed=cfg.seed,
+        diffusion=cfg.diffusion,
+        pool=pool,
+        sd_model=cfg.train.sd_model,
+        sd_prompt=cfg.train.sd_prompt,
+        sd_projection=cfg.train.sd_projection,
+        sd_strength=cfg.train.sd_strength,
+        image_paths=run.image_paths(indices) if cfg.train.sd_strength < 1 else (),
+        cache_dir=cache_root(cache_dir),
+        progress=progress,
+    )
+
+
 def pseudo_sources(
     cfg: RunConfig, run: RunData, *, cache_dir: str | Path | None = None, progress: bool = True
 ) -> PseudoSources:
@@ -253,23 +285,8 @@ def pseudo_sources(
     data = run.data
 
     def context(indices: np.ndarray, labels: np.ndarray, pool: str | None) -> PseudoContext:
-        return PseudoContext(
-            run.features(indices),
-            torch.as_tensor(labels),
-            backbone=run.backbone,
-            class_texts=run.class_texts,
-            template=run.spec.template,
-            seed=cfg.seed,
-            diffusion=cfg.diffusion,
-            pool=pool,
-            sd_model=cfg.train.sd_model,
-            sd_prompt=cfg.train.sd_prompt,
-            sd_projection=cfg.train.sd_projection,
-            sd_strength=cfg.train.sd_strength,
-            image_paths=run.image_paths(indices) if cfg.train.sd_strength < 1 else (),
-            cache_dir=cache_root(cache_dir),
-            progress=progress,
-        )
+        return pseudo_context(cfg, run, indices, labels, pool=pool, cache_dir=cache_dir,
+                              progress=progress)  # fmt: skip
 
     def val_source():
         stored = name in ("images", "pool")  # made ahead of time, from training images

@@ -64,6 +64,8 @@ def _config(args: argparse.Namespace):
         overrides.append(f"seed={args.seed}")
     if args.n is not None:
         overrides.append(f"diffusion.pool_per_domain={args.n}")
+    if getattr(args, "sd_model", None):
+        overrides.append(f"train.sd_model={args.sd_model}")
     cfg = load_config(args.config, overrides)
     if not cfg.data.target:
         raise ValueError("generate needs one target domain: pass --target T")
@@ -71,7 +73,7 @@ def _config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from seeclip.runner import cache_root, load_run_data, set_seed
+    from seeclip.runner import load_run_data, pseudo_context, set_seed
 
     cfg = _config(args)
     set_seed(cfg.seed)
@@ -82,23 +84,12 @@ def run(args: argparse.Namespace) -> int:
         rows_of_split, split_labels = data.source_val, data.source_val_labels
     else:
         rows_of_split, split_labels = data.source_train, data.source_train_labels
-    train = loaded.features(rows_of_split)
-    labels = torch.as_tensor(split_labels)
-    class_texts = loaded.class_texts
+    # the context training builds its source from: same features, settings and seed
+    ctx = pseudo_context(cfg, loaded, rows_of_split, split_labels, cache_dir=args.cache_dir,
+                         progress=progress)  # fmt: skip
     if args.backend == "feature":
-        from seeclip.pseudo import PseudoContext, diffusion_unknowns
+        from seeclip.pseudo import diffusion_unknowns
 
-        ctx = PseudoContext(
-            train,
-            labels,
-            backbone=loaded.backbone,
-            class_texts=class_texts,
-            template=loaded.spec.template,
-            seed=cfg.seed,
-            diffusion=cfg.diffusion,
-            cache_dir=cache_root(args.cache_dir),
-            progress=progress,
-        )
         pool = diffusion_unknowns(ctx)
         counts = {d: int(len(pool.rows(d))) for d in sorted(set(pool.domains))}
         print(f"feature pool: {len(pool)} pseudo-unknowns {counts} -> {pool.path}")
@@ -108,69 +99,26 @@ def run(args: argparse.Namespace) -> int:
         )
         pool_feats = pool.features()
     else:
-        pool_feats = _image_pool(args, cfg, loaded, train, rows_of_split, class_texts, progress)
+        from seeclip.generate.image_pool import load_image_pool
+        from seeclip.pseudo import image_pool_features
+        from seeclip.pseudo.sd_images import write_sd_pool
+
+        manifest = write_sd_pool(ctx, out_dir=args.out, device=args.device)
+        print(f"image pool: {len(load_image_pool(manifest).paths)} images -> {manifest}")
+        print(
+            f"train with it: seeclip train --config {args.config} train.pseudo_unknowns=images "
+            f"train.{_pool_key(args)}={manifest}"
+        )
+        pool_feats = image_pool_features(
+            loaded.backbone, manifest, cache_dir=args.cache_dir, progress=progress
+        )
     if args.inspect:
-        _inspect(args, cfg, loaded, class_texts, pool_feats, progress)
+        _inspect(args, cfg, loaded, loaded.class_texts, pool_feats, progress)
     return 0
-
-
-def _image_pool(args, cfg, loaded, train, split_rows, class_texts, progress):
-    from seeclip.generate.denoiser import semantic_queries, semantic_summaries
-    from seeclip.generate.image_pool import generate_image_pool
-    from seeclip.generate.sd_conditioning import conditioning_projection
-    from seeclip.generate.sd_pipeline import ImageDiffusionConfig, load_pipeline
-    from seeclip.pseudo import image_pool_features
-    from seeclip.pseudo.sd_images import pick_sources
-
-    icfg = ImageDiffusionConfig(
-        model=args.sd_model or cfg.train.sd_model,
-        prompt=cfg.train.sd_prompt,
-        sigma=cfg.diffusion.sigma,
-        guidance=cfg.diffusion.guidance,
-        projection=cfg.train.sd_projection,
-    )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    rows = pick_sources(train.domains, cfg.diffusion.pool_per_domain, gen)
-    queries = semantic_queries(train.tokens, cfg.diffusion.k, gen)
-    tokens = semantic_summaries(train.tokens[rows], queries)
-    manifest_paths = loaded.feats.paths
-    paths = [manifest_paths[i] for i in split_rows[rows]]
-    out = Path(args.out) if args.out else _image_pool_dir(cfg, args.cache_dir, args.source_split)
-    pipe = load_pipeline(icfg.model, device=args.device, dtype=icfg.torch_dtype(args.device))
-    manifest = generate_image_pool(
-        pipe,
-        tokens,
-        [train.domains[i] for i in rows],
-        paths,
-        class_texts,
-        out_dir=out,
-        cfg=icfg,
-        seed=cfg.seed,
-        progress=progress,
-        projection=conditioning_projection(icfg, pipe, loaded.backbone),
-    )
-    print(f"image pool: {len(rows)} images -> {manifest}")
-    print(
-        f"train with it: seeclip train --config {args.config} train.pseudo_unknowns=images "
-        f"train.{_pool_key(args)}={manifest}"
-    )
-    return image_pool_features(
-        loaded.backbone, manifest, cache_dir=args.cache_dir, progress=progress
-    )
 
 
 def _pool_key(args: argparse.Namespace) -> str:
     return "val_pseudo_pool" if args.source_split == "val" else "pseudo_pool"
-
-
-def _image_pool_dir(cfg, cache_dir: str | None, split: str) -> Path:
-    from seeclip.runner import cache_root
-
-    d = cfg.data
-    name = f"{d.benchmark}-{d.protocol}-{d.target}-s{cfg.seed}"
-    if split == "val":
-        name += "-val"
-    return cache_root(cache_dir) / "pools" / "images" / name
 
 
 def _inspect(args, cfg, loaded, class_texts, pool_feats, progress) -> None:

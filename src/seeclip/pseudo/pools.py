@@ -36,7 +36,10 @@ def image_pool_features(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Features:
-    """Encode a generated image pool once through the feature cache (like any dataset)."""
+    """Encode a generated image pool once through the feature cache (like any dataset).
+
+    ``cache_dir`` is the cache root (None: SEECLIP_HOME); the features go to its ``features/``
+    as every dataset's do, whoever asks (training, ``seeclip generate``)."""
     from seeclip.cache import encode_cached
     from seeclip.generate.image_pool import load_image_pool
     from seeclip.paths import seeclip_home
@@ -47,7 +50,7 @@ def image_pool_features(
         backbone,
         pool.root,
         list(pool.paths),
-        cache_dir=Path(cache_dir) if cache_dir else seeclip_home() / "features",
+        cache_dir=(Path(cache_dir) if cache_dir else seeclip_home()) / "features",
         name=f"pools-{tag}/{backbone.name.replace('/', '_').replace(':', '_')}",
         progress=progress,
     )

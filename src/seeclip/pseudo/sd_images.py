@@ -19,10 +19,12 @@ import torch
 
 from seeclip import distributed
 from seeclip.generate.feature_config import FeatureDiffusionConfig
+from seeclip.generate.sd_pipeline import ImageDiffusionConfig
+from seeclip.paths import seeclip_home
 from seeclip.pseudo.base import PseudoContext
 from seeclip.pseudo.pools import DomainPool, image_pool_features
 
-__all__ = ["pick_sources", "sd_image_unknowns"]
+__all__ = ["pick_sources", "sd_image_unknowns", "sd_pool_settings", "write_sd_pool"]
 
 
 def pick_sources(domains: tuple[str, ...], n: int, generator: torch.Generator) -> list[int]:
@@ -36,22 +38,45 @@ def pick_sources(domains: tuple[str, ...], n: int, generator: torch.Generator) -
 
 def sd_image_unknowns(ctx: PseudoContext) -> DomainPool:
     """Generate (or reuse) an image pool from ``ctx``'s source features; encode it."""
-    from seeclip.generate.denoiser import semantic_queries, semantic_summaries
-    from seeclip.generate.image_pool import generate_image_pool
-    from seeclip.generate.sd_conditioning import conditioning_projection
-    from seeclip.generate.sd_pipeline import ImageDiffusionConfig, load_pipeline
-    from seeclip.paths import seeclip_home
+    manifest = write_sd_pool(ctx)
+    feats = image_pool_features(
+        ctx.backbone, manifest, cache_dir=ctx.cache_dir, progress=ctx.progress
+    )
+    return DomainPool(feats)
 
-    if ctx.backbone is None or not ctx.class_texts or not ctx.sd_model:
-        raise ValueError("sd_images pseudo-unknowns need the backbone, class texts and sd_model")
+
+def sd_pool_settings(ctx: PseudoContext) -> tuple[ImageDiffusionConfig, int]:
+    """The sampling settings and seed ``ctx`` asks for (``diffusion.seed`` wins over the run's)."""
     config = ctx.diffusion if ctx.diffusion is not None else FeatureDiffusionConfig()
     seed = ctx.seed if config.seed is None else config.seed
-    device = distributed.device()  # --device
     icfg = ImageDiffusionConfig(
         model=ctx.sd_model, prompt=ctx.sd_prompt, sigma=config.sigma, guidance=config.guidance,
         steps=config.sample_steps, batch_size=16, projection=ctx.sd_projection,
         strength=ctx.sd_strength,
     )  # fmt: skip
+    return icfg, seed
+
+
+def write_sd_pool(
+    ctx: PseudoContext, *, out_dir: str | Path | None = None, device: str | None = None
+) -> Path:
+    """Draw ``ctx``'s image pool and return its ``manifest.csv``: the one generation path of
+    ``train.pseudo_unknowns=sd_images`` and ``seeclip generate --backend image``.
+
+    ``out_dir`` None: the pool's cache folder, ``<cache root>/pools/images/sd-<hash>`` keyed by
+    the semantic tokens, domains, class texts, settings and seed (training finds a pool that
+    ``generate`` drew ahead of time there); a named folder holds the same images.
+    """
+    from seeclip.generate.denoiser import semantic_queries, semantic_summaries
+    from seeclip.generate.image_pool import generate_image_pool
+    from seeclip.generate.sd_conditioning import conditioning_projection
+    from seeclip.generate.sd_pipeline import load_pipeline
+
+    if ctx.backbone is None or not ctx.class_texts or not ctx.sd_model:
+        raise ValueError("sd_images pseudo-unknowns need the backbone, class texts and sd_model")
+    icfg, seed = sd_pool_settings(ctx)
+    config = ctx.diffusion if ctx.diffusion is not None else FeatureDiffusionConfig()
+    device = device or distributed.device()  # --device
     if icfg.strength < 1.0 and len(ctx.image_paths) != len(ctx.features):
         raise ValueError("sd_strength < 1 (SDEdit) needs the source image of every feature row")
     gen = torch.Generator().manual_seed(seed)
@@ -60,26 +85,23 @@ def sd_image_unknowns(ctx: PseudoContext) -> DomainPool:
     queries = semantic_queries(features.tokens.float(), config.k, gen)
     tokens = semantic_summaries(features.tokens[rows].float(), queries)
     domains = [features.domains[i] for i in rows]
-    root = Path(ctx.cache_dir) if ctx.cache_dir else seeclip_home()
-    key = hashlib.sha256(tokens.numpy().tobytes())
-    settings = asdict(icfg)
-    if settings["strength"] == 1.0:  # text-to-image: pools made before the option keep their key
-        del settings["strength"]
-    key.update(json.dumps([domains, ctx.class_texts, settings, seed]).encode())
-    out = root / "pools" / "images" / f"sd-{key.hexdigest()[:16]}"
+    if out_dir is None:
+        root = Path(ctx.cache_dir) if ctx.cache_dir else seeclip_home()
+        key = hashlib.sha256(tokens.numpy().tobytes())
+        settings = asdict(icfg)
+        if settings["strength"] == 1.0:  # text-to-image: pools made before the option keep keys
+            del settings["strength"]
+        key.update(json.dumps([domains, ctx.class_texts, settings, seed]).encode())
+        out_dir = root / "pools" / "images" / f"sd-{key.hexdigest()[:16]}"
     pipe = load_pipeline(icfg.model, device=device, dtype=icfg.torch_dtype(device))
     with distributed.main_first():  # torchrun: rank 0 draws the pool, the others find it drawn
-        manifest = generate_image_pool(
+        return generate_image_pool(
             pipe, tokens, domains, [f"{d}:{i}" for d, i in zip(domains, rows, strict=True)],
-            ctx.class_texts, out_dir=out, cfg=icfg, seed=seed, progress=ctx.progress,
-            overwrite=True,  # this source's cache folder: a stale entry is remade, not an error
+            ctx.class_texts, out_dir=Path(out_dir), cfg=icfg, seed=seed, progress=ctx.progress,
+            overwrite=True,  # a stale pool in its folder is remade, not an error
             projection=conditioning_projection(icfg, pipe, ctx.backbone),
             init_images=[_read(ctx.image_paths[i]) for i in rows] if icfg.strength < 1 else None,
         )  # fmt: skip
-    feats = image_pool_features(
-        ctx.backbone, manifest, cache_dir=root / "features", progress=ctx.progress
-    )
-    return DomainPool(feats)
 
 
 def _read(path: str):
