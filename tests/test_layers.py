@@ -120,3 +120,31 @@ def test_no_registry_is_filled_by_a_side_effect_import():
         for line in path.read_text().splitlines():
             seeclip_import = "import seeclip" in line or "from seeclip" in line
             assert not (seeclip_import and "noqa: F401" in line), f"{module_name(path)}: {line}"
+
+
+def _module_of(name: str) -> str | None:
+    """The seeclip module (file) an imported name lives in: itself, or its parent."""
+    known = {module_name(p) for p in MODULES}
+    while name and name not in known:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def test_no_import_cycles_between_modules():
+    """Within a layer too, modules import one way (lazy imports count): a cycle means two
+    modules that cannot be read, tested or changed apart."""
+    graph = {}
+    for path in MODULES:
+        me = module_name(path)
+        graph[me] = {m for m in map(_module_of, imports(path)) if m and m != me}
+    cycles = []
+    for start in graph:
+        stack = [(start, [start])]
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    cycles.append(trail)
+                elif nxt not in trail and nxt > start:  # each cycle once, from its least module
+                    stack.append((nxt, [*trail, nxt]))
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles[:5])

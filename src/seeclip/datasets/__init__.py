@@ -9,6 +9,7 @@ from seeclip.datasets.layouts import (
     SPLITS,
     DataLayoutError,
     Sample,
+    describe_benchmark,
     expected_layout,
     load_samples,
 )
@@ -26,7 +27,6 @@ from seeclip.datasets.specs import (
     BenchmarkEntry,
     BenchmarkSpec,
     ProtocolSpec,
-    describe_benchmark,
     get_benchmark,
     load_folder_spec,
     load_spec,

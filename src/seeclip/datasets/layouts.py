@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
-from seeclip.datasets.specs import BenchmarkSpec
+from seeclip.datasets.specs import BENCHMARKS, FOLDER_KEYS, BenchmarkSpec
 from seeclip.paths import data_folders
 from seeclip.registry import Registry
 
@@ -78,6 +78,28 @@ def expected_layout(spec: BenchmarkSpec, root: str = "<data-root>") -> str:
     if spec.layout == "image_lists":
         return f"{base}/<domain>.txt (lines '<path> <label>') or {base}/<domain>/<class>/*.jpg"
     return f"{base}/<domain>/<class>/*.jpg"
+
+
+def describe_benchmark(name: str) -> str:
+    """A few lines for ``seeclip list``: domains, classes, protocols and expected layout."""
+    entry = BENCHMARKS.get(name)
+    s = entry.spec
+    if s is None:
+        return (
+            f"{name}: {entry.description}\n"
+            "layout: <data-root>/<domain>/<class>/*.jpg|png; YAML keys: " + ", ".join(FOLDER_KEYS)
+        )
+    protos = ", ".join(
+        f"{p.name} ({len(p.known)} known/{len(p.unknown)} unknown)" for p in s.protocols.values()
+    )
+    targets = "" if s.target_domains is None else f"; targets: {', '.join(s.targets)}"
+    sources = "" if s.source_domains is None else f"; sources: {', '.join(s.source_domains)}"
+    return (
+        f"{name}: {s.description}\n"
+        f"domains: {', '.join(s.domains)}{sources}{targets}\n"
+        f"classes: {len(s.classes)}; protocols: {protos}\n"
+        f"layout: {expected_layout(s)}"
+    )
 
 
 def _title(spec: BenchmarkSpec) -> str:

@@ -33,7 +33,7 @@ _SPEC_KEYS = (
 )  # fmt: skip
 _REQUIRED_KEYS = ("name", "layout", "domains", "classes", "protocols")
 _PROTOCOL_KEYS = ("description", "known", "unknown", "source_classes", "target_known")
-_FOLDER_KEYS = ("description", "domains", "known", "unknown", "daml", "template", "text", "aliases")
+FOLDER_KEYS = ("description", "domains", "known", "unknown", "daml", "template", "text", "aliases")
 _FOLDER_DAML_KEYS = ("source_classes", "target_known")
 
 
@@ -290,7 +290,7 @@ def load_folder_spec(yaml_path: Path | str, data_root: Path | str | None = None)
     yaml_path = Path(yaml_path)
     where = str(yaml_path)
     data = yaml.safe_load(yaml_path.read_text()) or {}
-    _check_keys(data, _FOLDER_KEYS, where)
+    _check_keys(data, FOLDER_KEYS, where)
     for key in ("known", "unknown"):
         if not data.get(key):
             raise ValueError(f"{where}: missing `{key}:` (a list of class folder names)")
@@ -372,27 +372,3 @@ def get_benchmark(
             "with `known: [...]` and `unknown: [...]`"
         )
     return load_folder_spec(classes_file, data_root)
-
-
-def describe_benchmark(name: str) -> str:
-    """A few lines for ``seeclip list``: domains, classes, protocols and expected layout."""
-    from seeclip.datasets.layouts import expected_layout
-
-    entry = BENCHMARKS.get(name)
-    s = entry.spec
-    if s is None:
-        return (
-            f"{name}: {entry.description}\n"
-            "layout: <data-root>/<domain>/<class>/*.jpg|png; YAML keys: " + ", ".join(_FOLDER_KEYS)
-        )
-    protos = ", ".join(
-        f"{p.name} ({len(p.known)} known/{len(p.unknown)} unknown)" for p in s.protocols.values()
-    )
-    targets = "" if s.target_domains is None else f"; targets: {', '.join(s.targets)}"
-    sources = "" if s.source_domains is None else f"; sources: {', '.join(s.source_domains)}"
-    return (
-        f"{name}: {s.description}\n"
-        f"domains: {', '.join(s.domains)}{sources}{targets}\n"
-        f"classes: {len(s.classes)}; protocols: {protos}\n"
-        f"layout: {expected_layout(s)}"
-    )
