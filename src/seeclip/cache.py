@@ -143,42 +143,73 @@ def cache_key(backbone, root: Path, rel_paths: Sequence[str]) -> str:
 
 
 # ------------------------------------------------------------------------- entry
-def _load(entry: Path, key: str, content: str | None = None) -> CachedFeatures | None:
-    """The entry at ``entry`` if it is complete and was built for ``key`` (and, when
-    ``content`` is given, from files with that content digest), else None."""
+# what every finished build writes into meta.json; one missing means an entry to rebuild
+_META_FIELDS = frozenset({"key", "parts", "paths", "content", "global_shape", "tokens_shape"})
+
+
+def _read_meta(entry: Path) -> dict | None:
+    """``entry/meta.json`` when it is readable and has every field a finished build writes."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
-        if meta.get("key") != key:
-            return None
-        if content is not None and meta.get("content") != content:
-            log.warning("feature cache %s: image contents changed with the same size and "
-                        "mtime (--verify-cache); rebuilding", entry)  # fmt: skip
-            return None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or not _META_FIELDS <= meta.keys():
+        return None
+    parts, paths = meta["parts"], meta["paths"]
+    if not isinstance(parts, dict) or not isinstance(paths, list):
+        return None
+    if not all(isinstance(meta[k], list) for k in ("global_shape", "tokens_shape")):
+        return None
+    return meta
+
+
+def _load(entry: Path, key: str, content: str | None = None) -> CachedFeatures | None:
+    """The entry at ``entry`` if it is complete and was built for ``key`` (and, when
+    ``content`` is given, from files with that content digest), else None. A missing,
+    unreadable or partial ``meta.json``, or arrays of other shapes than it records, are None."""
+    meta = _read_meta(entry)
+    if meta is None or meta["key"] != key:
+        return None
+    if content is not None and meta["content"] != content:
+        log.warning("feature cache %s: image contents changed with the same size and "
+                    "mtime (--verify-cache); rebuilding", entry)  # fmt: skip
+        return None
+    try:
         glob = np.load(entry / "global.npy", mmap_mode="r")
         toks = np.load(entry / "tokens.npy", mmap_mode="r")
     except (OSError, ValueError):
         return None
     if list(glob.shape) != meta["global_shape"] or list(toks.shape) != meta["tokens_shape"]:
         return None
+    if len(meta["paths"]) != glob.shape[0]:
+        return None
     return CachedFeatures(glob, toks, tuple(meta["paths"]), key)
 
 
 def _stale_reason(entry: Path, parts: dict[str, str]) -> str | None:
     """Why an existing entry cannot be reused (None when there is no entry at all)."""
-    meta_path = entry / "meta.json"
     if not entry.exists():
         return None
-    try:
-        old = json.loads(meta_path.read_text()).get("parts", {})
-    except (OSError, ValueError):
+    meta = _read_meta(entry)
+    if meta is None:
         return "entry incomplete or unreadable"
+    old = meta["parts"]
     changed = [name for name in ("weights", "preprocess", "data") if old.get(name) != parts[name]]
-    return " and ".join(f"{name} changed" for name in changed) or "key changed"
+    if changed:
+        return " and ".join(f"{name} changed" for name in changed)
+    if meta["key"] != _key_from_parts(parts):
+        return "key changed"  # the entry layout (_FORMAT)
+    return "arrays missing or not as meta.json records them"
 
 
 def _remove_dead_builds(entry: Path) -> None:
-    """Deletes ``<entry>.tmp-<pid>`` folders left by builds whose process is gone."""
-    for tmp in entry.parent.glob(f"{entry.name}.tmp-*"):
+    """Deletes the ``<entry>.tmp-<pid>`` (an unfinished build) and ``<entry>.old-<pid>`` (an
+    entry being replaced) folders left by processes that are gone."""
+    leftovers = [
+        *entry.parent.glob(f"{entry.name}.tmp-*"),
+        *entry.parent.glob(f"{entry.name}.old-*"),
+    ]
+    for tmp in leftovers:
         pid = tmp.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
