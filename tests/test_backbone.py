@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from pathlib import Path
 
 import open_clip
@@ -12,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from seeclip import hub
 from seeclip.backbone import (
     BACKBONES,
     WeightsUnavailableError,
@@ -153,6 +153,175 @@ def test_checkpoint_of_other_arch_is_a_clear_error(tmp_path):
         build_backbone("tiny-vit", pretrained=str(tmp_path / "absent.pt"))
 
 
+def _same_readings(a, b) -> None:
+    images = _images(a)
+    for got, want in zip(a.encode_image(images), b.encode_image(images), strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(a.encode_text(PROMPTS), b.encode_text(PROMPTS))
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_ddp_saved_state_dict_loads(vit, tmp_path, wrapped):
+    """DistributedDataParallel saves every key as ``module.<key>``; the prefix is removed."""
+    state = {f"module.{k}": v.clone() for k, v in vit.model.state_dict().items()}
+    path = tmp_path / "ddp.pt"
+    torch.save({"state_dict": state} if wrapped else state, path)
+    loaded = build_backbone("tiny-vit", pretrained=str(path), seed=123)
+    assert loaded.fingerprint == vit.fingerprint
+    _same_readings(loaded, vit)
+
+
+def test_module_prefix_on_some_keys_only_is_not_stripped(vit, tmp_path):
+    state = dict(vit.model.state_dict())
+    state["module.logit_scale"] = state.pop("logit_scale")
+    path = tmp_path / "mixed.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"missing: logit_scale.*unexpected: module.logit_scale"):
+        build_backbone("tiny-vit", pretrained=str(path))
+
+
+class _Holder(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _torchscript_archive(state: dict, path: Path) -> None:
+    """A TorchScript file whose state_dict is ``state``, as OpenAI's original files are."""
+    import warnings
+
+    root = _Holder()
+    for key, value in state.items():
+        *names, leaf = key.split(".")
+        module = root
+        for name in names:
+            if not hasattr(module, name):
+                module.add_module(name, _Holder())
+            module = getattr(module, name)
+        module.register_buffer(leaf, value.clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream
+        torch.jit.script(root).save(str(path))
+
+
+def test_torchscript_archive_is_refused_with_the_command_that_converts_it(vit, tmp_path):
+    import shlex
+    import warnings
+
+    from seeclip.io import UnreadableFileError
+
+    extras = {"input_resolution": torch.tensor(32), "context_length": torch.tensor(24),
+              "vocab_size": torch.tensor(49408)}  # fmt: skip
+    original = tmp_path / "ViT-tiny.pt"
+    _torchscript_archive({**vit.model.state_dict(), **extras}, original)
+    with pytest.raises(UnreadableFileError) as info:
+        build_backbone("tiny-vit", pretrained=str(original))
+    message = str(info.value)
+    assert "\n" not in message and "TorchScript" in message and "can run code" in message
+    # the command the message names converts the file; the result loads
+    command = message.split("convert it once: ", 1)[1].split(" and pass --pretrained ")[0]
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "-c"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        exec(compile(argv[2], "<the command in the message>", "exec"), {})  # what python -c runs
+    converted = Path(message.split(" and pass --pretrained ", 1)[1].split(" ")[0])
+    assert converted.is_file() and converted.parent == tmp_path
+    loaded = build_backbone("tiny-vit", pretrained=str(converted), seed=123)
+    assert loaded.fingerprint == vit.fingerprint  # OpenAI's extra keys dropped
+    _same_readings(loaded, vit)
+
+
+def test_torch_save_archive_is_not_mistaken_for_torchscript(vit, tmp_path):
+    from seeclip.backbone import _is_torchscript
+
+    path = tmp_path / "plain.pt"
+    torch.save(dict(vit.model.state_dict()), path)
+    assert not _is_torchscript(path)
+    (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    assert not _is_torchscript(tmp_path / "junk.pt")
+
+
+@pytest.fixture
+def custom_text_arch(vit, monkeypatch):
+    """tiny-vit built as open_clip's CustomTextCLIP (the text tower under ``model.text``)."""
+    import open_clip.factory
+
+    import seeclip.backbone as backbone_module
+
+    backbone_module._register_configs()  # before adding: it rescans open_clip's configs
+    cfg = json.loads((CONFIGS / "tiny-vit.json").read_text())
+    name = "tiny-vit-custom-text-test"
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, {**cfg, "custom_text": True})
+    return name
+
+
+def test_clip_layout_checkpoint_loads_into_a_custom_text_model(vit, custom_text_arch, tmp_path):
+    """open_clip moved the text tower of some models under ``text.``; a checkpoint saved with
+    the flat CLIP layout (``positional_embedding``, ``transformer.*``, ...) is converted."""
+    random = build_backbone(custom_text_arch, seed=0)
+    assert type(random.model).__name__ == "CustomTextCLIP"
+    own = set(random.model.state_dict())
+    flat = dict(vit.model.state_dict())
+    assert "text.positional_embedding" in own and "positional_embedding" in flat
+    assert not set(flat) & {k for k in own if k.startswith("text.")}  # the layouts differ
+    path = tmp_path / "flat.safetensors"
+    save_file(flat, str(path))
+    loaded = build_backbone(custom_text_arch, pretrained=str(path), seed=7)
+    expected = {(f"text.{k}" if k in _text_keys(flat) else k): v for k, v in flat.items()}
+    got = loaded.model.state_dict()
+    assert set(got) == set(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    _same_readings(loaded, vit)
+
+
+def _text_keys(state: dict) -> set[str]:
+    """The keys of CLIP's flat text tower."""
+    heads = ("positional_embedding", "token_embedding.", "transformer.", "ln_final.",
+             "text_projection")  # fmt: skip
+    return {k for k in state if k.startswith(heads)}
+
+
+@pytest.mark.parametrize("name", ["tiny-digits", "tiny-glyphs"])
+def test_missing_shipped_weights_name_the_fix(name, tmp_path, monkeypatch):
+    import dataclasses
+
+    from seeclip.pretrain import WORLDS
+
+    spec = BACKBONES.get(name)
+    assert spec.weights is not None and spec.weights.is_file()
+    absent = tmp_path / f"{name}.safetensors"
+    monkeypatch.setitem(BACKBONES._entries, name, dataclasses.replace(spec, weights=absent))
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_backbone(name)
+    message = str(info.value)
+    assert "\n" not in message and str(absent) in message and "missing" in message
+    world = name.removeprefix("tiny-")
+    assert f"seeclip pretrain-clip --world {world} --out DIR" in message
+    assert f"--pretrained DIR/{name}.safetensors" in message
+    assert WORLDS[world].model == name  # the world named trains exactly this model
+    # an explicit checkpoint needs no shipped file
+    state = tmp_path / "given.safetensors"
+    save_file(dict(build_backbone(f"{name}-random").model.state_dict()), str(state))
+    assert build_backbone(name, pretrained=str(state)).pretrained == str(state)
+
+
+@pytest.mark.parametrize("pretrained", ["weights.safetensors", "openai"])
+def test_hf_hub_name_with_pretrained_is_refused_before_any_lookup(
+    vit, pretrained, tmp_path, monkeypatch
+):
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("the hub was consulted")
+
+    monkeypatch.setattr(hub, "resolve_hf_hub_name", no_lookup)
+    monkeypatch.setattr(hub, "_require_network", no_lookup)
+    if pretrained.endswith(".safetensors"):
+        pretrained = str(tmp_path / pretrained)
+        save_file(dict(vit.model.state_dict()), pretrained)
+    with pytest.raises(ValueError, match=r"hf-hub:org/model: an hf-hub: name brings its own "
+                                         r"weights; drop --pretrained"):  # fmt: skip
+        build_backbone("hf-hub:org/model", pretrained=pretrained)
+
+
 @pytest.fixture
 def no_network(monkeypatch, tmp_path):
     """An empty HF cache and a socket layer that refuses every connection."""
@@ -167,20 +336,84 @@ def no_network(monkeypatch, tmp_path):
     return tmp_path / "hf"
 
 
+@pytest.fixture
+def no_download(monkeypatch):
+    """Records any call of open_clip's or huggingface_hub's downloaders (none may happen)."""
+    import huggingface_hub
+    import open_clip.factory
+    import open_clip.pretrained
+
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("a download was attempted")
+
+    for module, name in [
+        (open_clip.factory, "download_pretrained"),
+        (open_clip.factory, "download_pretrained_from_hf"),
+        (open_clip.pretrained, "download_pretrained"),
+        (open_clip.pretrained, "download_pretrained_from_hf"),
+        (open_clip.pretrained, "download_pretrained_from_url"),
+        (open_clip.pretrained, "hf_hub_download"),
+        (huggingface_hub, "hf_hub_download"),
+    ]:
+        monkeypatch.setattr(module, name, record)
+    return calls
+
+
 @pytest.mark.parametrize("offline_env", ["1", ""])
-def test_missing_weights_fail_fast(no_network, monkeypatch, offline_env):
+def test_missing_weights_fail_fast(no_network, no_download, monkeypatch, offline_env):
+    """Failing fast means: no download is tried, and the one network probe (only when not
+    offline) is a single connection attempt with the probe's short timeout."""
+    attempts = []
+
+    def refuse(address, timeout=None, *args, **kwargs):
+        attempts.append((address, timeout))
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", offline_env)
     for name, tag in [("ViT-B-16", "openai"), ("RN50", "openai"), ("hf-hub:org/model", None)]:
-        start = time.monotonic()
+        attempts.clear()
         with pytest.raises(WeightsUnavailableError) as info:
             build_backbone(name, pretrained=tag)
-        assert time.monotonic() - start < 3.0
         message = str(info.value)
         assert name in message and "network is unreachable" in message
         assert "--pretrained /path/to/checkpoint.safetensors" in message
-        assert str(no_network) in message
+        assert str(no_network) in message and "\n" not in message
         reason = "HF_HUB_OFFLINE is set" if offline_env else "network disabled in tests"
         assert reason in message
+        if offline_env:
+            assert attempts == []  # offline: not even a probe
+        else:
+            assert len(attempts) == 1 and attempts[0][1] == hub._PROBE_TIMEOUT_S <= 3.0
+            assert attempts[0][0][1] == 443
+    assert no_download == []
+
+
+def test_a_hanging_probe_is_abandoned_after_its_timeout(no_network, no_download, monkeypatch):
+    """A connection (or DNS lookup) that never answers does not hold the caller: the probe
+    runs in a daemon thread that the caller stops waiting for."""
+    import threading
+
+    release, started = threading.Event(), threading.Event()
+
+    def hang(*args, **kwargs):
+        started.set()
+        release.wait()  # until the test ends: the probe must not wait for this
+        raise OSError("released")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
+    monkeypatch.setattr(hub, "_PROBE_TIMEOUT_S", 0.01)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")
+    try:
+        with pytest.raises(WeightsUnavailableError, match=r"no answer from \S+ in 0.01s"):
+            build_backbone("ViT-B-16", pretrained="openai")
+        assert started.is_set()
+    finally:
+        release.set()
+    assert no_download == []
 
 
 def _fake_hf_repo(cache: Path, repo: str, files: dict[str, bytes]) -> None:

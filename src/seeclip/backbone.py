@@ -6,7 +6,7 @@
 2. ``embed_tokens`` + ``encode_text_embeddings`` -> text features from token *embeddings*, so that
    learned vectors can be spliced into prompts; the transformer runs only up to the batch's
    longest prompt, which is exact under the causal mask.
-3. ``logit_scale`` -> CLIP's temperature (tau in METHOD.md).
+3. ``logit_scale`` -> CLIP's temperature (tau in docs/method.md).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import functools
 import hashlib
 import logging
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 
 from seeclip import hub, tiny_clip
 from seeclip.hub import WeightsUnavailableError
-from seeclip.io import load_checkpoint, load_tensors
+from seeclip.io import UnreadableFileError, load_checkpoint, load_tensors
 from seeclip.registry import Registry
 
 __all__ = [
@@ -400,8 +401,10 @@ def build_backbone(
             "RN50") or "hf-hub:org/repo".
         pretrained: None for random weights (seeded by ``seed``), an open_clip pretrained tag
             ("openai", "laion2b_s34b_b88k") or a local checkpoint file (.pt/.pth/.bin/
-            .safetensors holding a state_dict or {"state_dict": ...}). For OpenAI weights in a
-            local file use the "-quickgelu" architecture (e.g. "ViT-B-16-quickgelu").
+            .safetensors holding a state_dict or {"state_dict": ...}, "module." prefixes of a
+            DDP save removed). For OpenAI weights in a local file use the "-quickgelu"
+            architecture (e.g. "ViT-B-16-quickgelu"); their original TorchScript files are
+            refused with the one-line command that converts them to a state_dict.
         device: where the model lives.
         seed: seeds the random initialisation (the global RNG is left untouched).
 
@@ -487,14 +490,36 @@ def _looks_like_path(value: str) -> bool:
     )
 
 
+# Keys OpenAI's original files carry besides the weights (no open_clip model has them).
+_OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with ``constants.pkl``, as
+    ``torch.jit.save`` writes; ``torch.save`` archives have none)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.split("/", 1)[-1] == "constants.pkl" for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         state = load_tensors(path)
+    elif _is_torchscript(path):
+        # OpenAI's original CLIP files. torch.jit.load can run code from the file (its docs
+        # say so) and torch.load(weights_only=True) refuses them: convert once, knowingly.
+        out = path.with_name(f"{path.stem}-state_dict.pt")
+        raise UnreadableFileError(
+            f"{path} is a TorchScript archive (like OpenAI's original CLIP files), which seeclip "
+            "does not load because loading one can run code; if you trust it, convert it once: "
+            f'python -c "import torch; torch.save(torch.jit.load({str(path)!r}, '
+            f"map_location='cpu').state_dict(), {str(out)!r})\" and pass --pretrained {out} "
+            "(OpenAI weights need a -quickgelu architecture, e.g. ViT-B-16-quickgelu)"
+        )
     else:
         state = load_checkpoint(path)
-        if isinstance(state, torch.jit.ScriptModule):  # OpenAI's original TorchScript files
-            extras = ("input_resolution", "context_length", "vocab_size")
-            state = {k: v for k, v in state.state_dict().items() if k not in extras}
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -512,6 +537,7 @@ def _load_checkpoint(model: nn.Module, path: Path, arch: str) -> None:
     if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
         state = open_clip.model.convert_to_custom_text_state_dict(state)
     own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or k not in _OPENAI_EXTRAS}
     if "logit_scale" in state and "logit_scale" in own:
         state["logit_scale"] = state["logit_scale"].reshape(own["logit_scale"].shape)
     missing = sorted(set(own) - set(state))
