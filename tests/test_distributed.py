@@ -83,9 +83,22 @@ def test_rank_0_makes_a_cached_pool_before_the_other_ranks_look_for_it(tmp_path)
     assert log.read_text().split("\n")[:4] == ["0 start", "0 end", "1 start", "1 end"]
 
 
-def test_shards_tile_the_rows():
+def test_shards_tile_the_rows(monkeypatch):
     assert list(distributed.shard(7)) == list(range(7))  # one process: everything
     assert distributed.is_main() is not False and distributed.broadcast_flag(True)
+    for world in (2, 3, 4):
+        monkeypatch.setattr(distributed, "world_size", lambda world=world: world)
+        for n in (0, 1, 2, 3, 5, 7, 8, 12, 13, 101):
+            shards = []
+            for r in range(world):  # each rank's view, as its own process would see it
+                monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+                shards.append(list(distributed.shard(n)))
+            rows = [i for s in shards for i in s]
+            assert sorted(rows) == list(range(n)), (world, n)  # every row exactly once
+            assert rows == list(range(n)), (world, n)  # contiguous blocks in rank order
+            sizes = [len(s) for s in shards]
+            assert max(sizes) - min(sizes) <= 1, (world, n, sizes)  # balanced within one
+            assert sum(sizes) == n
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -53,8 +54,12 @@ def test_output_shapes(name, backbone, features):
     assert out.logits.shape == (B, p)
     assert out.text.shape == (B, p, backbone.embed_dim)
     torch.testing.assert_close(out.text.norm(dim=-1), torch.ones(B, p))
-    cos = torch.einsum("bd,bpd->bp", features[0], out.text)
-    torch.testing.assert_close(out.logits, backbone.logit_scale * cos)
+    g, text, logits = features[0], out.text.detach(), out.logits.detach()
+    for b in range(B):  # z = tau * cos(global feature, prompt feature), one pair at a time
+        for q in range(p):
+            cos = float(g[b] @ text[b, q]) / float(g[b].norm() * text[b, q].norm())
+            want = backbone.logit_scale * cos
+            assert float(logits[b, q]) == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
@@ -88,8 +93,14 @@ def test_prompts_per_image_or_shared(name, backbone, features):
 def test_semantic_attention(backbone, features):
     model = _build("seeclip", backbone)
     tokens = features[1]
-    a = model.semantic.attention(tokens)
+    a = model.semantic.attention(tokens).detach()
     assert a.shape == (B, 3, backbone.num_patches)
+    q = model.semantic.queries.detach()
+    for b in range(B):  # a[b, k, n] = exp(f_n . q_k) / sum_m exp(f_m . q_k)
+        for k in range(3):
+            e = [math.exp(float(tokens[b, n] @ q[k])) for n in range(backbone.num_patches)]
+            want = torch.tensor([x / sum(e) for x in e])
+            torch.testing.assert_close(a[b, k], want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.sum(dim=-1), torch.ones(B, 3))
     v = model.semantic.summaries(tokens)
     torch.testing.assert_close(v, torch.einsum("bkn,bnd->bkd", a, tokens))
@@ -152,15 +163,30 @@ def test_assembled_prompt_keeps_the_class_text(shape, per_image, backbone):
     template = PromptTemplate(backbone, CLASSES, 2)
     ctx = torch.randn(*shape)
     embeds = template.assemble(ctx, per_image=per_image)
-    lead = (B, C) if per_image else (C,)
-    assert embeds.shape == (*lead, template.length, backbone.text_width)
     ids = backbone.tokenize(template.texts)
-    plain = backbone.embed_tokens(ids)[:, : template.length].expand(*lead, -1, -1)
-    keep = [0, *range(3, template.length)]
-    assert torch.equal(embeds[..., keep, :], plain[..., keep, :])
-    if per_image and ctx.dim() == 3:
-        ctx = ctx.unsqueeze(1)  # one set per image, the same for every class
-    assert torch.equal(embeds[..., 1:3, :], ctx.expand(*lead, 2, 64))
+    table = backbone.token_table
+    length = template.length
+    assert length == int(backbone.eot_index(ids).max()) + 1  # "hot dog stand" is the longest
+    images = range(B) if per_image else [None]
+    assert embeds.shape == ((B,) if per_image else ()) + (C, length, backbone.text_width)
+
+    def context(b, c, j):  # which learned vector goes to slot j of class c's prompt (image b)
+        return {
+            (2, 64): lambda: ctx[j],  # one set for every prompt
+            (C, 2, 64): lambda: ctx[c, j],  # one set per prompt
+            (B, 2, 64): lambda: ctx[b, j],  # one set per image, shared by its prompts
+            (B, C, 2, 64): lambda: ctx[b, c, j],  # one set per image and prompt
+        }[tuple(shape)]()
+
+    for b in images:
+        for c in range(C):
+            row = embeds[c] if b is None else embeds[b, c]
+            for pos in range(length):
+                if pos in (1, 2):  # the two placeholder slots right after [SOS]
+                    want = context(b, c, pos - 1)
+                else:  # [SOS], the class text, ".", [EOS] and padding: the token's embedding
+                    want = table[ids[c, pos]]
+                assert torch.equal(row[pos], want), (b, c, pos)
 
 
 def test_template_rejects_wrong_context(backbone):

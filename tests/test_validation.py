@@ -80,12 +80,84 @@ def test_fit_threshold_picks_the_best_mean_fold_h_and_apply_uses_the_closed_pred
     np.testing.assert_array_equal(out.y_pred_closed, closed)
     with pytest.raises(ValueError, match="held_out"):
         LodoSettings(held_out=1.0)
-    # out of sample: each fold's threshold is fitted on the other folds only
-    shifted = Prediction(closed, closed, score + 10)
-    folds = [(y, pred, 2), (y, pred, 2), (y, shifted, 2)]
-    thresholds = held_out_thresholds(folds)
-    assert thresholds[2] == fit_threshold(folds[:2]) and thresholds[2] < 1
-    assert thresholds[0] == fit_threshold(folds[1:])
+
+
+def _hand_h(y, closed, score, thr, c) -> float:
+    """H by hand: harmonic mean of the known accuracy and the unknown rejection rate, when
+    every score above ``thr`` is called unknown (class c)."""
+    called = [c if s > thr else int(p) for p, s in zip(closed, score, strict=True)]
+    known = [called[i] == y[i] for i in range(len(y)) if y[i] >= 0]
+    unknown = [called[i] == c for i in range(len(y)) if y[i] < 0]
+    a, b = sum(known) / len(known), sum(unknown) / len(unknown)
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+def _best_interval(folds) -> tuple[float, float]:
+    """Brute force: every threshold between two pooled scores gives the same decisions, so
+    scan the pooled scores; the lowest interval [s_i, s_i+1) with the best mean fold H."""
+    pooled = sorted({float(s) for _, p, _ in folds for s in p.unknown_score})
+    mean_h = [
+        np.mean([_hand_h(y, p.y_pred_closed, p.unknown_score, thr, c) for y, p, c in folds])
+        for thr in pooled
+    ]
+    i = int(np.argmax(mean_h))  # the first of equals
+    return pooled[i], pooled[i + 1] if i + 1 < len(pooled) else np.inf
+
+
+def test_held_out_thresholds_are_fitted_on_the_other_folds_only():
+    y = np.array([0, 1, 0, -1, -1])
+    closed = np.array([0, 1, 0, 0, 1])
+    score = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
+    a = (y, Prediction(closed, closed, score), 2)  # H = 1 for thresholds in [0.3, 0.8)
+    b = (y, Prediction(closed, closed, score + 10), 2)  # H = 1 in [10.3, 10.8)
+    # fold 0 is fitted on b, b; folds 1 and 2 on a, b, a tie (mean H 1/2) whose lower
+    # interval wins. Fitted on all three folds, every threshold would be in b's interval.
+    folds = [a, b, b]
+    expected = [(10.3, 10.8), (0.3, 0.8), (0.3, 0.8)]
+    for k, (thr, (low, high)) in enumerate(zip(held_out_thresholds(folds), expected,
+                                               strict=True)):  # fmt: skip
+        others = [f for i, f in enumerate(folds) if i != k]
+        assert _best_interval(others) == pytest.approx((low, high))
+        assert low <= thr < high, (k, thr)
+        best = np.mean([_hand_h(y_, p.y_pred_closed, p.unknown_score, low, c)
+                        for y_, p, c in others])  # fmt: skip
+        got = np.mean([_hand_h(y_, p.y_pred_closed, p.unknown_score, thr, c)
+                       for y_, p, c in others])  # fmt: skip
+        assert got == best
+    assert _best_interval(folds) == pytest.approx((10.3, 10.8))  # what leaking would give
+    # two folds: each is fitted on the other alone; one fold: on itself
+    for k, thr in enumerate(held_out_thresholds([a, b])):
+        low, high = _best_interval([[a, b][1 - k]])
+        assert low <= thr < high
+    (thr,) = held_out_thresholds([b])
+    assert 10.3 <= thr < 10.8
+
+
+def _metrics_by_hand(y, y_pred, closed, score, c) -> dict[str, float]:
+    """The six fold metrics from their definitions: accuracies and H by counting, AUROC by
+    sklearn, OSCR as the trapezoid area of (FPR, CCR) over every distinct score."""
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    known, unknown = y >= 0, y < 0
+    acc_k = accuracy_score(y[known], y_pred[known])
+    acc_u = float(np.mean(y_pred[unknown] == c))
+    points = [(0.0, 0.0)]
+    for t in sorted(set(score.tolist())):  # accept every sample whose score is <= t
+        accepted = score <= t
+        points.append((np.sum(accepted & unknown) / unknown.sum(),
+                       np.sum(accepted & known & (closed == y)) / known.sum()))  # fmt: skip
+    oscr = sum(
+        (x1 - x0) * (c0 + c1) / 2
+        for (x0, c0), (x1, c1) in zip(points[:-1], points[1:], strict=True)
+    )
+    return {
+        "acc_known": acc_k,
+        "acc_unknown": acc_u,
+        "h_score": 0.0 if acc_k + acc_u == 0 else 2 * acc_k * acc_u / (acc_k + acc_u),
+        "closed_set_acc": accuracy_score(y[known], closed[known]),
+        "auroc": roc_auc_score(unknown, score),
+        "oscr": oscr,
+    }
 
 
 def _small_digits(tmp_path, monkeypatch, *, remove: str | None = None):
@@ -111,15 +183,34 @@ def test_lodo_runs_without_the_target_images_and_opens_none(tmp_path, monkeypatc
         return real_open(fp, *a, **k)
 
     monkeypatch.setattr(Image, "open", spy)
+    import seeclip.validation
+
+    predictions = []  # each fold's labels and predictions, as they go into its report
+    report_of = seeclip.validation.metrics.open_set_report
+
+    def keep(y, y_pred, y_pred_closed, unknown_score, *, num_known):
+        arrays = (y, y_pred, y_pred_closed, unknown_score)
+        predictions.append((*(np.array(a, copy=True) for a in arrays), num_known))
+        return report_of(y, y_pred, y_pred_closed, unknown_score, num_known=num_known)
+
+    monkeypatch.setattr(seeclip.validation.metrics, "open_set_report", keep)
     cfg = apply_overrides(RunConfig(), ["data.benchmark=digits", "data.target=outline",
                                         "backbone.name=tiny-digits", "method=coop",
                                         "train.epochs=1", "train.batch_size=6"])  # fmt: skip
     report = run_lodo(cfg, LodoSettings(class_splits=1), progress=False)
     assert opened and not any("outline" in p for p in opened)
     assert [f["pseudo_target"] for f in report["folds"]] == ["handwritten", "printed", "textured"]
-    for f in report["folds"]:
+    assert len(predictions) == len(report["folds"])
+    for f, (y, y_pred, closed, score, c) in zip(report["folds"], predictions, strict=True):
         assert len(f["held_out"]) == 2 and f["n_known"] > 0 and f["n_unknown"] > 0  # 6 x 0.3
-        assert 0 <= f["h_score"] <= 1 and 0 <= f["auroc"] <= 1
+        assert f["n_known"] == (y >= 0).sum() and f["n_unknown"] == (y < 0).sum()
+        assert c == 6 - 2 and set(y[y >= 0]) <= set(range(c))
+        # every fold metric recomputed from the fold's predictions, by hand and by sklearn
+        expected = _metrics_by_hand(y, y_pred, closed, score, c)
+        for name, want in expected.items():
+            assert f[name] == pytest.approx(want, abs=1e-12), name
+        thr = f["threshold_lodo_threshold"]
+        assert f["h_score_lodo_threshold"] == pytest.approx(_hand_h(y, closed, score, thr, c))
     hs = [f["h_score"] for f in report["folds"]]
     assert report["mean"]["h_score"] == pytest.approx(np.mean(hs))
     assert report["std"]["h_score"] == pytest.approx(np.std(hs))
@@ -197,7 +288,7 @@ def test_grid_files_are_checked(tmp_path):
 
 @pytest.mark.slow
 def test_train_grid_chooses_a_setting_on_the_folds_and_records_why(tmp_path, monkeypatch, capsys):
-    from seeclip.report import summarize
+    from seeclip.report import ReportError, summarize
 
     _small_digits(tmp_path, monkeypatch)
     grid = tmp_path / "grid.yaml"
@@ -221,6 +312,14 @@ def test_train_grid_chooses_a_setting_on_the_folds_and_records_why(tmp_path, mon
     assert len(list((runs / "_lodo").glob("*.json"))) == 2  # one fold report per variant
     assert record["validated"]["operating_rule"] == sel["operating_rule"]
     other = dict(record, config_hash="x", setting_hash="y", target="outline")
-    summarize([record, other])  # one label, one grid: one row, though settings may differ
+    # one label, one grid: one method, though the settings differ; a row per target + mean
+    table = summarize([record, other], metrics=["h_score", "auroc"])
+    rows = [line.strip("|").split("|") for line in table.splitlines()[2:]]
+    rows = [[cell.strip() for cell in row] for row in rows]
+    cells = ["n/a" if record[m] is None else f"{record[m] * 100:.1f}" for m in ("h_score", "auroc")]
+    lead = [record["benchmark"], record["protocol"], "seeclip:lodo"]
+    assert rows == [[*lead, target, "1", *cells] for target in ("outline", "printed", "**mean**")]
+    with pytest.raises(ReportError, match="two configs"):  # another grid is another setting
+        summarize([record, dict(other, selection_hash="z")])
     assert main(["train", "--config", "configs/digits.yaml", "--grid", str(grid)]) == 2
     assert "add --validate lodo" in capsys.readouterr().err
