@@ -20,9 +20,8 @@ import time
 import torch
 
 from seeclip.backbone import build_backbone
-from seeclip.builders import seeclip_terms
 from seeclip.config import LossConfig
-from seeclip.methods.models import SeeCLIPModel
+from seeclip.methods.seeclip import SeeCLIPModel, seeclip_terms
 
 
 def _names(c: int) -> tuple[str, ...]:

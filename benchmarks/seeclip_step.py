@@ -16,10 +16,10 @@ import time
 import torch
 
 from seeclip.backbone import build_backbone
-from seeclip.builders import seeclip_terms
 from seeclip.config import LossConfig, TrainConfig
 from seeclip.losses import alignment_terms
-from seeclip.methods.models import CoOpModel, SeeCLIPModel
+from seeclip.methods.coop import CoOpModel
+from seeclip.methods.seeclip import SeeCLIPModel, seeclip_terms
 
 PACS_KNOWN = ("dog", "elephant", "giraffe", "guitar", "horse", "house")
 

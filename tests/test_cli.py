@@ -8,9 +8,9 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from seeclip.backbone import build_backbone
-from seeclip.builders import METHODS
 from seeclip.cli import main
 from seeclip.datasets import BENCHMARKS
+from seeclip.methods.registry import METHODS
 from seeclip.pseudo import PSEUDO_UNKNOWNS
 from seeclip.selection import SELECTIONS
 

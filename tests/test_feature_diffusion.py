@@ -232,10 +232,10 @@ def test_diffusion_is_a_registered_pseudo_unknown_source(data):
 
 def test_prompt_trainer_trains_on_a_diffusion_pool_and_reuses_it(monkeypatch):
     from seeclip.backbone import build_backbone
-    from seeclip.builders import build_method
     from seeclip.config import PromptConfig, TrainConfig
     from seeclip.features import PseudoSources
     from seeclip.methods import MethodEnv
+    from seeclip.methods.registry import build_method
     from seeclip.paths import seeclip_home
     from seeclip.pseudo import diffusion_unknowns
 

@@ -1,4 +1,4 @@
-"""The layers of STYLE.md: no seeclip module imports from a layer above its own.
+"""The layers of docs/architecture.md: no seeclip module imports from a layer above its own.
 
 Every import counts, lazy ones inside functions too: a lazy upward import is still a cycle in
 the design, only one that fails later.
@@ -36,17 +36,16 @@ LAYERS = {
     "seeclip.sd_export": 2,
     "seeclip.pretrain_diffusion": 2,
     "seeclip.cache": 2,
-    # 3. methods
-    "seeclip.methods": 3,
+    # 3. the training loop and the loss terms (knows no method by name)
+    "seeclip.trainer": 3,
     "seeclip.losses": 3,
     "seeclip.selection": 3,
-    # 4. pseudo-unknowns
-    "seeclip.pseudo": 4,
-    "seeclip.generate": 4,
-    "seeclip.testing": 4,
-    # 5. training
-    "seeclip.trainer": 5,
-    "seeclip.builders": 5,
+    # 4. methods (one module each, the registry, the shared decision rules)
+    "seeclip.methods": 4,
+    # 5. pseudo-unknowns
+    "seeclip.pseudo": 5,
+    "seeclip.generate": 5,
+    "seeclip.testing": 5,
     # 6. the experiment
     "seeclip.runner": 6,
     "seeclip.report": 6,

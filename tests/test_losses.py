@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seeclip.features import PromptOutput
 from seeclip.losses import (
     alignment_loss,
     cohesion_loss,
     l1_penalty,
     repulsion_loss,
-    seeclip_loss,
 )
-from seeclip.methods.models import PromptOutput
+from seeclip.methods.seeclip import seeclip_loss
 
 
 def _unit(angle: float) -> torch.Tensor:

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from seeclip.backbone import build_backbone
-from seeclip.losses import seeclip_loss
-from seeclip.methods.models import CoCoOpModel, CoOpModel, SeeCLIPModel
+from seeclip.methods.cocoop import CoCoOpModel
+from seeclip.methods.coop import CoOpModel
 from seeclip.methods.prompts import PromptTemplate
+from seeclip.methods.seeclip import SeeCLIPModel, seeclip_loss
 
 CLASSES = ("dog", "hot dog stand", "cat", "tree")  # different lengths -> different EOT slots
 B, C = 3, len(CLASSES)

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from seeclip.builders import METHODS
 from seeclip.config import load_config
 from seeclip.datasets import BENCHMARKS, get_benchmark
+from seeclip.methods.registry import METHODS
 from seeclip.pseudo import PSEUDO_UNKNOWNS
 
 PRESETS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from seeclip.backbone import build_backbone
-from seeclip.builders import METHODS, build_method, sections_of
 from seeclip.config import RunConfig, TrainConfig, ZeroShotConfig
 from seeclip.features import Features, PseudoSources
 from seeclip.methods import MethodEnv
+from seeclip.methods.registry import METHODS, build_method, sections_of
 from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoContext
 from seeclip.selection import SELECTIONS
 

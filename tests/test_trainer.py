@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from seeclip.backbone import build_backbone
-from seeclip.builders import build_method
 from seeclip.config import ConfigError, LossConfig, PromptConfig, TrainConfig
 from seeclip.features import PseudoSources
 from seeclip.methods import Features, MethodEnv
+from seeclip.methods.registry import build_method
 from seeclip.pseudo import MixupUnknowns
 from seeclip.trainer import BalancedBatches, PromptTrainer
 

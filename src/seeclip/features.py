@@ -36,6 +36,14 @@ class Prediction:
     unknown_score: np.ndarray  # [n] higher = more likely unknown
 
 
+@dataclass(frozen=True)
+class PromptOutput:
+    """What a prompt model returns for B images and P prompts (P = C, or C + 1 with unknown)."""
+
+    logits: Tensor  # [B, P] tau * cos(global image feature, t_c(x)); column C = unknown
+    text: Tensor  # [B, P, d] L2-normalised text features t_c(x) (a broadcast view if shared)
+
+
 class PseudoUnknownSource(Protocol):
     def sample(self, domain: str, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``n`` pseudo-unknowns of ``domain``: (global [n, d] normalised, tokens [n, N, d])."""
@@ -74,3 +82,11 @@ class PseudoSources:
         """The ``which`` ("train" or "val") source if something already built it, else None
         (never builds one: a method that used no pseudo-unknowns costs nothing here)."""
         return self._built.get(which)
+
+
+def draw(
+    source: PseudoUnknownSource, domains: tuple[str, ...], n: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """``n`` samples of each of ``domains`` (sorted) from ``source``, concatenated."""
+    parts = [source.sample(d, n, generator) for d in sorted(set(domains))]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -1,20 +1,20 @@
-"""SeeCLIP's training losses (METHOD.md, Losses), as plain functions.
+"""Loss terms as plain functions, for methods to combine.
 
-L = L_ali + alpha L_rep + beta L_coh + gamma L_reg, with labels 0..C-1 for known source images
-and C for pseudo-unknowns.
+SeeCLIP's objective L = L_ali + alpha L_rep + beta L_coh + gamma L_reg is
+:func:`seeclip.methods.seeclip.seeclip_loss`.
+
+Labels are 0..C-1 for known source images and C for pseudo-unknowns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from seeclip.methods.models import PromptOutput
+from seeclip.features import PromptOutput
 
 __all__ = [
     "alignment_loss",
@@ -22,8 +22,6 @@ __all__ = [
     "cohesion_loss",
     "l1_penalty",
     "repulsion_loss",
-    "seeclip_loss",
-    "seeclip_weights",
 ]
 
 
@@ -72,64 +70,6 @@ def l1_penalty(weights: Iterable[Tensor | nn.Module], *, reduction: str = "mean"
         return torch.zeros(())
     total = sum(t.abs().sum() for t in tensors)
     return total if reduction == "sum" else total / sum(t.numel() for t in tensors)
-
-
-def seeclip_loss(
-    out: PromptOutput,
-    labels: Tensor,
-    *,
-    alpha: float = 1.0,
-    beta: float = 0.5,
-    gamma: float = 0.01,
-    margin: float = 0.5,
-    reg_reduction: str = "mean",
-    f_key_weights: Iterable[Tensor | nn.Module] = (),
-) -> dict[str, Tensor]:
-    """The full objective L = L_ali + alpha L_rep + beta L_coh + gamma L_reg.
-
-    L_rep and L_coh use only samples with a known label (a pseudo-unknown has no true
-    prompt); a batch without one gets 0 for both.
-
-    Args:
-        out: output of a model with ``has_unknown_prompt`` (its last column is read as the
-            unknown prompt): logits [B, C + 1], text [B, C + 1, d].
-        labels: [B] in 0..C (C = pseudo-unknown).
-        alpha, beta, gamma: weights of L_rep, L_coh, L_reg.
-        margin: L_rep's margin.
-        reg_reduction: L_reg over the F_key entries, ``"sum"`` (the paper's L1 norm) or
-            ``"mean"``.
-        f_key_weights: what L_reg penalises (``model.f_key_weights()``).
-
-    Returns:
-        ``{"total", "ali", "rep", "coh", "reg"}`` and two diagnostics of L_rep, ``"cos_uy"``
-        (mean cos(t_u, t_y) over known samples) and ``"rep_active"`` (the share of them above
-        the margin: the only ones L_rep acts on), each a scalar tensor.
-    """
-    c = out.logits.shape[1] - 1
-    if out.text.shape[1] != c + 1 or labels.shape != out.logits.shape[:1]:
-        raise ValueError("seeclip_loss needs logits [B, C + 1], text [B, C + 1, d], labels [B]")
-    labels = labels.to(out.logits.device)
-    ali = alignment_loss(out.logits, labels)
-    known = labels < c
-    zero = out.logits.new_zeros(())
-    if bool(known.any()):
-        t_u = out.text[known, c]
-        t_y = out.text[known, labels[known]]
-        rep, coh = repulsion_loss(t_u, t_y, margin=margin), cohesion_loss(t_u, t_y)
-        cos = F.cosine_similarity(t_u, t_y, dim=-1).detach()
-        cos_uy, active = cos.mean(), (cos > margin).float().mean()
-    else:
-        rep, coh, cos_uy, active = zero, zero, zero, zero
-    reg = l1_penalty(f_key_weights, reduction=reg_reduction).to(zero)
-    total = ali + alpha * rep + beta * coh + gamma * reg
-    return {"total": total, "ali": ali, "rep": rep, "coh": coh, "reg": reg, "cos_uy": cos_uy,
-            "rep_active": active}  # fmt: skip
-
-
-def seeclip_weights(*, alpha: float, beta: float, gamma: float) -> dict[str, float]:
-    """The weight of each term of :func:`seeclip_loss` in its total (what the trainer's
-    gradient shares are computed for)."""
-    return {"ali": 1.0, "rep": alpha, "coh": beta, "reg": gamma}
 
 
 def alignment_terms(out: PromptOutput, labels: Tensor) -> dict[str, Tensor]:

@@ -21,7 +21,6 @@ from safetensors.torch import save_file
 
 from seeclip import distributed, metrics
 from seeclip.backbone import Backbone, build_backbone
-from seeclip.builders import METHODS, build_method
 from seeclip.cache import CachedFeatures, encode_cached
 from seeclip.config import RunConfig, load_config, save_config, to_dict
 from seeclip.datasets import (
@@ -41,6 +40,7 @@ from seeclip.datasets.digits import installed_versions, read_meta
 from seeclip.features import Features, Prediction, PseudoSources, PseudoUnknownSource
 from seeclip.io import atomic_path, load_tensors, write_text
 from seeclip.methods import Method, MethodEnv
+from seeclip.methods.registry import METHODS, build_method
 from seeclip.paths import seeclip_home
 from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoContext, draw
 from seeclip.records import FINAL, final_record, write_records

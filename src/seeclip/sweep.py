@@ -141,8 +141,8 @@ def plan(spec: SweepSpec) -> list[RunConfig]:
 
     Seed-major order: all of seed 0 first, so that an interrupted sweep leaves whole tables
     of fewer seeds rather than some rows with every seed and others with none."""
-    from seeclip.builders import METHODS
     from seeclip.datasets import get_benchmark
+    from seeclip.methods.registry import METHODS
 
     base = load_config(spec.config, spec.overrides)
     per_variant = []

@@ -1,9 +1,12 @@
-"""Training a prompt model on cached features: the image encoder is never in this loop.
+"""The training loop of every prompt-learning method, on cached features (the image encoder is
+never in this loop).
 
-Batches are balanced over source domains; in each domain's share of a batch about
-``pseudo_fraction`` of the slots hold pseudo-unknowns (label C). AdamW, gradient clipping,
-model selection by a named rule of :mod:`seeclip.selection` on source validation only (never
-the target). The trainer is handed its pseudo-unknown sources; it builds none and reads no file.
+It is handed a model, the loss terms to minimise, the decision rule that turns logits into
+predictions and the pseudo-unknown sources, and knows no method by name: each method's module
+(:mod:`seeclip.methods`) assembles these. Batches are balanced over source domains; in each
+domain's share of a batch about ``pseudo_fraction`` of the slots hold pseudo-unknowns (label C).
+AdamW, gradient clipping, model selection by a named rule of :mod:`seeclip.selection` on source
+validation only (never the target). It builds no source and reads no file.
 """
 
 from __future__ import annotations
@@ -23,10 +26,8 @@ from tqdm import tqdm
 
 from seeclip import distributed, metrics
 from seeclip.config import TrainConfig
-from seeclip.features import Features, Prediction, PseudoSources, PseudoUnknownSource
+from seeclip.features import Features, Prediction, PseudoSources, PseudoUnknownSource, draw
 from seeclip.io import load_checkpoint, write_with
-from seeclip.methods.base import confidence_threshold
-from seeclip.pseudo.base import draw
 from seeclip.selection import Selection
 
 CHECKPOINT_FORMAT = 1  # bump when the training checkpoint's contents change
@@ -133,9 +134,9 @@ def term_gradient_norms(
 class PromptTrainer:
     """A learnable prompt model as a method: ``fit`` on source features, ``predict`` images.
 
-    Models with an unknown prompt decide over C+1 classes and score unknowns by the softmax
-    mass of class C; the others use 1 - max softmax probability and a threshold chosen as the
-    ``threshold_quantile`` quantile of source-validation confidences.
+    ``rule`` (a :class:`seeclip.methods.scoring.DecisionRule`) turns logits into the open-set
+    prediction and the unknown score; a thresholded rule gets its threshold from the
+    source-validation images after training.
     """
 
     def __init__(
@@ -143,14 +144,18 @@ class PromptTrainer:
         model: nn.Module,
         loss_fn: LossFn,
         *,
+        rule,
         term_weights: Mapping[str, float] | None = None,
         train: TrainConfig,
         selection: Selection,
         pseudo: PseudoSources | None = None,
-        threshold_quantile: float = 0.05,
         seed: int = 0,
         progress: bool = True,
     ) -> None:
+        if rule.needs_unknown_prompt != model.has_unknown_prompt:
+            has = "has" if model.has_unknown_prompt else "has no"
+            raise ValueError(f"decision rule {rule.name} does not fit a model that {has} "
+                             "unknown prompt")  # fmt: skip
         if selection.needs_val_pseudo and not model.has_unknown_prompt:
             raise ValueError(
                 f"selection={selection.name} scores rejection by the unknown prompt; this model "
@@ -167,7 +172,7 @@ class PromptTrainer:
         self.cfg = train
         self.selection = selection
         self.pseudo = pseudo
-        self.threshold_quantile = threshold_quantile
+        self.rule = rule
         self.seed = seed
         self.progress = progress
         self.num_known = model.num_known
@@ -278,10 +283,8 @@ class PromptTrainer:
             log.selected_epoch = best[1]
         self.log = log
         model.eval()
-        if not model.has_unknown_prompt:
-            self.threshold = confidence_threshold(
-                1.0 - self._scores(val)[2], self.threshold_quantile
-            )
+        if self.rule.needs_threshold:  # confidence = 1 - unknown score, on source val only
+            self.threshold = self.rule.threshold(1.0 - self._scores(val)[2])
 
     def _identity(self) -> dict:
         """What a checkpoint must have been written with to be resumed."""
@@ -393,21 +396,12 @@ class PromptTrainer:
 
     def _scores(self, images: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(open-set prediction before thresholding, closed prediction, unknown score)."""
-        logits = self._logits(images.global_, images.tokens)
-        c = self.num_known
-        closed = logits[:, :c].argmax(-1)
-        prob = logits.softmax(-1)
-        if self.model.has_unknown_prompt:
-            return logits.argmax(-1).numpy(), closed.numpy(), prob[:, c].numpy()
-        return closed.numpy(), closed.numpy(), (1.0 - prob.max(-1).values).numpy()
+        return self.rule.scores(self._logits(images.global_, images.tokens), self.num_known)
 
     def predict(self, images: Features) -> Prediction:
-        y_pred, closed, score = self._scores(images)
-        if not self.model.has_unknown_prompt:
-            if self.threshold is None:
-                raise RuntimeError("call fit() or load_state() first: the threshold is missing")
-            y_pred = np.where(1.0 - score < self.threshold, self.num_known, closed)
-        return Prediction(y_pred, closed, score)
+        scored = self._scores(images)
+        y_pred = self.rule.decide(scored, 1.0 - scored[2], self.threshold, self.num_known)
+        return Prediction(y_pred, scored[1], scored[2])
 
     # ------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Tensor]:

@@ -32,6 +32,7 @@ from seeclip.config import ConfigError, RunConfig, apply_overrides
 from seeclip.datasets import Manifest, OSDGSplit, get_benchmark, load_manifest, make_split, select
 from seeclip.features import Prediction
 from seeclip.io import write_json
+from seeclip.methods.scoring import apply_threshold, fit_threshold, held_out_thresholds
 from seeclip.records import final_record, write_records
 from seeclip.runner import (
     BACKBONES,
@@ -153,40 +154,6 @@ def _class_splits(eligible: list[str], n: int, settings: LodoSettings, domain: i
         if held not in out:
             out.append(held)
     return out
-
-
-# --------------------------------------------------------------------------- operating point
-
-
-def apply_threshold(pred: Prediction, threshold: float, num_known: int) -> Prediction:
-    """The thresholded decision: "unknown" (index C) when the unknown score exceeds it."""
-    y = np.where(np.asarray(pred.unknown_score) > threshold, num_known, pred.y_pred_closed)
-    return Prediction(y.astype(np.int64), pred.y_pred_closed, pred.unknown_score)
-
-
-def fit_threshold(folds: list[tuple[np.ndarray, Prediction, int]], *, points: int = 99) -> float:
-    """The unknown-score threshold with the best mean fold H (the first of equals).
-
-    Args:
-        folds: per fold (y_true with -1 for unknown, its prediction, its number of known
-            classes).
-        points: candidates are the 1..99% quantiles of the folds' pooled scores.
-    """
-    pooled = np.concatenate([np.asarray(p.unknown_score, dtype=np.float64) for _, p, _ in folds])
-    candidates = np.unique(np.quantile(pooled, np.linspace(0.01, 0.99, points)))
-    best, best_h = float(candidates[0]), -1.0
-    for thr in candidates:
-        h = np.mean([metrics.h_score(y, apply_threshold(p, thr, c).y_pred, num_known=c)
-                     for y, p, c in folds])  # fmt: skip
-        if h > best_h:
-            best, best_h = float(thr), float(h)
-    return best
-
-
-def held_out_thresholds(folds: list[tuple[np.ndarray, Prediction, int]]) -> list[float]:
-    """Per fold, :func:`fit_threshold` on all the *other* folds (all of them if there is one)."""
-    return [fit_threshold([f for i, f in enumerate(folds) if i != k] or folds)
-            for k in range(len(folds))]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ running folds

@@ -21,8 +21,8 @@ def _first_line(obj) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from seeclip.backbone import list_backbones
-    from seeclip.builders import METHODS, sections_of
     from seeclip.datasets import BENCHMARKS, describe_benchmark
+    from seeclip.methods.registry import METHODS, sections_of
     from seeclip.pseudo import PSEUDO_UNKNOWNS
     from seeclip.selection import SELECTIONS, SETTING_SELECTIONS
 

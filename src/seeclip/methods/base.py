@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from seeclip.features import Features, Prediction, PseudoSources
@@ -60,18 +59,3 @@ class MethodEnv:
     seed: int = 0  # seeds the method's initial weights and training
     pseudo: PseudoSources | None = None  # pseudo-unknown sources the runner built (learners)
     progress: bool = True  # show progress bars while fitting
-
-
-def confidence_threshold(confidence: Any, quantile: float) -> float:
-    """The max-softmax rejection threshold: the ``quantile`` of source-val known confidences.
-
-    About that share of known source-validation images falls below it and would be rejected;
-    it is the one threshold rule of seeclip (zero-shot CLIP and the prompt learners without
-    an unknown prompt).
-    """
-    if not 0.0 <= quantile < 1.0:
-        raise ValueError(f"threshold_quantile must be in [0, 1), got {quantile}")
-    conf = np.asarray(confidence.detach().cpu() if hasattr(confidence, "detach") else confidence)
-    if conf.size == 0:
-        raise ValueError("the threshold needs source-validation images; the split has none")
-    return float(np.quantile(conf.astype(np.float64), quantile))

@@ -1,4 +1,12 @@
-"""Zero-shot CLIP with a confidence threshold chosen on source validation data."""
+"""Zero-shot CLIP (Radford et al. 2021) with a confidence threshold chosen on source validation.
+
+- **Model**: the frozen CLIP's text features of the class-name prompts; nothing is trained.
+- **Score**: max softmax probability of CLIP's scaled logits (``msp``) or of cosines over a
+  temperature (``mcm``, Ming et al. 2022).
+- **What decides unknown**: :class:`~seeclip.methods.scoring.MaxSoftmaxThreshold`, the
+  ``zeroshot.threshold_quantile`` quantile of source-validation confidences.
+- **Config section**: ``zeroshot`` (score, mcm_temperature, threshold_quantile, template).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,8 @@ import open_clip
 import torch
 
 from seeclip.config import ZeroShotConfig
-from seeclip.methods.base import Features, MethodEnv, Prediction, confidence_threshold
+from seeclip.methods.base import Features, MethodEnv, Prediction
+from seeclip.methods.scoring import MaxSoftmaxThreshold
 
 SCORES = ("msp", "mcm")
 
@@ -31,7 +40,7 @@ class ZeroShot:
     ) -> None:
         if score not in SCORES:
             raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-        confidence_threshold([1.0], threshold_quantile)  # checks the quantile
+        self.rule = MaxSoftmaxThreshold(threshold_quantile)  # checks the quantile
         self.text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
         self.num_known = text_features.shape[0]
         self.scale = logit_scale if score == "msp" else 1.0 / mcm_temperature
@@ -57,7 +66,7 @@ class ZeroShot:
         if len(val) == 0:
             raise ValueError("zeroshot needs source-validation images to choose its threshold")
         _, conf = self._confidence(val)
-        self.threshold = confidence_threshold(conf, self.threshold_quantile)
+        self.threshold = self.rule.threshold(conf)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"__threshold__": torch.tensor(self.threshold, dtype=torch.float64)}
@@ -73,11 +82,12 @@ class ZeroShot:
         if self.threshold is None:
             raise RuntimeError("call fit() before predict(): the threshold comes from source val")
         closed, conf = self._confidence(images)
-        y_pred = torch.where(conf < self.threshold, self.num_known, closed)
-        return Prediction(y_pred.numpy(), closed.numpy(), (1.0 - conf).numpy())
+        scored = (closed.numpy(), closed.numpy(), (1.0 - conf).numpy())
+        y_pred = self.rule.decide(scored, conf.numpy(), self.threshold, self.num_known)
+        return Prediction(y_pred, scored[1], scored[2])
 
 
-def build_zeroshot(env: MethodEnv, *, zeroshot: ZeroShotConfig) -> ZeroShot:
+def build(env: MethodEnv, *, zeroshot: ZeroShotConfig) -> ZeroShot:
     """Zero-shot CLIP, max-softmax (or MCM) unknown score, threshold from source val."""
     template = zeroshot.template or env.template
     weights = open_clip.build_zero_shot_classifier(  # [d, C]
@@ -96,4 +106,4 @@ def build_zeroshot(env: MethodEnv, *, zeroshot: ZeroShotConfig) -> ZeroShot:
     )
 
 
-__all__ = ["ZeroShot", "build_zeroshot"]
+__all__ = ["ZeroShot", "build"]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from seeclip.features import Features, PseudoSources, PseudoUnknownSource
+from seeclip.features import Features, PseudoSources, PseudoUnknownSource, draw
 from seeclip.generate.feature_config import FeatureDiffusionConfig
 from seeclip.registry import Registry
 
@@ -50,14 +50,6 @@ def by_domain(domains: tuple[str, ...]) -> dict[str, Tensor]:
     return {
         d: torch.tensor([i for i, x in enumerate(domains) if x == d]) for d in sorted(set(domains))
     }
-
-
-def draw(
-    source: PseudoUnknownSource, domains: tuple[str, ...], n: int, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """``n`` samples of each of ``domains`` (sorted) from ``source``, concatenated."""
-    parts = [source.sample(d, n, generator) for d in sorted(set(domains))]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 __all__ = [
