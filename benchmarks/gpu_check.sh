@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared device check (issue 12), for a machine with a CUDA GPU and seeclip installed
+# The prepared device check, for a machine with a CUDA GPU and seeclip installed
 # (`pip install -e ".[dev]"` with a CUDA torch). Under 5 minutes; prints the figures to record in
 # docs/performance.md:
 #   1. the test suite's GPU-marked tests (a GPU run against the CPU run; with two GPUs, torchrun

@@ -13,10 +13,10 @@ and whether the folds rank the variants as the target does.
    read), skipping ``--no-validate`` variants (by default the feature-diffusion ones, whose
    generator retrains per fold);
 3. with ``--more-seeds``: those seeds too for every (protocol, variant) whose H under the paper's
-   rule has a std over ``--seeds`` above ``--more-if-std`` points (issue 10: 5 seeds where the
-   std is over 2 points), and, after step 2, those seeds validated for every row whose H under
-   ``lodo_threshold`` has a std over ``--validate-seeds`` above the same limit; the rule reads
-   only the runs' target H spread, never picks a setting;
+   rule has a std over ``--seeds`` above ``--more-if-std`` points (the decisive table's rule: 5
+   seeds where the std is over 2 points), and, after step 2, those seeds validated for every row
+   whose H under ``lodo_threshold`` has a std over ``--validate-seeds`` above the same limit; the
+   rule reads only the runs' target H spread, never picks a setting;
 4. prints Markdown: per protocol, each variant's mean over targets under the paper's rule (mean ±
    std over seeds), AccU on hard/easy unknowns where the benchmark names them, the same under
    ``lodo_threshold`` with the fold H, and Spearman's rho between fold H and target H over

@@ -1,5 +1,5 @@
-"""scripts/decisive_table.py: which rows get more seeds (issue 10: 5 seeds where the H std over 3
-seeds exceeds 2 points), read from the records' target H only."""
+"""scripts/decisive_table.py: which rows get more seeds (5 seeds where the H std over 3 seeds
+exceeds 2 points), read from the records' target H only."""
 
 from __future__ import annotations
 

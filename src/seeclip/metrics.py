@@ -255,7 +255,7 @@ def oscr(y_true: Any, y_pred_closed: Any, unknown_score: Any) -> float:
 def oracle_h_score(y_true: Any, y_pred_closed: Any, unknown_score: Any) -> float:
     """ORACLE: the best :func:`h_score` over every threshold on ``unknown_score``, chosen
     with the target labels. Not a valid result; it is what DAML's and MEDIC's published H
-    computes (PROTOCOLS.md), offered so users can compare like with like.
+    computes (docs/protocols.md), offered so users can compare like with like.
 
     A sample is called unknown when its score is above the threshold, otherwise it keeps its
     closed-set prediction; tied scores move together, and "reject none" and "reject all" are

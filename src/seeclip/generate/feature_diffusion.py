@@ -5,7 +5,7 @@ features only. A pool of pseudo-unknowns is then sampled with DDIM: for a real s
 its K semantic summaries are perturbed (v~ = v + eps, eps ~ N(0, sigma^2 I), in source-std
 units) and classifier-free guidance ``eps' = eps_neg + g (eps_pos - eps_neg)`` steers the
 sample with the positive condition (v~, domain, text of the "unknown" prompt) away from the
-negative one (v~, domain, known-class text) (METHOD.md, "Semantic-guided diffusion").
+negative one (v~, domain, known-class text) (docs/method.md, "Pseudo-unknowns").
 
 Both steps are cached under ``seeclip_home()/pools``: the trained generator by (source set,
 class texts, training fields of the config, seed), the pool by (generator, "unknown" text,

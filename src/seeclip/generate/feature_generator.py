@@ -1,6 +1,6 @@
 """The feature-space generator: its config and the trained model bundle (fit, sample, save).
 
-Training and sampling follow METHOD.md "Semantic-guided diffusion"; the representation and the
+Training and sampling follow docs/method.md, "Pseudo-unknowns"; the representation and the
 conditioning are described in :mod:`seeclip.generate.denoiser`. Pools built from it live in
 :mod:`seeclip.generate.feature_diffusion`.
 """

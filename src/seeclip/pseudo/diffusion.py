@@ -1,4 +1,4 @@
-"""Semantic-guided feature diffusion as a pseudo-unknown source (METHOD.md)."""
+"""Semantic-guided feature diffusion as a pseudo-unknown source (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image-space semantic-guided diffusion as a pseudo-unknown source, run on demand (METHOD.md).
+"""Image-space semantic-guided diffusion as a pseudo-unknown source, run on demand (docs/method.md).
 
 The paper's generator: for source images of each domain, K semantic summaries of their spatial
 tokens are perturbed (sigma) and projected into a text-to-image model's text conditioning, with
