@@ -182,3 +182,17 @@ def test_prediction_takes_no_label_and_bad_options_fail_early(backbone):
         _trainer(backbone, selection="best")
     with pytest.raises(ConfigError, match="train.pseudo_unknowns: expected one of none, mixup"):
         _trainer(backbone, pseudo_unknowns="gan")
+
+
+def test_no_source_validation_images_is_an_error_that_names_the_fix(backbone):
+    feats, labels = synthetic()
+    empty = Features(feats.global_[:0], feats.tokens[:0], ())
+    cases = [("coop", {}, "its threshold"), ("seeclip", {"selection": "val_acc"}, "val_acc")]
+    for method, train, needs in cases:
+        trainer = _trainer(backbone, method, **train)
+        with pytest.raises(ValueError, match=f"{needs} needs source-validation.*val_fraction"):
+            trainer.fit(feats, labels, empty, labels[:0])
+    # the argmax over C+1 and the last epoch need no validation image
+    trainer = _trainer(backbone, "seeclip", epochs=1)
+    trainer.fit(feats, labels, empty, labels[:0])
+    assert trainer.predict(feats).y_pred.shape == (len(feats),)

@@ -198,6 +198,12 @@ class PromptTrainer:
         written there (atomically) every ``checkpoint_every`` epochs, and a checkpoint found
         there is resumed from: the result is bitwise the uninterrupted run's on CPU."""
         cfg, model, rule = self.cfg, self.model, self.selection
+        if len(val) == 0 and (self.rule.needs_threshold or rule.criterion is not None):
+            why = "its threshold" if self.rule.needs_threshold else f"selection={rule.name}"
+            raise ValueError(
+                f"{why} needs source-validation images and this split has none: raise "
+                f"data.val_fraction or prepare more images per class"
+            )
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
         source: PseudoUnknownSource | None = None

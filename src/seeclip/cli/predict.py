@@ -39,5 +39,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     for r in failed:
-        print(f"seeclip: cannot read {r.source}: {r.error}", file=sys.stderr)
+        print(f"seeclip: {r.source}: {r.error}", file=sys.stderr)
     return 1 if failed and len(failed) == len(rows) else 0
