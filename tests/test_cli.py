@@ -259,7 +259,9 @@ def test_eval_without_a_backbone_uses_the_worlds_tiny_clip(small_digits, tmp_pat
 @pytest.mark.slow
 def test_demo_trains_three_methods_on_every_target_and_writes_the_report(tmp_path, capsys):
     runs = tmp_path / "demo"
-    assert main(["demo", "--runs-dir", str(runs), "--no-progress", "--threads", "1"]) == 0
+    # the full path on a small draw of the world (the numbers are not the README's)
+    small = ["--n-per-class", "6"]
+    assert main(["demo", "--runs-dir", str(runs), "--no-progress", "--threads", "1", *small]) == 0
     out = capsys.readouterr().out
     table = out[out.index("| method | handwritten | outline | printed | textured | mean |") :]
     assert all(f"| {m} |" in table for m in ("zeroshot", "coop", "seeclip"))
@@ -267,5 +269,5 @@ def test_demo_trains_three_methods_on_every_target_and_writes_the_report(tmp_pat
     assert len(list(runs.glob("digits_full_*/*/done"))) == 12
     kinds = {p.name.split("_")[0] for p in (runs / "report" / "figures").glob("*.png")}
     assert kinds == {"roc", "scores", "h", "confusion"}
-    assert main(["demo", "--runs-dir", str(runs), "--no-progress"]) == 0  # all reused
+    assert main(["demo", "--runs-dir", str(runs), "--no-progress", *small]) == 0  # all reused
     assert "all 12 runs finished earlier" in capsys.readouterr().out

@@ -132,7 +132,7 @@ def test_reduced_budget_run_learns(tmp_path):
     for a test; the shipped model's digit zero-shot is checked below."""
     # fp32: on CPUs without native bf16 (no AVX512-BF16/AMX) autocast is emulated and about 20x
     # slower; what this checks (the loop learns) does not depend on the dtype
-    cfg = PretrainConfig(steps=150, batch_size=64, corpus_size=2000, lr=2e-3, warmup_steps=15,
+    cfg = PretrainConfig(steps=60, batch_size=32, corpus_size=512, lr=2e-3, warmup_steps=6,
                          checkpoint_every=1000, num_threads=1, bf16=False)  # fmt: skip
     bench = load_benchmark_arrays(n_per_class=5)
     card = pretrain_clip(cfg, tmp_path, progress=False, benchmark=bench)
@@ -150,7 +150,7 @@ def test_reduced_budget_run_learns(tmp_path):
 
     trained, _, tokenizer = build_tiny_digits(tmp_path / "tiny-digits.safetensors")
     random_init, _, _ = build_tiny_digits(seed=0)
-    assert style_accuracy(trained, tokenizer) > 0.35  # chance is 0.25; measured 0.495
+    assert style_accuracy(trained, tokenizer) > 0.35  # chance is 0.25; measured 0.51
     assert style_accuracy(random_init, tokenizer) < 0.3
 
 

@@ -147,7 +147,7 @@ def test_token_stage_init_is_refused_without_token_steps(tmp_path):
 def test_reduced_budget_glyphs_run_learns(tmp_path):
     """The glyphs loop on a small budget: the loss falls and zero-shot *style* accuracy (4-way)
     on benchmark images rises above chance, which the random tower does not."""
-    cfg = _tiny_cfg(steps=150, batch_size=64, corpus_size=2000, lr=2e-3, warmup_steps=15,
+    cfg = _tiny_cfg(steps=60, batch_size=32, corpus_size=384, lr=2e-3, warmup_steps=6,
                     checkpoint_every=1000)  # fmt: skip
     bench = load_benchmark_arrays(n_per_class=2, world="glyphs")
     card = pretrain_clip(cfg, tmp_path, progress=False, benchmark=bench)
@@ -164,7 +164,7 @@ def test_reduced_budget_glyphs_run_learns(tmp_path):
 
     trained, _, tokenizer = build_tiny_clip("tiny-glyphs", tmp_path / "tiny-glyphs.safetensors")
     random_init, _, _ = build_tiny_clip("tiny-glyphs", seed=0)
-    assert style_accuracy(trained, tokenizer) > 0.35  # chance is 0.25
+    assert style_accuracy(trained, tokenizer) > 0.35  # chance is 0.25; measured 0.380
     assert style_accuracy(random_init, tokenizer) < 0.32
 
 

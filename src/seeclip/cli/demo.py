@@ -18,6 +18,12 @@ def add_parser(sub) -> None:
     p.add_argument("--report", help="report folder (default: RUNS_DIR/report)")
     p.add_argument("--jobs", type=int, default=1, help="processes at once (default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per process (default 2)")
+    p.add_argument(
+        "--n-per-class",
+        type=int,
+        help="images per class and domain of the digits draw (default: the full benchmark; "
+        "fewer gives a quick look whose numbers are not the documented ones)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -32,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     print("seeclip demo: zero-shot CLIP, CoOp and SeeCLIP on the embedded `digits` OSDG benchmark")
     print("(shipped tiny-digits CLIP, preset `digits`, protocol `full`, every target, seed 0)\n")
-    prepare_and_print("digits", progress=progress)
+    prepare_and_print("digits", n_per_class=args.n_per_class, progress=progress)
     spec = SweepSpec(config="digits", variants=tuple(Variant(m, (f"method={m}",))
                                                      for m in DEMO_METHODS))  # fmt: skip
     result = run_sweep(plan(spec), runs_dir=args.runs_dir, jobs=args.jobs, threads=args.threads,
