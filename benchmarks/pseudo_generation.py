@@ -49,9 +49,15 @@ def feature_side(n: int, d: int, n_tokens: int, train_steps: int) -> tuple[float
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     glob, _, _ = sample_pool(
-        gen, feats, labels, class_text=text[:6], unknown_text=text[6], config=cfg, seed=0,
+        gen,
+        feats,
+        labels,
+        class_text=text[:6],
+        unknown_text=text[6],
+        config=cfg,
+        seed=0,
         progress=False,
-    )  # fmt: skip
+    )
     sample_s = time.perf_counter() - start
     return 1000 * sample_s / len(glob), 1000 * train_s / len(glob)
 

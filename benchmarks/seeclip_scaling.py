@@ -66,17 +66,26 @@ def main() -> None:
     p.add_argument("--arch", default="ViT-B-16")
     p.add_argument("--classes", type=int, nargs="+", default=[7, 65, 126, 345])
     p.add_argument("--batch", type=int, default=2, help="batch of the class sweep")
-    p.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8],
-                   help="batch sizes swept at the smallest class count")  # fmt: skip
+    p.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[2, 4, 8],
+        help="batch sizes swept at the smallest class count",
+    )
     p.add_argument("--profile-classes", type=int, default=65)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     backbone = build_backbone(args.arch, device=args.device)
     loss = LossConfig()
-    print(f"{args.arch} on {args.device}: {backbone.num_patches} patch tokens x "
-          f"{backbone.embed_dim}, torch threads {torch.get_num_threads()}\n")  # fmt: skip
-    print("| C | B | prompts B x (C+1) | fp32 step | per prompt | bf16 step | bf16 speed-up | "
-          "bf16 cos (min) | bf16 max logit change |")  # fmt: skip
+    print(
+        f"{args.arch} on {args.device}: {backbone.num_patches} patch tokens x "
+        f"{backbone.embed_dim}, torch threads {torch.get_num_threads()}\n"
+    )
+    print(
+        "| C | B | prompts B x (C+1) | fp32 step | per prompt | bf16 step | bf16 speed-up | "
+        "bf16 cos (min) | bf16 max logit change |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     cells = [(c, args.batch) for c in args.classes]
     cells += [(args.classes[0], b) for b in args.batches if b != args.batch]
@@ -95,8 +104,11 @@ def main() -> None:
         model.text_autocast = torch.bfloat16
         bf16 = step_seconds(model, g, t, y, loss)
         n = b * (c + 1)
-        print(f"| {c} | {b} | {n} | {fp32:.2f} s | {1000 * fp32 / n:.1f} ms | {bf16:.2f} s | "
-              f"{fp32 / bf16:.2f}x | {cos:.4f} | {change:.3f} |", flush=True)  # fmt: skip
+        print(
+            f"| {c} | {b} | {n} | {fp32:.2f} s | {1000 * fp32 / n:.1f} ms | {bf16:.2f} s | "
+            f"{fp32 / bf16:.2f}x | {cos:.4f} | {change:.3f} |",
+            flush=True,
+        )
 
     import seeclip.backbone as backbone_module
 
@@ -122,9 +134,11 @@ def main() -> None:
         timings[fast].append(text_fwd_bwd())
     backbone_module.EOT_ONLY_LAST_BLOCK = True
     fast, whole = min(timings[True]), min(timings[False])
-    print(f"\ntext tower forward + backward of {n} prompts (C = {c}, B = {args.batch}): last "
-          f"block at the end token only {fast:.2f} s, at every position {whole:.2f} s, "
-          f"{whole / fast:.2f}x")  # fmt: skip
+    print(
+        f"\ntext tower forward + backward of {n} prompts (C = {c}, B = {args.batch}): last "
+        f"block at the end token only {fast:.2f} s, at every position {whole:.2f} s, "
+        f"{whole / fast:.2f}x"
+    )
 
     torch.manual_seed(0)
     model = SeeCLIPModel(backbone, _names(c), k=4, m=4)
@@ -132,8 +146,7 @@ def main() -> None:
     step_seconds(model, g, t, y, loss, steps=0)  # warm up
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device != "cpu"
-                                           else [])  # fmt: skip
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device != "cpu" else [])
     with profile(activities=activities) as prof:
         step_seconds(model, g, t, y, loss, steps=0)
     print(f"\nprofile of one fp32 step, C = {c}, B = {args.batch} (self CPU time, top 12):\n")

@@ -72,9 +72,17 @@ def per_seed_means(records, key_fn):
 
 
 def summary(records, order, hard_easy: bool) -> str:
-    own = {k: per_seed_means(records, lambda r, k=k: r.get(k)) for k in
-           ("acc_known", "acc_unknown", "acc_unknown_hard", "acc_unknown_easy", "h_score",
-            "auroc")}  # fmt: skip
+    own = {
+        k: per_seed_means(records, lambda r, k=k: r.get(k))
+        for k in (
+            "acc_known",
+            "acc_unknown",
+            "acc_unknown_hard",
+            "acc_unknown_easy",
+            "h_score",
+            "auroc",
+        )
+    }
     validated = [r for r in records if r.get("rules", {}).get("lodo_threshold")]
     lodo = {
         "h": per_seed_means(validated, lambda r: r["rules"]["lodo_threshold"]["h_score"]),
@@ -96,27 +104,38 @@ def summary(records, order, hard_easy: bool) -> str:
     for m in order:
         if m not in own["h_score"]:
             continue
-        cells = [m, str(len(own["h_score"][m])), _pm(own["acc_known"][m]),
-                 _pm(own["acc_unknown"][m])]  # fmt: skip
+        cells = [
+            m,
+            str(len(own["h_score"][m])),
+            _pm(own["acc_known"][m]),
+            _pm(own["acc_unknown"][m]),
+        ]
         if hard_easy:
             cells += [_pm(own["acc_unknown_hard"][m]), _pm(own["acc_unknown_easy"][m])]
-        cells += [_pm(own["h_score"][m]), _pm(own["auroc"][m]), _pm(lodo["fold"].get(m, [])),
-                  _pm(lodo["fold_cal"].get(m, [])), _pm(lodo["h"].get(m, [])),
-                  str(len(lodo["h"].get(m, [])))]  # fmt: skip
+        cells += [
+            _pm(own["h_score"][m]),
+            _pm(own["auroc"][m]),
+            _pm(lodo["fold"].get(m, [])),
+            _pm(lodo["fold_cal"].get(m, [])),
+            _pm(lodo["h"].get(m, [])),
+            str(len(lodo["h"].get(m, []))),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def noisy_rows(records, spec, max_std: float, *, rule: str = "own",
-               seeds=None) -> dict[str, list[str]]:  # fmt: skip
+def noisy_rows(
+    records, spec, max_std: float, *, rule: str = "own", seeds=None
+) -> dict[str, list[str]]:
     """protocol -> the variant labels whose mean-over-targets H under ``rule`` (``own``: the
     paper's; ``lodo_threshold``: the calibrated one) has a std over ``seeds`` (default: the
     spec's) above ``max_std`` points."""
     seeds = spec.seeds if seeds is None else seeds
     out = {}
     for protocol in spec.protocols:
-        rs = [r for r in under_rule(records, rule)
-              if r["protocol"] == protocol and r["seed"] in seeds]  # fmt: skip
+        rs = [
+            r for r in under_rule(records, rule) if r["protocol"] == protocol and r["seed"] in seeds
+        ]
         h = per_seed_means(rs, lambda r: r["h_score"])
         out[protocol] = [
             v.label
@@ -134,20 +153,29 @@ def rank_agreement(records) -> str:
     out = []
     for name, fold, target in (
         ("own rule", lambda r: r["validation"]["mean"]["h_score"], lambda r: r["h_score"]),
-        ("calibrated", lambda r: r["validation"]["mean"].get("h_score_lodo_threshold"),
-         lambda r: r["rules"]["lodo_threshold"]["h_score"]),
-    ):  # fmt: skip
-        pairs = [(fold(r), target(r)) for r in validated
-                 if fold(r) is not None and target(r) is not None]  # fmt: skip
+        (
+            "calibrated",
+            lambda r: r["validation"]["mean"].get("h_score_lodo_threshold"),
+            lambda r: r["rules"]["lodo_threshold"]["h_score"],
+        ),
+    ):
+        pairs = [
+            (fold(r), target(r)) for r in validated if fold(r) is not None and target(r) is not None
+        ]
         pooled = spearmanr(*np.array(pairs).T).statistic
         per_target = []
         for t in sorted({r["target"] for r in validated}):
-            p = [(fold(r), target(r)) for r in validated if r["target"] == t
-                 and fold(r) is not None and target(r) is not None]  # fmt: skip
+            p = [
+                (fold(r), target(r))
+                for r in validated
+                if r["target"] == t and fold(r) is not None and target(r) is not None
+            ]
             if len(p) >= 3:
                 per_target.append(f"{t} {spearmanr(*np.array(p).T).statistic:.2f}")
-        out.append(f"- fold H vs target H, {name}: rho {pooled:.2f} pooled over {len(pairs)} "
-                   f"runs; within each target: {', '.join(per_target)}")  # fmt: skip
+        out.append(
+            f"- fold H vs target H, {name}: rho {pooled:.2f} pooled over {len(pairs)} "
+            f"runs; within each target: {', '.join(per_target)}"
+        )
     return "\n".join(out)
 
 
@@ -175,11 +203,14 @@ def lodo_h_picks(records) -> str:
         )
         chosen = runs[label]
         target = chosen["h_score"] if rule == OWN_RULE else chosen["rules"][rule]["h_score"]
-        best = max(max(r["h_score"], r["rules"]["lodo_threshold"]["h_score"])
-                   for r in runs.values())  # fmt: skip
+        best = max(
+            max(r["h_score"], r["rules"]["lodo_threshold"]["h_score"]) for r in runs.values()
+        )
         picked.append((target, best))
-        lines.append(f"- {t} seed {s}: lodo_h picks {label} ({rule}, fold H {fold:.3f}) -> "
-                     f"target H {target:.3f}; best in hindsight {best:.3f}")  # fmt: skip
+        lines.append(
+            f"- {t} seed {s}: lodo_h picks {label} ({rule}, fold H {fold:.3f}) -> "
+            f"target H {target:.3f}; best in hindsight {best:.3f}"
+        )
     if picked:
         mean = np.mean(picked, axis=0)
         lines.append(
@@ -204,23 +235,33 @@ COMMON_QUESTIONS = (
     ("SeeCLIP preset (vs CoOp)", "seeclip", "coop"),
 )
 QUESTIONS = {
-    "glyphs": COMMON_QUESTIONS + (
+    "glyphs": COMMON_QUESTIONS
+    + (
         ("mixup pseudo-unknowns (vs the preset's image pool)", "seeclip_mixup", "seeclip"),
-        ("feature diffusion (vs the preset's image pool)", "seeclip_feature_diffusion",
-         "seeclip"),
+        ("feature diffusion (vs the preset's image pool)", "seeclip_feature_diffusion", "seeclip"),
         ("SDEdit images (vs the preset's from-noise images)", "seeclip_sdedit", "seeclip"),
-        ("SeeCLIP's prompts and losses (vs CoOp's unknown prompt), both mixup", "seeclip_mixup",
-         "coop_unknown"),
+        (
+            "SeeCLIP's prompts and losses (vs CoOp's unknown prompt), both mixup",
+            "seeclip_mixup",
+            "coop_unknown",
+        ),
         ("SeeCLIP with feature diffusion (vs CoOp)", "seeclip_feature_diffusion", "coop"),
     ),
-    "digits": COMMON_QUESTIONS + (
+    "digits": COMMON_QUESTIONS
+    + (
         ("feature diffusion (vs the preset's mixup)", "seeclip_diffusion", "seeclip"),
-        ("SeeCLIP's prompts and losses (vs CoOp's unknown prompt), both mixup", "seeclip",
-         "coop_unknown"),
-        ("SeeCLIP's prompts and losses (vs CoOp's unknown prompt), both feature diffusion",
-         "seeclip_diffusion", "coop_unknown_diffusion"),
+        (
+            "SeeCLIP's prompts and losses (vs CoOp's unknown prompt), both mixup",
+            "seeclip",
+            "coop_unknown",
+        ),
+        (
+            "SeeCLIP's prompts and losses (vs CoOp's unknown prompt), both feature diffusion",
+            "seeclip_diffusion",
+            "coop_unknown_diffusion",
+        ),
     ),
-}  # fmt: skip
+}
 RULES = {"paper rule": "own", "lodo_threshold": "lodo_threshold"}  # column label -> report rule
 
 
@@ -280,8 +321,14 @@ def loss_shares(records, runs_dir, order) -> str:
     from seeclip.records import read_records
     from seeclip.report_files import run_dir_of
 
-    keys = ("grad_share_ali", "grad_share_rep", "grad_share_coh", "grad_share_reg", "rep_active",
-            "cos_uy")  # fmt: skip
+    keys = (
+        "grad_share_ali",
+        "grad_share_rep",
+        "grad_share_coh",
+        "grad_share_reg",
+        "rep_active",
+        "cos_uy",
+    )
     rows = defaultdict(lambda: defaultdict(list))
     for r in records:
         epochs = [e for e in read_records(run_dir_of(runs_dir, r)) if e.get("kind") == "epoch"]
@@ -306,10 +353,15 @@ def more_seed_configs(records, spec, args, *, rule: str, seeds) -> list:
     std over ``seeds`` above ``--more-if-std`` points; says which rows they are."""
     more = noisy_rows(records, spec, args.more_if_std, rule=rule, seeds=seeds)
     for protocol, labels in more.items():
-        print(f"{protocol}: {rule} H std > {args.more_if_std} points over seeds {list(seeds)} "
-              f"-> seeds {args.more_seeds} for {', '.join(labels)}")  # fmt: skip
-    return [c for c in plan(dataclasses.replace(spec, seeds=tuple(args.more_seeds)))
-            if (c.label or c.method) in more.get(c.data.protocol, ())]  # fmt: skip
+        print(
+            f"{protocol}: {rule} H std > {args.more_if_std} points over seeds {list(seeds)} "
+            f"-> seeds {args.more_seeds} for {', '.join(labels)}"
+        )
+    return [
+        c
+        for c in plan(dataclasses.replace(spec, seeds=tuple(args.more_seeds)))
+        if (c.label or c.method) in more.get(c.data.protocol, ())
+    ]
 
 
 def main() -> None:
@@ -319,8 +371,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--protocols", nargs="+")
     p.add_argument("--validate-seeds", type=int, nargs="*", default=[0])
-    p.add_argument("--no-validate", nargs="*", help="variant labels not validated (default: "
-                   "those with diffusion in the label)")  # fmt: skip
+    p.add_argument(
+        "--no-validate",
+        nargs="*",
+        help="variant labels not validated (default: those with diffusion in the label)",
+    )
     p.add_argument("--class-splits", type=int, default=2)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--runs-dir")
@@ -337,9 +392,12 @@ def main() -> None:
         default=2.0,
         help="H std (points) above which a row gets --more-seeds (default 2)",
     )
-    p.add_argument("--report-only", action="store_true",
-                   help="run nothing: print the tables of the finished runs of the sweep's "
-                   "variants in --runs-dir")  # fmt: skip
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: print the tables of the finished runs of the sweep's "
+        "variants in --runs-dir",
+    )
     args = p.parse_args()
     start = time.perf_counter()
     spec = load_sweep(args.sweep or ROOT / "sweeps" / f"{args.benchmark}.yaml")
@@ -353,24 +411,35 @@ def main() -> None:
     order = [v.label for v in spec.variants]
     configs = plan(spec)
     if args.report_only:
-        wanted = {"seed": spec.seeds + tuple(args.more_seeds), "protocol": spec.protocols,
-                  "method": order}  # fmt: skip
-        records = [r for r in dedupe(read_records(runs_dir))
-                   if all(r.get(k) in v for k, v in wanted.items())]  # fmt: skip
+        wanted = {
+            "seed": spec.seeds + tuple(args.more_seeds),
+            "protocol": spec.protocols,
+            "method": order,
+        }
+        records = [
+            r
+            for r in dedupe(read_records(runs_dir))
+            if all(r.get(k) in v for k, v in wanted.items())
+        ]
         return print_tables(records, spec, order, runs_dir, args, start)
     paper = run_sweep(configs, runs_dir=runs_dir, jobs=args.jobs)
     if args.more_seeds:
         extra = more_seed_configs(paper.records, spec, args, rule="own", seeds=spec.seeds)
         paper.outcomes.extend(run_sweep(extra, runs_dir=runs_dir, jobs=args.jobs).outcomes)
-    skip = set(args.no_validate if args.no_validate is not None else
-               [lab for lab in order if "diffusion" in lab])  # fmt: skip
-    to_validate = [c for c in configs if c.seed in args.validate_seeds
-                   and (c.label or c.method) not in skip]  # fmt: skip
+    skip = set(
+        args.no_validate
+        if args.no_validate is not None
+        else [lab for lab in order if "diffusion" in lab]
+    )
+    to_validate = [
+        c for c in configs if c.seed in args.validate_seeds and (c.label or c.method) not in skip
+    ]
     settings = LodoSettings(class_splits=args.class_splits)
     validated = run_sweep(to_validate, runs_dir=runs_dir, jobs=args.jobs, validate=settings)
     if args.more_seeds and args.validate_seeds:
-        extra = more_seed_configs(validated.records, spec, args, rule="lodo_threshold",
-                                  seeds=args.validate_seeds)  # fmt: skip
+        extra = more_seed_configs(
+            validated.records, spec, args, rule="lodo_threshold", seeds=args.validate_seeds
+        )
         validated.outcomes.extend(
             run_sweep(extra, runs_dir=runs_dir, jobs=args.jobs, validate=settings).outcomes
         )
@@ -384,16 +453,20 @@ def print_tables(records, spec, order, runs_dir, args, start) -> None:
     hard_easy = any(r.get("acc_unknown_hard") is not None for r in records)
     for protocol in spec.protocols:
         # the sweep's row order, whether the records come from this run or from disk
-        rs = sorted((r for r in records if r["protocol"] == protocol),
-                    key=lambda r: order.index(r["method"]))  # fmt: skip
+        rs = sorted(
+            (r for r in records if r["protocol"] == protocol),
+            key=lambda r: order.index(r["method"]),
+        )
         print(f"\n### {args.benchmark} / {protocol}: mean over targets\n")
         print(summary(rs, order, hard_easy))
         print()
         print(rank_agreement(rs))
         print(lodo_h_picks(rs))
-        print(f"\nWhich modules earn their place ({protocol}; ΔH = with - without, paired by "
-              f"seed and target, mean ± std over seeds; 'helps'/'hurts' beyond two standard "
-              f"errors):\n")  # fmt: skip
+        print(
+            f"\nWhich modules earn their place ({protocol}; ΔH = with - without, paired by "
+            f"seed and target, mean ± std over seeds; 'helps'/'hurts' beyond two standard "
+            f"errors):\n"
+        )
         print(module_effects(rs, args.benchmark))
         print(f"\nLast-epoch gradient shares and L_rep activity ({protocol}, every seed):\n")
         print(loss_shares(rs, runs_dir, order))
@@ -404,9 +477,11 @@ def print_tables(records, spec, order, runs_dir, args, start) -> None:
             print(f"\n{t.title}, lodo_threshold, per target\n\n{table_md(t)}")
     fit = sum(r.get("fit_seconds") or 0 for r in records)
     val = sum((r.get("validation") or {}).get("seconds") or 0 for r in records)
-    print(f"\n{len(records)} runs; this invocation {time.perf_counter() - start:.0f} s wall "
-          f"({args.jobs} processes); recorded fit time {fit / 60:.0f} min, LODO validation "
-          f"{val / 60:.0f} min (one thread each)")  # fmt: skip
+    print(
+        f"\n{len(records)} runs; this invocation {time.perf_counter() - start:.0f} s wall "
+        f"({args.jobs} processes); recorded fit time {fit / 60:.0f} min, LODO validation "
+        f"{val / 60:.0f} min (one thread each)"
+    )
     print(f"data: {sorted({r['data_hash'][:16] for r in records})}")
 
 

@@ -65,23 +65,36 @@ def main() -> None:
     for seed in args.seeds:
         for target in targets:
             for label, overrides in variants.items():
-                cfg = apply_overrides(base, [*overrides, f"label={label}",
-                                             f"data.target={target}"])  # fmt: skip
+                cfg = apply_overrides(base, [*overrides, f"label={label}", f"data.target={target}"])
                 cfg = dataclasses.replace(cfg, seed=seed)
                 result = run_eval(cfg, runs_dir=args.runs_dir, progress=False)
                 report = cached_lodo(cfg, settings, store, progress=False)
                 record = attach_validation(result.run_dir, report)
-                rows.append((target, seed, label, report["mean"]["h_score"], record["h_score"],
-                             report["mean"]["h_score_lodo_threshold"],
-                             record["rules"]["lodo_threshold"]["h_score"]))  # fmt: skip
-                print(f"{target:<12} seed {seed} {label:<20} fold H {rows[-1][3]:.3f} "
-                      f"target H {rows[-1][4]:.3f} | thr: fold {rows[-1][5]:.3f} "
-                      f"target {rows[-1][6]:.3f}", flush=True)  # fmt: skip
+                rows.append(
+                    (
+                        target,
+                        seed,
+                        label,
+                        report["mean"]["h_score"],
+                        record["h_score"],
+                        report["mean"]["h_score_lodo_threshold"],
+                        record["rules"]["lodo_threshold"]["h_score"],
+                    )
+                )
+                print(
+                    f"{target:<12} seed {seed} {label:<20} fold H {rows[-1][3]:.3f} "
+                    f"target H {rows[-1][4]:.3f} | thr: fold {rows[-1][5]:.3f} "
+                    f"target {rows[-1][6]:.3f}",
+                    flush=True,
+                )
     minutes = (time.perf_counter() - start) / 60
-    print(f"\n{args.benchmark}/{args.protocol}, seeds {args.seeds}, {settings}, "
-          f"{minutes:.1f} min\n")  # fmt: skip
-    print("| target | seed | rho (own rule) | rho (lodo_threshold) | rho (both rules pooled) | "
-          "lodo_h picks | its target H | best target H |")  # fmt: skip
+    print(
+        f"\n{args.benchmark}/{args.protocol}, seeds {args.seeds}, {settings}, {minutes:.1f} min\n"
+    )
+    print(
+        "| target | seed | rho (own rule) | rho (lodo_threshold) | rho (both rules pooled) | "
+        "lodo_h picks | its target H | best target H |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     rule = SETTING_SELECTIONS.get("lodo_h")
     for target in targets:
@@ -94,20 +107,25 @@ def main() -> None:
             rho_own = spearmanr(f_own, t_own).statistic
             rho_thr = spearmanr(f_thr, t_thr).statistic
             rho_all = spearmanr(f_own + f_thr, t_own + t_thr).statistic
-            reports = {r[2]: {"mean": {"h_score": r[3], "h_score_lodo_threshold": r[5]}}
-                       for r in sub}  # fmt: skip
+            reports = {
+                r[2]: {"mean": {"h_score": r[3], "h_score_lodo_threshold": r[5]}} for r in sub
+            }
             label, which, _ = rule.choose(reports)
             pick = next(r for r in sub if r[2] == label)
             got = pick[4] if which == "own" else pick[6]
-            print(f"| {target} | {seed} | {rho_own:.2f} | {rho_thr:.2f} | {rho_all:.2f} | "
-                  f"{label} ({which}) | {got:.3f} | {max(t_own + t_thr):.3f} |")  # fmt: skip
+            print(
+                f"| {target} | {seed} | {rho_own:.2f} | {rho_thr:.2f} | {rho_all:.2f} | "
+                f"{label} ({which}) | {got:.3f} | {max(t_own + t_thr):.3f} |"
+            )
     f_all = [r[3] for r in rows] + [r[5] for r in rows]
     t_all = [r[4] for r in rows] + [r[6] for r in rows]
     if len(rows) >= 3:
-        print(f"\npooled over targets, seeds, variants and rules: Spearman rho "
-              f"{spearmanr(f_all, t_all).statistic:.2f} (n = {len(f_all)}); mean target H of "
-              f"the lodo_threshold rule {np.mean([r[6] for r in rows]):.3f} vs the own rule "
-              f"{np.mean([r[4] for r in rows]):.3f}")  # fmt: skip
+        print(
+            f"\npooled over targets, seeds, variants and rules: Spearman rho "
+            f"{spearmanr(f_all, t_all).statistic:.2f} (n = {len(f_all)}); mean target H of "
+            f"the lodo_threshold rule {np.mean([r[6] for r in rows]):.3f} vs the own rule "
+            f"{np.mean([r[4] for r in rows]):.3f}"
+        )
 
 
 if __name__ == "__main__":

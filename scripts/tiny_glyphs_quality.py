@@ -98,13 +98,16 @@ def main() -> None:
 
     data = load_benchmark_arrays(n_per_class=cfg.eval_n_per_class, world="glyphs")
     columns = {
-        "ensemble": accuracy(model, tokenizer, data, templates=cfg.eval_templates,
-                             classnames=names),
-        "single template": accuracy(model, tokenizer, data, templates=(spec.template,),
-                                    classnames=names),
-        "random weights": accuracy(random.model, tokenizer, data, templates=(spec.template,),
-                                   classnames=names),
-    }  # fmt: skip
+        "ensemble": accuracy(
+            model, tokenizer, data, templates=cfg.eval_templates, classnames=names
+        ),
+        "single template": accuracy(
+            model, tokenizer, data, templates=(spec.template,), classnames=names
+        ),
+        "random weights": accuracy(
+            random.model, tokenizer, data, templates=(spec.template,), classnames=names
+        ),
+    }
     print(f"## zero-shot, {len(names)}-way, {len(data[spec.domains[0]][1])} images per domain\n")
     print("| domain | " + " | ".join(columns) + " |")
     print("| --- |" + " --- |" * len(columns))
@@ -114,32 +117,39 @@ def main() -> None:
     print("| **mean** | " + " | ".join(f"**{m:.1%}**" for m in means) + " |")
 
     print("\n## linear probes on (hard unknown, look-alike) pairs, held-out fonts and photos\n")
-    print("| pair | tokens (flattened) | tokens (mean+max pooled) | global | random-init tokens "
-          "(flattened) | random-init tokens (mean+max pooled) |")  # fmt: skip
+    print(
+        "| pair | tokens (flattened) | tokens (mean+max pooled) | global | random-init tokens "
+        "(flattened) | random-init tokens (mean+max pooled) |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     rows, cv_tokens, cv_global = [], [], []
     for hard, known in spec.lookalikes.items():
         fit = np.concatenate(
             [_images(hard, "corpus", N_FIT, 0), _images(known, "corpus", N_FIT, 0)]
         )
-        test = np.concatenate([_images(hard, "benchmark", N_TEST, 1),
-                               _images(known, "benchmark", N_TEST, 1)])  # fmt: skip
+        test = np.concatenate(
+            [_images(hard, "benchmark", N_TEST, 1), _images(known, "benchmark", N_TEST, 1)]
+        )
         y_fit, y_test = np.repeat([0, 1], N_FIT), np.repeat([0, 1], N_TEST)
         (gf, tf), (gt, tt) = _features(trained, fit), _features(trained, test)
         (_, rf), (_, rt) = _features(random, fit), _features(random, test)
-        row = (_probe(_flat(tf), y_fit, _flat(tt), y_test, cv_tokens),
-               _probe(_pooled(tf), y_fit, _pooled(tt), y_test),
-               _probe(gf, y_fit, gt, y_test, cv_global),
-               _probe(_flat(rf), y_fit, _flat(rt), y_test),
-               _probe(_pooled(rf), y_fit, _pooled(rt), y_test))  # fmt: skip
+        row = (
+            _probe(_flat(tf), y_fit, _flat(tt), y_test, cv_tokens),
+            _probe(_pooled(tf), y_fit, _pooled(tt), y_test),
+            _probe(gf, y_fit, gt, y_test, cv_global),
+            _probe(_flat(rf), y_fit, _flat(rt), y_test),
+            _probe(_pooled(rf), y_fit, _pooled(rt), y_test),
+        )
         rows.append(row)
         print(f"| {hard}/{known} | " + " | ".join(f"{v:.1%}" for v in row) + " |")
     mean = np.mean(rows, axis=0)
     print("| **mean** | " + " | ".join(f"**{v:.1%}**" for v in mean) + " |")
     print("| **min** | " + " | ".join(f"{v:.1%}" for v in np.min(rows, axis=0)) + " |")
-    print(f"\nThe same probes by 4-fold CV on the fit images only (corpus fonts and photos), mean "
-          f"over pairs: tokens (flattened) {np.mean(cv_tokens):.1%}, global "
-          f"{np.mean(cv_global):.1%}")  # fmt: skip
+    print(
+        f"\nThe same probes by 4-fold CV on the fit images only (corpus fonts and photos), mean "
+        f"over pairs: tokens (flattened) {np.mean(cv_tokens):.1%}, global "
+        f"{np.mean(cv_global):.1%}"
+    )
 
     print("\n## text side\n")
     table = model.token_embedding.weight
@@ -148,8 +158,10 @@ def main() -> None:
     word_norm = table[sorted(word_ids)].norm(dim=-1).mean().item()
     rand_norm = random.model.token_embedding.weight[unknown_id].norm().item()
     print(f"- logit scale: {model.logit_scale.exp().item():.1f}")
-    print(f"- ||embedding('unknown')||: {table[unknown_id].norm().item():.3f}; class words' mean "
-          f"{word_norm:.3f}; at random init {rand_norm:.3f}")  # fmt: skip
+    print(
+        f"- ||embedding('unknown')||: {table[unknown_id].norm().item():.3f}; class words' mean "
+        f"{word_norm:.3f}; at random init {rand_norm:.3f}"
+    )
     with torch.no_grad():
         classes = trained.encode_text([spec.template.format(n) for n in names])
         unknown = trained.encode_text([spec.template.format("unknown")])

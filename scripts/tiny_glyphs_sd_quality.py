@@ -49,8 +49,12 @@ from seeclip.pseudo.sd_images import pick_sources
 ROOT = Path(__file__).parents[1]
 IMG = ROOT / "docs" / "img"
 NAMES = list(CONCEPTS)
-ADJ = {"printed": "printed", "outline": "outline", "textured": "textured",
-       "handwritten": "handwritten"}  # fmt: skip
+ADJ = {
+    "printed": "printed",
+    "outline": "outline",
+    "textured": "textured",
+    "handwritten": "handwritten",
+}
 
 
 class Judge(nn.Module):
@@ -60,8 +64,9 @@ class Judge(nn.Module):
         super().__init__()
 
         def block(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
-                                 nn.MaxPool2d(2))  # fmt: skip
+            return nn.Sequential(
+                nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2)
+            )
 
         self.body = nn.Sequential(block(3, 32), block(32, 64), block(64, 128), block(128, 128))
         self.head = nn.Linear(128 * 9, len(NAMES))
@@ -109,8 +114,9 @@ def clip_probs(backbone, images: np.ndarray, texts: list[str], templates) -> np.
     """Softmax over ``texts`` (template-ensemble classifier) at the model's logit scale."""
     import open_clip
 
-    w = open_clip.build_zero_shot_classifier(backbone.model, backbone.tokenizer, texts,
-                                             list(templates))  # fmt: skip
+    w = open_clip.build_zero_shot_classifier(
+        backbone.model, backbone.tokenizer, texts, list(templates)
+    )
     out = []
     for i in range(0, len(images), 256):
         g, _ = backbone.encode_image(to_input(images[i : i + 256]))
@@ -124,8 +130,13 @@ def sample(pipe, prompts: list[str], *, seed: int, steps: int, guidance: float) 
         gens = [
             torch.Generator().manual_seed(seed + j) for j in range(i, min(i + 32, len(prompts)))
         ]
-        out = pipe(prompts[i : i + 32], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=gens, output_type="np").images  # fmt: skip
+        out = pipe(
+            prompts[i : i + 32],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            output_type="np",
+        ).images
         images.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(images)
 
@@ -146,13 +157,23 @@ def main() -> None:
     parser.add_argument("--per-domain", type=int, default=64, help="SeeCLIP-prompted samples")
     parser.add_argument("--class-guidance", type=float, default=4.0)
     parser.add_argument("--guidance", type=float, help="SeeCLIP-prompted g (default: preset's)")
-    parser.add_argument("--prompt", help="SeeCLIP-prompted positive prompt with {domain} "
-                        "(default: the preset's train.sd_prompt)")  # fmt: skip
-    parser.add_argument("--projection", choices=("random", "text_inverse"),
-                        help="tokens -> text conditioning (default: the preset's)")  # fmt: skip
-    parser.add_argument("--strength", type=float, default=1.0,
-                        help="SeeCLIP-prompted: 1 = from noise (the paper's); below 1 = SDEdit "
-                        "from each sample's source image")  # fmt: skip
+    parser.add_argument(
+        "--prompt",
+        help="SeeCLIP-prompted positive prompt with {domain} "
+        "(default: the preset's train.sd_prompt)",
+    )
+    parser.add_argument(
+        "--projection",
+        choices=("random", "text_inverse"),
+        help="tokens -> text conditioning (default: the preset's)",
+    )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        help="SeeCLIP-prompted: 1 = from noise (the paper's); below 1 = SDEdit "
+        "from each sample's source image",
+    )
     parser.add_argument("--skip-class-prompts", action="store_true", help="only part 2")
     parser.add_argument("--no-images", action="store_true", help="do not write docs/img/")
     parser.add_argument("--judge-only", action="store_true", help="train and cache the judge")
@@ -204,11 +225,14 @@ def main() -> None:
         by_clip = clip_probs(clip, images, texts, templates).argmax(-1)
         by_judge = judge_predict(judge, images)
         report["class_prompted"] = {
-            "n": len(images), "guidance": args.class_guidance, "steps": 20,
+            "n": len(images),
+            "guidance": args.class_guidance,
+            "steps": 20,
             "tiny_glyphs_agrees": float((by_clip == want).mean()),
             "judge_agrees": float((by_judge == concept_of[want]).mean()),
-            "chance_tiny_glyphs": 1 / len(texts), "chance_judge": 1 / len(NAMES),
-        }  # fmt: skip
+            "chance_tiny_glyphs": 1 / len(texts),
+            "chance_judge": 1 / len(NAMES),
+        }
         first4 = images.reshape(len(spec.classes), args.per_class, 48, 48, 3)[:, :4]
         if not args.no_images:
             save_grid(first4.reshape(-1, 48, 48, 3), IMG / "glyphs_sd_class_prompts.png", cols=16)
@@ -226,25 +250,41 @@ def main() -> None:
         doms += [d] * len(labels[-1])
     imgs, labels = np.concatenate(imgs), np.concatenate(labels)
     with torch.no_grad():
-        tokens = torch.cat([clip.encode_image(to_input(imgs[i : i + 256]))[1]
-                            for i in range(0, len(imgs), 256)])  # fmt: skip
+        tokens = torch.cat(
+            [clip.encode_image(to_input(imgs[i : i + 256]))[1] for i in range(0, len(imgs), 256)]
+        )
     gen = torch.Generator().manual_seed(0)
     rows = pick_sources(tuple(doms), args.per_domain, gen)
     queries = semantic_queries(tokens, preset.diffusion.k, gen)
     summaries = semantic_summaries(tokens[rows], queries)
     guidance = preset.diffusion.guidance if args.guidance is None else args.guidance
     projection = args.projection or preset.train.sd_projection
-    icfg = ImageDiffusionConfig(model=args.sd_model, prompt=args.prompt or preset.train.sd_prompt,
-                                sigma=preset.diffusion.sigma, guidance=guidance, batch_size=32,
-                                projection=projection, strength=args.strength)  # fmt: skip
+    icfg = ImageDiffusionConfig(
+        model=args.sd_model,
+        prompt=args.prompt or preset.train.sd_prompt,
+        sigma=preset.diffusion.sigma,
+        guidance=guidance,
+        batch_size=32,
+        projection=projection,
+        strength=args.strength,
+    )
     known_texts = [spec.class_text(c) for c in known]
     tag = hashlib.sha1(json.dumps([args.sd_model, str(icfg)]).encode()).hexdigest()[:10]
     out = seeclip_home() / "pools" / "images" / f"quality-{args.target}-{tag}"  # per setting
-    manifest = generate_image_pool(pipe, summaries, [doms[i] for i in rows],
-                                   [f"{doms[i]}:{i}" for i in rows], known_texts, out_dir=out,
-                                   cfg=icfg, seed=0, overwrite=True, progress=True,
-                                   projection=conditioning_projection(icfg, pipe, clip),
-                                   init_images=[imgs[i] for i in rows])  # fmt: skip
+    manifest = generate_image_pool(
+        pipe,
+        summaries,
+        [doms[i] for i in rows],
+        [f"{doms[i]}:{i}" for i in rows],
+        known_texts,
+        out_dir=out,
+        cfg=icfg,
+        seed=0,
+        overwrite=True,
+        progress=True,
+        projection=conditioning_projection(icfg, pipe, clip),
+        init_images=[imgs[i] for i in rows],
+    )
     pool = load_image_pool(manifest)
     gen_images = np.stack(
         [np.asarray(Image.open(pool.root / p).convert("RGB")) for p in pool.paths]
@@ -276,7 +316,7 @@ def main() -> None:
         "chance_nearest_known": 1 / len(known),
         "judged_concepts": {
             NAMES[k]: int(v) for k, v in zip(*np.unique(judged, return_counts=True), strict=True)
-        },  # fmt: skip
+        },
     }
     if args.no_images:
         print(json.dumps(report, indent=1))
@@ -305,9 +345,11 @@ def main() -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(IMG / f"glyphs_sd_scores{suffix}.png", dpi=120)
-    report["known_score_mean"] = {"real_known": float(real_score[is_known].mean()),
-                                  "real_unknown": float(real_score[~is_known].mean()),
-                                  "pseudo_unknown": float(gen_score.mean())}  # fmt: skip
+    report["known_score_mean"] = {
+        "real_known": float(real_score[is_known].mean()),
+        "real_unknown": float(real_score[~is_known].mean()),
+        "pseudo_unknown": float(gen_score.mean()),
+    }
     print(json.dumps(report, indent=1))
 
 

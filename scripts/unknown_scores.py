@@ -94,13 +94,18 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", help="only these variant labels (default: all)")
     p.add_argument("--targets", nargs="+", help="only these targets (default: all)")
     args = p.parse_args()
-    records = [r for r in dedupe(read_records(args.runs_dir))
-               if (args.protocol is None or r["protocol"] == args.protocol)
-               and (args.methods is None or r["method"] in args.methods)
-               and (args.targets is None or r["target"] in args.targets)]  # fmt: skip
+    records = [
+        r
+        for r in dedupe(read_records(args.runs_dir))
+        if (args.protocol is None or r["protocol"] == args.protocol)
+        and (args.methods is None or r["method"] in args.methods)
+        and (args.targets is None or r["target"] in args.targets)
+    ]
     if not records:
-        raise SystemExit(f"no finished runs match under {args.runs_dir}; check --runs-dir, "
-                         f"--protocol, --methods and --targets")  # fmt: skip
+        raise SystemExit(
+            f"no finished runs match under {args.runs_dir}; check --runs-dir, "
+            f"--protocol, --methods and --targets"
+        )
     print(table(records, args.runs_dir))
 
 

@@ -209,8 +209,11 @@ def test_torchscript_archive_is_refused_with_the_command_that_converts_it(vit, t
 
     from seeclip.io import UnreadableFileError
 
-    extras = {"input_resolution": torch.tensor(32), "context_length": torch.tensor(24),
-              "vocab_size": torch.tensor(49408)}  # fmt: skip
+    extras = {
+        "input_resolution": torch.tensor(32),
+        "context_length": torch.tensor(24),
+        "vocab_size": torch.tensor(49408),
+    }
     original = tmp_path / "ViT-tiny.pt"
     _torchscript_archive({**vit.model.state_dict(), **extras}, original)
     with pytest.raises(UnreadableFileError) as info:
@@ -276,8 +279,13 @@ def test_clip_layout_checkpoint_loads_into_a_custom_text_model(vit, custom_text_
 
 def _text_keys(state: dict) -> set[str]:
     """The keys of CLIP's flat text tower."""
-    heads = ("positional_embedding", "token_embedding.", "transformer.", "ln_final.",
-             "text_projection")  # fmt: skip
+    heads = (
+        "positional_embedding",
+        "token_embedding.",
+        "transformer.",
+        "ln_final.",
+        "text_projection",
+    )
     return {k for k in state if k.startswith(heads)}
 
 
@@ -317,8 +325,11 @@ def test_hf_hub_name_with_pretrained_is_refused_before_any_lookup(
     if pretrained.endswith(".safetensors"):
         pretrained = str(tmp_path / pretrained)
         save_file(dict(vit.model.state_dict()), pretrained)
-    with pytest.raises(ValueError, match=r"hf-hub:org/model: an hf-hub: name brings its own "
-                                         r"weights; drop --pretrained"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"hf-hub:org/model: an hf-hub: name brings its own "
+        r"weights; drop --pretrained",
+    ):
         build_backbone("hf-hub:org/model", pretrained=pretrained)
 
 

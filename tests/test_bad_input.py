@@ -103,8 +103,14 @@ def test_folder_target_all_uses_the_data_root(tmp_path):
     root = tmp_path / "data"
     _folder_tree(root, n=1)
     (tmp_path / "c.yaml").write_text("known: [cat, dog]\nunknown: [horse]\n")
-    cfg = apply_overrides(RunConfig(), ["data.benchmark=folder", f"data.data_root={root}",
-                                        f"data.classes_file={tmp_path / 'c.yaml'}"])  # fmt: skip
+    cfg = apply_overrides(
+        RunConfig(),
+        [
+            "data.benchmark=folder",
+            f"data.data_root={root}",
+            f"data.classes_file={tmp_path / 'c.yaml'}",
+        ],
+    )
     assert [c.data.target for c in expand_configs(cfg, None, None)] == ["art", "photo", "sketch"]
 
 
@@ -153,12 +159,29 @@ def test_non_weights_files_get_one_line(tmp_path, small_digits, monkeypatch, cap
     monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
     (tmp_path / "w.safetensors").write_text("hello")
     (tmp_path / "w.pt").write_bytes(b"\x80\x04not a checkpoint at all")
-    for name, why in (("w.safetensors", "not a safetensors file"),
-                      ("w.pt", "not a file of tensors only")):  # fmt: skip
-        code, err = _cli(["eval", "--benchmark", "digits", "--method", "zeroshot",
-                          "--backbone", "tiny-rn", "--pretrained", tmp_path / name,
-                          "--target", "printed", "--runs-dir", tmp_path / "runs",
-                          "--no-progress"], capsys)  # fmt: skip
+    for name, why in (
+        ("w.safetensors", "not a safetensors file"),
+        ("w.pt", "not a file of tensors only"),
+    ):
+        code, err = _cli(
+            [
+                "eval",
+                "--benchmark",
+                "digits",
+                "--method",
+                "zeroshot",
+                "--backbone",
+                "tiny-rn",
+                "--pretrained",
+                tmp_path / name,
+                "--target",
+                "printed",
+                "--runs-dir",
+                tmp_path / "runs",
+                "--no-progress",
+            ],
+            capsys,
+        )
         assert code == 2 and len(err) == 1 and why in err[0], err
 
 
@@ -195,22 +218,23 @@ def images(tmp_path):
     return tmp_path / "img", names
 
 
-def test_disk_full_is_checked_before_encoding_and_leaves_nothing(backbone, images, tmp_path,
-                                                                   monkeypatch):  # fmt: skip
+def test_disk_full_is_checked_before_encoding_and_leaves_nothing(
+    backbone, images, tmp_path, monkeypatch
+):
     root, names = images
     import shutil as shutil_module
 
     real = shutil_module.disk_usage
-    monkeypatch.setattr("seeclip.io.shutil.disk_usage",
-                        lambda p: real(p)._replace(free=10 * 2**20))  # fmt: skip
+    monkeypatch.setattr("seeclip.io.shutil.disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
     with pytest.raises(NoSpaceError) as info:
         encode_cached(backbone, root, names, cache_dir=tmp_path / "c", name="e", progress=False)
     assert "MiB" in str(info.value) and "free some space" in str(info.value)
     assert [p.name for p in (tmp_path / "c").iterdir() if p.suffix != ".lock"] == []
 
 
-def test_disk_filling_up_while_reserving_is_an_error_not_a_bus_error(backbone, images, tmp_path,
-                                                                    monkeypatch):  # fmt: skip
+def test_disk_filling_up_while_reserving_is_an_error_not_a_bus_error(
+    backbone, images, tmp_path, monkeypatch
+):
     root, names = images
 
     def no_space(fd, offset, size):
@@ -236,8 +260,17 @@ def test_two_builders_of_one_entry_encode_it_once(backbone, images, tmp_path, mo
     out = []
 
     def build():
-        out.append(encode_cached(backbone, root, names, cache_dir=tmp_path / "c", name="e",
-                                 batch_size=2, progress=False))  # fmt: skip
+        out.append(
+            encode_cached(
+                backbone,
+                root,
+                names,
+                cache_dir=tmp_path / "c",
+                name="e",
+                batch_size=2,
+                progress=False,
+            )
+        )
 
     threads = [threading.Thread(target=build) for _ in range(2)]
     for t in threads:
@@ -272,9 +305,22 @@ def _prepared_folder(tmp_path, capsys) -> list[str]:
     argv = ["--benchmark", "folder", "--classes", tmp_path / "c.yaml", "--data-root", root]
     assert cli.main([str(a) for a in ["prepare", "folder", *argv[2:], "--no-progress"]]) == 0
     capsys.readouterr()
-    return [str(a) for a in ["eval", *argv, "--method", "zeroshot", "--backbone", "tiny-vit",
-                             "--target", "art", "--runs-dir", tmp_path / "runs",
-                             "--no-progress"]]  # fmt: skip
+    return [
+        str(a)
+        for a in [
+            "eval",
+            *argv,
+            "--method",
+            "zeroshot",
+            "--backbone",
+            "tiny-vit",
+            "--target",
+            "art",
+            "--runs-dir",
+            tmp_path / "runs",
+            "--no-progress",
+        ]
+    ]
 
 
 def test_image_deleted_or_damaged_after_prepare_is_one_line_at_eval(tmp_path, capsys):

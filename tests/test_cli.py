@@ -242,11 +242,22 @@ def test_bad_choices_fail_when_the_config_is_parsed(override, message, tmp_path,
     assert not list(tmp_path.iterdir())  # nothing was written
 
 
-def test_eval_without_a_backbone_uses_the_worlds_tiny_clip(small_digits, tmp_path, monkeypatch,
-                                                           capsys):  # fmt: skip
+def test_eval_without_a_backbone_uses_the_worlds_tiny_clip(
+    small_digits, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
-    argv = ["eval", "--benchmark", "digits", "--target", "printed", "--method", "zeroshot",
-            "--runs-dir", str(tmp_path), "--no-progress"]  # fmt: skip
+    argv = [
+        "eval",
+        "--benchmark",
+        "digits",
+        "--target",
+        "printed",
+        "--method",
+        "zeroshot",
+        "--runs-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "RANDOM" not in out

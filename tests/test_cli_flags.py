@@ -29,8 +29,13 @@ TRAIN_PRESET = (
     "train: {epochs: 3, batch_size: 8, pseudo_unknowns: mixup}\n"
 )
 TIMING = ("fit_seconds",)
-TINY_DIFFUSION = ["diffusion.train_steps=20", "diffusion.width=64", "diffusion.depth=1",
-                  "diffusion.batch_size=32", "diffusion.sample_steps=4"]  # fmt: skip
+TINY_DIFFUSION = [
+    "diffusion.train_steps=20",
+    "diffusion.width=64",
+    "diffusion.depth=1",
+    "diffusion.batch_size=32",
+    "diffusion.sample_steps=4",
+]
 
 
 class Interrupted(Exception):
@@ -106,8 +111,17 @@ def test_force_reruns_a_finished_run_and_discards_its_checkpoint(digits, tmp_pat
     assert _untimed(_final(run_dir)) == _untimed(record)  # zero-shot: the same result
 
     # a stale checkpoint in an unfinished trained run: refused, unless --force starts afresh
-    coop = [*EVAL, "--target", "printed", "--method", "coop", "--runs-dir", str(tmp_path / "c"),
-            "train.epochs=1", "train.batch_size=8"]  # fmt: skip
+    coop = [
+        *EVAL,
+        "--target",
+        "printed",
+        "--method",
+        "coop",
+        "--runs-dir",
+        str(tmp_path / "c"),
+        "train.epochs=1",
+        "train.batch_size=8",
+    ]
     assert main(coop) == 0
     coop_dir = _one_run(tmp_path / "c")
     (coop_dir / "done").unlink()
@@ -195,8 +209,9 @@ def test_verify_cache_sees_an_image_replaced_with_the_same_size_and_mtime(own_di
     # replace one target image by another (padded to its size), keeping its mtime: `cp -p`
     images = sorted((own_digits / "data" / "digits" / "printed").rglob("*.png"))
     victim = max(images, key=lambda p: p.stat().st_size)
-    donor = next(p for p in images if p.parent != victim.parent
-                 and p.stat().st_size < victim.stat().st_size)  # fmt: skip
+    donor = next(
+        p for p in images if p.parent != victim.parent and p.stat().st_size < victim.stat().st_size
+    )
     st = victim.stat()
     data = donor.read_bytes()
     victim.write_bytes(data + b"\0" * (st.st_size - len(data)))
@@ -216,8 +231,17 @@ def test_cache_dir_holds_the_features_instead_of_seeclip_home(digits, tmp_path):
     home_features = digits / "features"
     listing = sorted(home_features.rglob("*")) if home_features.exists() else []
     cache = tmp_path / "cache"
-    argv = [*EVAL, "--target", "printed", "--method", "zeroshot", "--runs-dir",
-            str(tmp_path / "runs"), "--cache-dir", str(cache)]  # fmt: skip
+    argv = [
+        *EVAL,
+        "--target",
+        "printed",
+        "--method",
+        "zeroshot",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--cache-dir",
+        str(cache),
+    ]
     assert main(argv) == 0
     built = sorted(p.parent for p in cache.rglob("global.npy"))
     assert built and all(p.is_relative_to(cache / "features") for p in built)
@@ -233,15 +257,32 @@ def validated_runs(small_digits, tmp_path_factory):
     """zeroshot on two targets, trained with LODO validation (so it has the calibrated rule)."""
     tmp = tmp_path_factory.mktemp("report_flags")
     preset = tmp / "zs.yaml"
-    preset.write_text("data: {benchmark: digits, protocol: full}\nbackbone: {name: tiny-vit}\n"
-                      "method: zeroshot\n")  # fmt: skip
+    preset.write_text(
+        "data: {benchmark: digits, protocol: full}\nbackbone: {name: tiny-vit}\nmethod: zeroshot\n"
+    )
     mp = pytest.MonkeyPatch()
     mp.setenv("SEECLIP_HOME", str(small_digits))
     try:
         for target in ("printed", "outline"):
-            assert main(["train", "--config", str(preset), "--target", target, "--runs-dir",
-                         str(tmp / "runs"), "--no-progress", "--validate", "lodo",
-                         "--class-splits", "1"]) == 0  # fmt: skip
+            assert (
+                main(
+                    [
+                        "train",
+                        "--config",
+                        str(preset),
+                        "--target",
+                        target,
+                        "--runs-dir",
+                        str(tmp / "runs"),
+                        "--no-progress",
+                        "--validate",
+                        "lodo",
+                        "--class-splits",
+                        "1",
+                    ]
+                )
+                == 0
+            )
     finally:
         mp.undo()
     return tmp / "runs"
@@ -289,16 +330,21 @@ def test_report_format_and_no_plots(validated_runs, tmp_path, capsys):
     assert {r["target"] for r in rows} == {"outline", "printed", "mean"}
 
     bare = tmp_path / "bare"
-    assert main(["report", str(validated_runs), "--out", str(bare), "--no-plots",
-                 "--format", "md,tex"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["report", str(validated_runs), "--out", str(bare), "--no-plots", "--format", "md,tex"]
+        )
+        == 0
+    )
     assert {p.name for p in bare.glob("tables.*")} == {"tables.md", "tables.tex"}
     assert not list(bare.rglob("*.png"))
     assert "data:image/png" not in (bare / "index.html").read_text()
     assert "![" not in (bare / "index.md").read_text()  # no figure links
 
     capsys.readouterr()
-    assert main(["report", str(validated_runs), "--out", str(tmp_path / "x"),
-                 "--format", "pdf"]) == 2  # fmt: skip
+    assert (
+        main(["report", str(validated_runs), "--out", str(tmp_path / "x"), "--format", "pdf"]) == 2
+    )
     err = capsys.readouterr().err
     assert "unknown report format 'pdf'" in err and err.count("\n") == 1
 
@@ -335,23 +381,52 @@ def coop_run(small_digits, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("SEECLIP_HOME", str(small_digits))
     try:
-        assert main([*EVAL, "--target", "outline", "--method", "coop", "--runs-dir", str(runs),
-                     "train.epochs=1", "train.batch_size=8"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    *EVAL,
+                    "--target",
+                    "outline",
+                    "--method",
+                    "coop",
+                    "--runs-dir",
+                    str(runs),
+                    "train.epochs=1",
+                    "train.batch_size=8",
+                ]
+            )
+            == 0
+        )
     finally:
         mp.undo()
     return _one_run(runs)
 
 
-def test_generate_inspect_run_reports_that_runs_rejection_rate(coop_run, digits, tmp_path,
-                                                               monkeypatch, capsys):  # fmt: skip
+def test_generate_inspect_run_reports_that_runs_rejection_rate(
+    coop_run, digits, tmp_path, monkeypatch, capsys
+):
     from seeclip.generate.feature_diffusion import load_pool
 
     monkeypatch.chdir(tmp_path)
     preset = tmp_path / "gen.yaml"
-    preset.write_text("data: {benchmark: digits, protocol: full, target: outline}\n"
-                      "backbone: {name: tiny-vit}\nmethod: seeclip\n")  # fmt: skip
-    argv = ["generate", "--config", str(preset), "--backend", "feature", "--n", "8",
-            "--no-progress", "--inspect", "--run", str(coop_run), *TINY_DIFFUSION]  # fmt: skip
+    preset.write_text(
+        "data: {benchmark: digits, protocol: full, target: outline}\n"
+        "backbone: {name: tiny-vit}\nmethod: seeclip\n"
+    )
+    argv = [
+        "generate",
+        "--config",
+        str(preset),
+        "--backend",
+        "feature",
+        "--n",
+        "8",
+        "--no-progress",
+        "--inspect",
+        "--run",
+        str(coop_run),
+        *TINY_DIFFUSION,
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     pool_path = next(x for x in out.splitlines() if x.startswith("feature pool:")).split(" -> ")[1]
@@ -380,8 +455,14 @@ def test_predict_prints_the_csv_to_stdout(coop_run, digits, capsys):
     captured = capsys.readouterr()
     assert captured.err == ""
     rows = list(csv.reader(io.StringIO(captured.out)))
-    assert rows[0] == ["path", "prediction", "confidence", "unknown_score", "closed_prediction",
-                       "error"]  # fmt: skip
+    assert rows[0] == [
+        "path",
+        "prediction",
+        "confidence",
+        "unknown_score",
+        "closed_prediction",
+        "error",
+    ]
     assert len(rows) == 4 and all(len(r) == 6 for r in rows)  # nothing but the CSV
     # the target's first images: what the run itself predicted for them
     z = np.load(coop_run / "predictions.npz")
@@ -403,8 +484,17 @@ def test_predict_fails_when_no_image_is_readable(coop_run, digits, tmp_path, cap
     assert row["error"] and not row["prediction"]
 
     missing = tmp_path / "gone.jpg"
-    code = main(["predict", "--run", str(coop_run), str(broken), str(missing), "--out",
-                 str(tmp_path / "p.csv")])  # fmt: skip
+    code = main(
+        [
+            "predict",
+            "--run",
+            str(coop_run),
+            str(broken),
+            str(missing),
+            "--out",
+            str(tmp_path / "p.csv"),
+        ]
+    )
     assert code != 0
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(x.startswith("seeclip: ") for x in err)

@@ -13,14 +13,21 @@ from seeclip.sweep import SweepSpec, Variant
 
 
 def _records(method, protocol, h_by_seed, targets=("a", "b")):
-    return [{"method": method, "protocol": protocol, "seed": s, "target": t, "h_score": h}
-            for s, h in enumerate(h_by_seed) for t in targets]  # fmt: skip
+    return [
+        {"method": method, "protocol": protocol, "seed": s, "target": t, "h_score": h}
+        for s, h in enumerate(h_by_seed)
+        for t in targets
+    ]
 
 
 def test_rows_whose_h_std_exceeds_the_limit_get_more_seeds_per_protocol(load_script):
     noisy_rows = load_script("decisive_table").noisy_rows
-    spec = SweepSpec(config="c.yaml", variants=(Variant("steady", ()), Variant("noisy", ())),
-                     protocols=("full", "daml"), seeds=(0, 1, 2))  # fmt: skip
+    spec = SweepSpec(
+        config="c.yaml",
+        variants=(Variant("steady", ()), Variant("noisy", ())),
+        protocols=("full", "daml"),
+        seeds=(0, 1, 2),
+    )
     records = (
         _records("steady", "full", [0.50, 0.51, 0.52])  # std 0.8 points
         + _records("noisy", "full", [0.10, 0.15, 0.12])  # std 2.1 points
@@ -38,8 +45,12 @@ def test_the_calibrated_rule_asks_for_more_seeds_from_its_own_spread_over_valida
     load_script,
 ):
     noisy_rows = load_script("decisive_table").noisy_rows
-    spec = SweepSpec(config="c.yaml", variants=(Variant("steady", ()), Variant("noisy", ())),
-                     protocols=("full",), seeds=(0, 1, 2))  # fmt: skip
+    spec = SweepSpec(
+        config="c.yaml",
+        variants=(Variant("steady", ()), Variant("noisy", ())),
+        protocols=("full",),
+        seeds=(0, 1, 2),
+    )
     # paper-rule H is steady for both; calibrated H (rules.lodo_threshold) is not for "noisy"
     records = [
         {**r, "rules": {"lodo_threshold": {"h_score": cals[r["seed"]]}}}
@@ -68,17 +79,22 @@ def test_module_effects_pair_runs_by_seed_and_target_and_call_only_clear_differe
         _h("seeclip", s, t, 0.5 + d, calibrated=0.6 if s == 0 else None)
         for s, ds in enumerate([(0.10, 0.00), (0.08, 0.02), (0.06, 0.04)])
         for t, d in zip("ab", ds, strict=True)
-    ] + [_h("seeclip_no_sem", s, t, 0.5, calibrated=0.7 if s == 0 else None)
-         for s in range(3) for t in "ab"]  # fmt: skip
+    ] + [
+        _h("seeclip_no_sem", s, t, 0.5, calibrated=0.7 if s == 0 else None)
+        for s in range(3)
+        for t in "ab"
+    ]
     per_seed, won = script.paired_effect(records, "seeclip", "seeclip_no_sem", {"a", "b"})
     assert per_seed == pytest.approx([0.05, 0.05, 0.05])
     assert won == 2
     assert script.verdict(per_seed) == "helps"
     # a seed that lacks a target in either variant is not paired
-    partial = [r for r in records if not (r["seed"] == 2 and r["target"] == "b"
-                                          and r["method"] == "seeclip_no_sem")]  # fmt: skip
-    assert len(script.paired_effect(partial, "seeclip", "seeclip_no_sem",
-                                    {"a", "b"})[0]) == 2  # fmt: skip
+    partial = [
+        r
+        for r in records
+        if not (r["seed"] == 2 and r["target"] == "b" and r["method"] == "seeclip_no_sem")
+    ]
+    assert len(script.paired_effect(partial, "seeclip", "seeclip_no_sem", {"a", "b"})[0]) == 2
     # the calibrated rule reads rules.lodo_threshold; only seed 0 was validated here
     cal, won = script.paired_effect(
         under_rule(records, "lodo_threshold"), "seeclip", "seeclip_no_sem", {"a", "b"}
@@ -97,9 +113,14 @@ def test_module_effects_pair_runs_by_seed_and_target_and_call_only_clear_differe
 
 
 def _validated(method, seed, target, fold, h, cal):
-    return {"method": method, "seed": seed, "target": target, "h_score": h,
-            "rules": {"lodo_threshold": {"h_score": cal}},
-            "validation": {"mean": {"h_score": fold, "h_score_lodo_threshold": fold}}}  # fmt: skip
+    return {
+        "method": method,
+        "seed": seed,
+        "target": target,
+        "h_score": h,
+        "rules": {"lodo_threshold": {"h_score": cal}},
+        "validation": {"mean": {"h_score": fold, "h_score_lodo_threshold": fold}},
+    }
 
 
 def test_lodo_h_picks_choose_from_the_same_menu_in_every_cell(load_script):
@@ -130,13 +151,23 @@ def test_tables_keep_the_sweeps_row_order_whatever_order_the_records_come_in(
     tmp_path, capsys, load_script
 ):
     script = load_script("decisive_table")
-    spec = SweepSpec(config="c.yaml", variants=(Variant("zeroshot", ()), Variant("coop", ())),
-                     protocols=("full",), seeds=(0,))  # fmt: skip
+    spec = SweepSpec(
+        config="c.yaml",
+        variants=(Variant("zeroshot", ()), Variant("coop", ())),
+        protocols=("full",),
+        seeds=(0,),
+    )
     # read from disk, runs come in folder order: "coop" before "zeroshot"
-    records = [{**_h(m, 0, t, 0.5), "benchmark": "glyphs", "config_hash": m + t, "data_hash": "d"}
-               for m in ("coop", "zeroshot") for t in "ab"]  # fmt: skip
+    records = [
+        {**_h(m, 0, t, 0.5), "benchmark": "glyphs", "config_hash": m + t, "data_hash": "d"}
+        for m in ("coop", "zeroshot")
+        for t in "ab"
+    ]
     args = SimpleNamespace(benchmark="glyphs", jobs=1)
     script.print_tables(records, spec, ["zeroshot", "coop"], tmp_path, args, time.perf_counter())
-    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| zeroshot") or line.startswith("| coop")]  # fmt: skip
+    rows = [
+        line.split(" | ")[0]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| zeroshot") or line.startswith("| coop")
+    ]
     assert rows and rows == ["| zeroshot", "| coop"] * (len(rows) // 2)

@@ -72,8 +72,19 @@ def test_the_process_group_speaks_nccl_between_gpus_and_gloo_between_cpus():
 
 def test_cli_refuses_a_missing_gpu_before_any_work(gpus, capsys, tmp_path):
     gpus(0)
-    rc = main(["eval", "--benchmark", "digits", "--method", "zeroshot", "--device", "cuda",
-               "--runs-dir", str(tmp_path / "runs")])  # fmt: skip
+    rc = main(
+        [
+            "eval",
+            "--benchmark",
+            "digits",
+            "--method",
+            "zeroshot",
+            "--device",
+            "cuda",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert err.startswith("seeclip: error: --device cuda:") and "--device cpu" in err
@@ -89,9 +100,26 @@ def test_placing_a_module_on_the_cpu_changes_nothing():
 
 def test_a_run_records_its_device_and_processes(small_digits, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
-    rc = main(["eval", "--benchmark", "digits", "--method", "coop", "--backbone", "tiny-vit",
-               "--target", "printed", "--device", "cpu", "--no-progress", "--runs-dir",
-               str(tmp_path), "train.epochs=1", "train.batch_size=8"])  # fmt: skip
+    rc = main(
+        [
+            "eval",
+            "--benchmark",
+            "digits",
+            "--method",
+            "coop",
+            "--backbone",
+            "tiny-vit",
+            "--target",
+            "printed",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--runs-dir",
+            str(tmp_path),
+            "train.epochs=1",
+            "train.batch_size=8",
+        ]
+    )
     assert rc == 0
     (done,) = tmp_path.glob("*/*/done")
     final = json.loads((done.parent / "results.jsonl").read_text().splitlines()[-1])
@@ -100,9 +128,26 @@ def test_a_run_records_its_device_and_processes(small_digits, monkeypatch, tmp_p
 
 
 def _gpu_run(small_digits, runs: Path, device: str, *launcher: str, nproc: int = 1) -> Path:
-    args = ["eval", "--benchmark", "digits", "--method", "seeclip", "--backbone", "tiny-vit",
-            "--target", "printed", "--seed", "0", "--no-progress", "--device", device,
-            "--runs-dir", str(runs), "train.epochs=2", "train.batch_size=8"]  # fmt: skip
+    args = [
+        "eval",
+        "--benchmark",
+        "digits",
+        "--method",
+        "seeclip",
+        "--backbone",
+        "tiny-vit",
+        "--target",
+        "printed",
+        "--seed",
+        "0",
+        "--no-progress",
+        "--device",
+        device,
+        "--runs-dir",
+        str(runs),
+        "train.epochs=2",
+        "train.batch_size=8",
+    ]
     env = {**os.environ, "SEECLIP_HOME": str(small_digits), "OMP_NUM_THREADS": "1"}
     cmd = [*launcher, f"--nproc_per_node={nproc}"] if launcher else [sys.executable]
     subprocess.run([*cmd, "-m", "seeclip", *args], env=env, check=True, capture_output=True)

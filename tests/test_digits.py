@@ -85,8 +85,9 @@ def test_benchmark_layout(bench):
 
 def test_benchmark_determinism(bench, tmp_path):
     again = D.generate_benchmark(tmp_path / "same", n_per_class=N_PER_CLASS, progress=False)
-    other = D.generate_benchmark(tmp_path / "other", n_per_class=N_PER_CLASS, seed=5,
-                                 progress=False)  # fmt: skip
+    other = D.generate_benchmark(
+        tmp_path / "other", n_per_class=N_PER_CLASS, seed=5, progress=False
+    )
     ref = _tree_bytes(bench)
     assert _tree_bytes(again) == ref
     other_bytes = _tree_bytes(other)
@@ -187,8 +188,15 @@ def _style_features(images: np.ndarray) -> np.ndarray:
         axis=(1, 2)
     )
     border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)
-    return np.stack([grey.std(axis=(1, 2)), grad, border.std(axis=1).mean(axis=1),
-                     (x.max(axis=3) - x.min(axis=3)).mean(axis=(1, 2))], axis=1)  # fmt: skip
+    return np.stack(
+        [
+            grey.std(axis=(1, 2)),
+            grad,
+            border.std(axis=1).mean(axis=1),
+            (x.max(axis=3) - x.min(axis=3)).mean(axis=(1, 2)),
+        ],
+        axis=1,
+    )
 
 
 def test_domains_differ(bench):

@@ -28,8 +28,9 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     try:
         assert distributed.world_size() == 2 and distributed.rank() == rank
         feats, labels = synthetic()
-        t = _trainer(build_backbone("tiny-vit"), "seeclip",
-                     _mixup(feats, labels, feats, labels), epochs=2)  # fmt: skip
+        t = _trainer(
+            build_backbone("tiny-vit"), "seeclip", _mixup(feats, labels, feats, labels), epochs=2
+        )
         loss_fn, checked = t.loss_fn, []
 
         def same_weights_then_loss(output, y):
@@ -78,8 +79,7 @@ def _main_first_worker(rank: int, world: int, init: str, log: str) -> None:
 
 def test_rank_0_makes_a_cached_pool_before_the_other_ranks_look_for_it(tmp_path):
     log = tmp_path / "order.txt"
-    mp.spawn(_main_first_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(log)),
-             nprocs=2)  # fmt: skip
+    mp.spawn(_main_first_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(log)), nprocs=2)
     assert log.read_text().split("\n")[:4] == ["0 start", "0 end", "1 start", "1 end"]
 
 
@@ -102,18 +102,60 @@ def test_shards_tile_the_rows(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name(
-    "torchrun").exists(), reason="torchrun is not installed")  # fmt: skip
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+    reason="torchrun is not installed",
+)
 def test_torchrun_eval_writes_one_run_close_to_the_single_process_one(small_digits, tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    args = ["eval", "--benchmark", "digits", "--method", "seeclip", "--backbone", "tiny-vit",
-            "--target", "printed", "--seed", "0", "--device", "cpu", "--no-progress",
-            "train.epochs=2", "train.batch_size=8"]  # fmt: skip
+    args = [
+        "eval",
+        "--benchmark",
+        "digits",
+        "--method",
+        "seeclip",
+        "--backbone",
+        "tiny-vit",
+        "--target",
+        "printed",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "train.epochs=2",
+        "train.batch_size=8",
+    ]
     env = {**os.environ, "SEECLIP_HOME": str(small_digits), "OMP_NUM_THREADS": "1"}
-    subprocess.run([torchrun, "--nproc_per_node=2", "-m", "seeclip", *args, "--runs-dir",
-                    str(tmp_path / "ddp")], env=env, check=True, capture_output=True)  # fmt: skip
-    subprocess.run([sys.executable, "-m", "seeclip", *args, "--runs-dir", str(tmp_path / "one"),
-                    "--threads", "1"], env=env, check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node=2",
+            "-m",
+            "seeclip",
+            *args,
+            "--runs-dir",
+            str(tmp_path / "ddp"),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "seeclip",
+            *args,
+            "--runs-dir",
+            str(tmp_path / "one"),
+            "--threads",
+            "1",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     (ddp,) = (tmp_path / "ddp").glob("*/*/done")
     (one,) = (tmp_path / "one").glob("*/*/done")
     records = [json.loads(x) for x in (ddp.parent / "results.jsonl").read_text().splitlines()]

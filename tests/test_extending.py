@@ -69,8 +69,16 @@ def test_a_method_from_outside_runs_through_train_report_and_predict(
 ):
     monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
     runs = tmp_path / "runs"
-    argv = ["train", "--config", "digits", "--no-progress", "--target", "printed",
-            "--runs-dir", str(runs)]  # fmt: skip
+    argv = [
+        "train",
+        "--config",
+        "digits",
+        "--no-progress",
+        "--target",
+        "printed",
+        "--runs-dir",
+        str(runs),
+    ]
     assert main([*argv, "--method", "prototype"]) == 0
     assert main([*argv, "--method", "zeroshot"]) == 0
     capsys.readouterr()

@@ -250,13 +250,19 @@ def test_prompt_trainer_trains_on_a_diffusion_pool_and_reuses_it(monkeypatch):
     texts = ("zero", "one", "two")
 
     def source():
-        ctx = PseudoContext(feats, labels, backbone=backbone, class_texts=texts,
-                            diffusion=options, progress=False)  # fmt: skip
+        ctx = PseudoContext(
+            feats, labels, backbone=backbone, class_texts=texts, diffusion=options, progress=False
+        )
         return diffusion_unknowns(ctx)
 
     def trainer():
-        env = MethodEnv(backbone, texts, "a photo of a {}.", pseudo=PseudoSources(
-            "diffusion", source, source), progress=False)  # fmt: skip
+        env = MethodEnv(
+            backbone,
+            texts,
+            "a photo of a {}.",
+            pseudo=PseudoSources("diffusion", source, source),
+            progress=False,
+        )
         return build_method("coop_unknown", env, {"prompt": PromptConfig(n_ctx=2), "train": cfg})
 
     first = trainer()

@@ -121,8 +121,10 @@ def _pool_images(manifest) -> list[tuple[str, str, bytes]]:
     from seeclip.generate.image_pool import load_image_pool
 
     pool = load_image_pool(manifest)
-    return [(d, s, (pool.root / p).read_bytes())
-            for p, d, s in zip(pool.paths, pool.domains, pool.sources, strict=True)]  # fmt: skip
+    return [
+        (d, s, (pool.root / p).read_bytes())
+        for p, d, s in zip(pool.paths, pool.domains, pool.sources, strict=True)
+    ]
 
 
 def test_generate_and_training_draw_the_same_image_pool(preset, tmp_path, capsys, monkeypatch):
@@ -132,17 +134,23 @@ def test_generate_and_training_draw_the_same_image_pool(preset, tmp_path, capsys
     from seeclip.testing import build_tiny_pipeline
 
     monkeypatch.setattr(sd_pipeline, "load_pipeline", lambda *a, **k: build_tiny_pipeline(0))
-    settings = ["diffusion.sample_steps=3", "train.sd_strength=0.6", "diffusion.seed=7",
-                "diffusion.guidance=2", "diffusion.pool_per_domain=2"]  # fmt: skip
+    settings = [
+        "diffusion.sample_steps=3",
+        "train.sd_strength=0.6",
+        "diffusion.seed=7",
+        "diffusion.guidance=2",
+        "diffusion.pool_per_domain=2",
+    ]
     assert main(_image_argv(preset, "--out", str(tmp_path / "pool"), *settings)) == 0
     assert "image pool: 6 images" in capsys.readouterr().out
     generated = _pool_images(tmp_path / "pool")
     _training_pool(preset, tmp_path / "cache", "train.pseudo_unknowns=sd_images", *settings)
     (trained,) = (tmp_path / "cache" / "pools" / "images").glob("sd-*/manifest.csv")
     assert _pool_images(trained) == generated
-    assert sorted(d for d, _, _ in generated) == ["handwritten"] * 2 + ["printed"] * 2 + [
-        "textured"
-    ] * 2  # the sources of target outline, 2 each
+    assert (
+        sorted(d for d, _, _ in generated)
+        == ["handwritten"] * 2 + ["printed"] * 2 + ["textured"] * 2
+    )  # the sources of target outline, 2 each
     # each setting changes the images, so the equality above is not two pools ignoring it
     for changed in ("diffusion.sample_steps=2", "train.sd_strength=0.8", "diffusion.seed=8"):
         other = [s for s in settings if s.split("=")[0] != changed.split("=")[0]]
@@ -162,12 +170,22 @@ def test_generate_and_training_draw_the_same_image_pool(preset, tmp_path, capsys
 
 def test_generate_and_training_draw_the_same_feature_pool(preset, tmp_path, capsys):
     settings = ["diffusion.seed=3", "diffusion.pool_per_domain=4", *TINY_DIFFUSION]
-    argv = ["generate", "--config", str(preset), "--backend", "feature",
-            "--cache-dir", str(tmp_path / "a"), "--no-progress", *settings]  # fmt: skip
+    argv = [
+        "generate",
+        "--config",
+        str(preset),
+        "--backend",
+        "feature",
+        "--cache-dir",
+        str(tmp_path / "a"),
+        "--no-progress",
+        *settings,
+    ]
     assert main(argv) == 0
     path = Path(_pool_path(capsys.readouterr().out))
-    stored = _training_pool(preset, tmp_path, "train.pseudo_unknowns=pool",
-                            f"train.pseudo_pool={path}").features  # fmt: skip
+    stored = _training_pool(
+        preset, tmp_path, "train.pseudo_unknowns=pool", f"train.pseudo_pool={path}"
+    ).features
     # training draws its own pool (another cache root): the same folder name and features
     trained = _training_pool(preset, tmp_path / "b", "train.pseudo_unknowns=diffusion", *settings)
     assert trained.path.name == path.name and trained.path != path

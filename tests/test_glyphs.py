@@ -51,8 +51,7 @@ def test_benchmark_tree_has_every_class_and_domain_at_48px(bench):
 
 
 def test_generation_is_deterministic_and_independent_of_workers(tmp_path, bench):
-    again = G.generate_benchmark(tmp_path / "g", n_per_class=N_PER_CLASS, progress=False,
-                                 workers=2)  # fmt: skip
+    again = G.generate_benchmark(tmp_path / "g", n_per_class=N_PER_CLASS, progress=False, workers=2)
     assert content_hash(again, "benchmark") == content_hash(bench, "benchmark")
     other = G.generate_benchmark(tmp_path / "s", n_per_class=N_PER_CLASS, seed=5, progress=False)
     assert content_hash(other, "benchmark") != content_hash(bench, "benchmark")
@@ -80,8 +79,10 @@ def test_hard_and_easy_unknowns_by_name():
     assert dict(spec.lookalikes) == hard
     for protocol in ("full", "daml"):
         kinds = spec.unknown_kinds(protocol)
-        assert kinds == {"hard": ("Q", "F", "R", "G", "eight", "five"),
-                         "easy": ("two", "four", "nine", "J", "U", "Z")}  # fmt: skip
+        assert kinds == {
+            "hard": ("Q", "F", "R", "G", "eight", "five"),
+            "easy": ("two", "four", "nine", "J", "U", "Z"),
+        }
         known = spec.protocols[protocol].known
         assert all(hard[c] in known for c in kinds["hard"])
     assert get_benchmark("digits").unknown_kinds("full") == {}
@@ -119,13 +120,15 @@ def test_corpus_is_a_miniature_web(corpus):
 def test_acc_unknown_by_group_against_hand_counts():
     y_pred = [3, 3, 0, 3, 1, 2, 3]  # 3 = unknown
     classes = ["Q", "Q", "Q", "two", "two", "A", "Z"]
-    out = metrics.acc_unknown_by_group(y_pred, classes, {"hard": ["Q"], "easy": ["two", "Z"]},
-                                       num_known=3)  # fmt: skip
+    out = metrics.acc_unknown_by_group(
+        y_pred, classes, {"hard": ["Q"], "easy": ["two", "Z"]}, num_known=3
+    )
     assert out == {
         "acc_unknown_hard": pytest.approx(2 / 3),
         "acc_unknown_easy": pytest.approx(2 / 3),
     }
-    assert np.isnan(metrics.acc_unknown_by_group([0], ["A"], {"hard": ["Q"]}, num_known=3)[
-        "acc_unknown_hard"])  # fmt: skip
+    assert np.isnan(
+        metrics.acc_unknown_by_group([0], ["A"], {"hard": ["Q"]}, num_known=3)["acc_unknown_hard"]
+    )
     with pytest.raises(ValueError, match="y_pred"):
         metrics.acc_unknown_by_group([4], ["Q"], {"hard": ["Q"]}, num_known=3)

@@ -51,8 +51,10 @@ def _hard_easy(run_dir: Path, threshold: float | None = None) -> dict[str, float
     assert set(names[hard]) == set(LOOKALIKES) and set(names[easy]) == set(EASY)
     assert hard.sum() == easy.sum() == 6 * N_PER_CLASS
     rejected = pred == len(known)
-    return {"acc_unknown_hard": float(rejected[hard].mean()),
-            "acc_unknown_easy": float(rejected[easy].mean())}  # fmt: skip
+    return {
+        "acc_unknown_hard": float(rejected[hard].mean()),
+        "acc_unknown_easy": float(rejected[easy].mean()),
+    }
 
 
 def _table(out: str) -> dict[tuple[str, str], dict[str, str]]:
@@ -79,12 +81,39 @@ def glyph_runs(tmp_path_factory):
         runs = tmp / "runs"
         common = ["--target", TARGET, "--runs-dir", str(runs), "--no-progress"]
         assert main(["eval", "--benchmark", "glyphs", "--method", "zeroshot", *common]) == 0
-        assert main(["train", "--config", str(PRESET), "--method", "coop", *common,
-                     "train.pseudo_unknowns=none", "train.epochs=2"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "train",
+                    "--config",
+                    str(PRESET),
+                    "--method",
+                    "coop",
+                    *common,
+                    "train.pseudo_unknowns=none",
+                    "train.epochs=2",
+                ]
+            )
+            == 0
+        )
         validated = tmp / "validated"
-        sweep = ["sweep", "--config", str(PRESET), "--methods", "zeroshot", "--targets", TARGET,
-                 "--validate", "lodo", "--class-splits", "1", "--runs-dir", str(validated),
-                 "--no-progress", "train.pseudo_unknowns=none"]  # fmt: skip
+        sweep = [
+            "sweep",
+            "--config",
+            str(PRESET),
+            "--methods",
+            "zeroshot",
+            "--targets",
+            TARGET,
+            "--validate",
+            "lodo",
+            "--class-splits",
+            "1",
+            "--runs-dir",
+            str(validated),
+            "--no-progress",
+            "train.pseudo_unknowns=none",
+        ]
         assert main(sweep) == 0
     finally:
         mp.undo()
@@ -104,8 +133,9 @@ def test_eval_and_train_record_hard_and_easy_unknown_accuracy(glyph_runs):
             assert record[key] == pytest.approx(value), (method, key)
         # AccU is the mean of the two groups, which are the same size here
         assert record["acc_unknown"] == pytest.approx(np.mean(list(expected.values())))
-    coop = [json.loads(x) for x in
-            (_run_dir(runs, "coop") / "results.jsonl").read_text().splitlines()]  # fmt: skip
+    coop = [
+        json.loads(x) for x in (_run_dir(runs, "coop") / "results.jsonl").read_text().splitlines()
+    ]
     assert [r["epoch"] for r in coop if r["kind"] == "epoch"] == [1, 2]  # trained 2 epochs
 
 
@@ -116,7 +146,10 @@ def test_sweep_validation_records_hard_and_easy_under_the_calibrated_rule(glyph_
     validation = json.loads((run_dir / "validation.json").read_text())
     # three pseudo-targets (the sources), one class split each; never the target
     assert sorted(f["pseudo_target"] for f in validation["folds"]) == [
-        "outline", "printed", "textured"]  # fmt: skip
+        "outline",
+        "printed",
+        "textured",
+    ]
     assert validation["target_left_out"] == TARGET
     for fold in validation["folds"]:  # held-out known letters play unknown, by name
         assert set(fold["unknown"]) == set(fold["held_out"]) and set(fold["held_out"]) < set(KNOWN)
@@ -144,8 +177,9 @@ def test_report_tables_show_hard_and_easy_columns(glyph_runs, tmp_path, capsys):
     for method in ("zeroshot", "coop"):
         expected = _hard_easy(_run_dir(runs, method))
         for key, value in expected.items():
-            (row,) = [r for r in tidy if (r["method"], r["metric"], r["target"]) ==
-                      (method, key, TARGET)]  # fmt: skip
+            (row,) = [
+                r for r in tidy if (r["method"], r["metric"], r["target"]) == (method, key, TARGET)
+            ]
             assert float(row["mean"]) == pytest.approx(value, abs=1e-6)
     md = (tmp_path / "r" / "tables.md").read_text()
     assert "glyphs / full: AccU hard" in md and "glyphs / full: AccU easy" in md

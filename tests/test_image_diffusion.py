@@ -237,8 +237,13 @@ def test_input_and_config_validation(pipe, tokens, tmp_path):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not an image pool"):
         _pool(pipe, tokens, tmp_path / "busy")
-    for bad in ({"sigma": -1.0}, {"placement": "prepend"}, {"image_size": 20}, {"prompt": "x"},
-                {"projection": "learned"}):  # fmt: skip
+    for bad in (
+        {"sigma": -1.0},
+        {"placement": "prepend"},
+        {"image_size": 20},
+        {"prompt": "x"},
+        {"projection": "learned"},
+    ):
         with pytest.raises(ValueError):
             ImageDiffusionConfig(**bad)
     assert ImageDiffusionConfig().torch_dtype("cpu") == torch.float32
@@ -300,10 +305,20 @@ def test_sdedit_starts_from_the_source_images(pipe, tokens, tmp_path):
     with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
         ImageDiffusionConfig(strength=0.0)
 
-    low = _pool(pipe, tokens, tmp_path / "low", cfg=ImageDiffusionConfig(steps=4, strength=0.25),
-                init_images=inits)  # fmt: skip
-    again = _pool(pipe, tokens, tmp_path / "again",
-                  cfg=ImageDiffusionConfig(steps=4, strength=0.25), init_images=inits)  # fmt: skip
+    low = _pool(
+        pipe,
+        tokens,
+        tmp_path / "low",
+        cfg=ImageDiffusionConfig(steps=4, strength=0.25),
+        init_images=inits,
+    )
+    again = _pool(
+        pipe,
+        tokens,
+        tmp_path / "again",
+        cfg=ImageDiffusionConfig(steps=4, strength=0.25),
+        init_images=inits,
+    )
     assert _bytes(low) == _bytes(again)  # seeded like text-to-image
     sdedit = ImageDiffusionConfig(steps=4, strength=0.25)
     other = _pool(pipe, tokens, tmp_path / "other", cfg=sdedit, init_images=[dark, light, dark])

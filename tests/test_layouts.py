@@ -143,8 +143,13 @@ def test_office_home_train_val_subfolders(tmp_path):
 
 def test_vlcs_split_folders_and_selection(tmp_path):
     spec = get_benchmark("vlcs")
-    _tree(tmp_path / "VLCS", ["CALTECH", "LABELME", "SUN", "PASCAL"], spec.classes, n=2,
-          splits=("train", "crossval", "test"))  # fmt: skip
+    _tree(
+        tmp_path / "VLCS",
+        ["CALTECH", "LABELME", "SUN", "PASCAL"],
+        spec.classes,
+        n=2,
+        splits=("train", "crossval", "test"),
+    )
     m = prepare(spec, tmp_path, check_images=False)
     assert m.counts()["VOC2007"] == {"train": 10, "val": 10, "test": 10}
     data = select(m, make_split(spec, "daml", "VOC2007"), val_fraction=0.25)
@@ -216,8 +221,13 @@ def test_multi_dataset_lists_and_folders(tmp_path):
             lines.append(f"images/{d}/{c}.jpg {spec.classes.index(c)}")
         (base / f"{d}_list.txt" if d == "stl10" else base / f"{d}.txt").write_text("\n".join(lines))
     # `real` as a DomainNet class-folder tree: aliases map its names, other classes are ignored
-    folder = {"backpack": "back_pack", "bicycle": "bike", "chair": "desk_chair",
-              "cell_phone": "mobile_phone", "telephone": "phone"}  # fmt: skip
+    folder = {
+        "backpack": "back_pack",
+        "bicycle": "bike",
+        "chair": "desk_chair",
+        "cell_phone": "mobile_phone",
+        "telephone": "phone",
+    }
     for c in spec.expected_classes("real"):
         name = next((k for k, v in folder.items() if v == c), c)
         _touch(base / "domainnet" / "real" / name / "1.jpg")
@@ -225,8 +235,15 @@ def test_multi_dataset_lists_and_folders(tmp_path):
     _touch(base / "domainnet" / "real" / "mouse" / "1.jpg")  # a known name, not a target class
     m = prepare(spec, tmp_path, check_images=False)
     counts = {d: sum(v.values()) for d, v in m.counts().items()}
-    assert counts == {"amazon": 31, "stl10": 10, "visda_syn": 12, "clipart": 43, "painting": 43,
-                      "real": 43, "sketch": 43}  # fmt: skip
+    assert counts == {
+        "amazon": 31,
+        "stl10": 10,
+        "visda_syn": 12,
+        "clipart": 43,
+        "painting": 43,
+        "real": 43,
+        "sketch": 43,
+    }
     assert Sample("multi_dataset/domainnet/real/backpack/1.jpg", "back_pack", "real", "all") in (
         m.samples
     )
@@ -315,9 +332,11 @@ def test_select_honours_daml_subsets(tmp_path):
     by_domain: dict[str, set[str]] = {}
     for i in src:
         by_domain.setdefault(m.samples[i].domain, set()).add(m.samples[i].class_name)
-    assert by_domain == {"art_painting": {"guitar", "dog", "elephant"},
-                         "cartoon": {"horse", "dog", "giraffe"},
-                         "sketch": {"house", "elephant", "giraffe"}}  # fmt: skip
+    assert by_domain == {
+        "art_painting": {"guitar", "dog", "elephant"},
+        "cartoon": {"horse", "dog", "giraffe"},
+        "sketch": {"house", "elephant", "giraffe"},
+    }
     assert len(data.source_val) == 9 and len(data.source_train) == 81
     assert all(m.samples[i].domain == "photo" for i in data.target) and len(data.target) == 70
     labels = [split.known.index(m.samples[i].class_name) for i in data.source_train]

@@ -21,9 +21,22 @@ def trained(small_digits, tmp_path_factory):
     runs = tmp_path_factory.mktemp("predict_runs")
     mp = pytest.MonkeyPatch()
     mp.setenv("SEECLIP_HOME", str(small_digits))
-    argv = ["eval", "--benchmark", "digits", "--target", "printed", "--method", "coop",
-            "--backbone", "tiny-vit", "--runs-dir", str(runs), "--no-progress",
-            "train.epochs=1", "train.batch_size=8"]  # fmt: skip
+    argv = [
+        "eval",
+        "--benchmark",
+        "digits",
+        "--target",
+        "printed",
+        "--method",
+        "coop",
+        "--backbone",
+        "tiny-vit",
+        "--runs-dir",
+        str(runs),
+        "--no-progress",
+        "train.epochs=1",
+        "train.batch_size=8",
+    ]
     assert main(argv) == 0
     mp.undo()
     (record,) = read_records(runs)
@@ -81,17 +94,35 @@ def test_cli_predict_folder_with_a_corrupt_file(trained, tmp_path, monkeypatch, 
     (folder / "broken.png").write_bytes(b"not an image")
     (folder / "notes.txt").write_text("not listed: not an image suffix")
     out = tmp_path / "preds.csv"
-    assert main(["predict", "--run", str(run_dir), str(folder), str(tmp_path / "gone.jpg"),
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(run_dir),
+                str(folder),
+                str(tmp_path / "gone.jpg"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "5 images" in captured.out and "2 unreadable" in captured.out
     assert "broken.png" in captured.err and "gone.jpg" in captured.err
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
-    assert [r["path"].rsplit("/", 1)[-1] for r in rows] == ["0.png", "1.png", "2.png",
-                                                            "broken.png", "gone.jpg"]  # fmt: skip
+    assert [r["path"].rsplit("/", 1)[-1] for r in rows] == [
+        "0.png",
+        "1.png",
+        "2.png",
+        "broken.png",
+        "gone.jpg",
+    ]
     good, bad = rows[:3], rows[3:]
-    assert all(r["prediction"] and not r["error"] and 0 <= float(r["confidence"]) <= 1
-               for r in good)  # fmt: skip
+    assert all(
+        r["prediction"] and not r["error"] and 0 <= float(r["confidence"]) <= 1 for r in good
+    )
     assert all(r["error"] and not r["prediction"] for r in bad)
     assert main(["predict", "--run", str(tmp_path), str(folder)]) == 2
     assert "is not a run folder" in capsys.readouterr().err

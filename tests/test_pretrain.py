@@ -98,9 +98,16 @@ def test_cli_parser_and_config_overrides(tmp_path):
 def _tiny_cfg(**kw) -> PretrainConfig:
     # fp32 on one thread: bf16 autocast is emulated (~15x slower) on CPUs without native bf16,
     # and 2 threads oversubscribe shared cores; resume equivalence does not depend on either
-    base = dict(steps=4, batch_size=16, corpus_size=160, warmup_steps=2, checkpoint_every=2,
-                eval_templates=("a photo of the digit {}.",), bf16=False,
-                num_threads=1)  # fmt: skip
+    base = dict(
+        steps=4,
+        batch_size=16,
+        corpus_size=160,
+        warmup_steps=2,
+        checkpoint_every=2,
+        eval_templates=("a photo of the digit {}.",),
+        bf16=False,
+        num_threads=1,
+    )
     return PretrainConfig(**{**base, **kw})
 
 
@@ -118,8 +125,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert all(v.dtype == torch.float16 for v in a.values())
     # the written weights rebuild strictly
     model, _, _ = build_tiny_digits(tmp_path / "a" / "tiny-digits.safetensors")
-    assert torch.equal(model.visual.attnpool.positional_embedding.half(),
-                       a["visual.attnpool.positional_embedding"])  # fmt: skip
+    assert torch.equal(
+        model.visual.attnpool.positional_embedding.half(), a["visual.attnpool.positional_embedding"]
+    )
     with pytest.raises(ValueError, match="another config"):
         pretrain_clip(_tiny_cfg(lr=0.5), tmp_path / "b", progress=False, benchmark=bench)
 
@@ -132,8 +140,16 @@ def test_reduced_budget_run_learns(tmp_path):
     for a test; the shipped model's digit zero-shot is checked below."""
     # fp32: on CPUs without native bf16 (no AVX512-BF16/AMX) autocast is emulated and about 20x
     # slower; what this checks (the loop learns) does not depend on the dtype
-    cfg = PretrainConfig(steps=60, batch_size=32, corpus_size=512, lr=2e-3, warmup_steps=6,
-                         checkpoint_every=1000, num_threads=1, bf16=False)  # fmt: skip
+    cfg = PretrainConfig(
+        steps=60,
+        batch_size=32,
+        corpus_size=512,
+        lr=2e-3,
+        warmup_steps=6,
+        checkpoint_every=1000,
+        num_threads=1,
+        bf16=False,
+    )
     bench = load_benchmark_arrays(n_per_class=5)
     card = pretrain_clip(cfg, tmp_path, progress=False, benchmark=bench)
     train = card["training"]

@@ -47,10 +47,23 @@ def corpus(tmp_path_factory):
 
 
 def _tiny_cfg(**kw) -> DiffusionPretrainConfig:
-    base = dict(num_threads=1, checkpoint_every=4, vae_channels=(8, 16, 16), vae_steps=30,
-                vae_batch_size=8, vae_warmup_steps=3, unet_channels=(32, 32),
-                unet_attention=(False, True), attention_heads=4, steps=30, batch_size=8,
-                warmup_steps=3, encode_batch_size=16, sample_prompts=3, sample_steps=3)  # fmt: skip
+    base = dict(
+        num_threads=1,
+        checkpoint_every=4,
+        vae_channels=(8, 16, 16),
+        vae_steps=30,
+        vae_batch_size=8,
+        vae_warmup_steps=3,
+        unet_channels=(32, 32),
+        unet_attention=(False, True),
+        attention_heads=4,
+        steps=30,
+        batch_size=8,
+        warmup_steps=3,
+        encode_batch_size=16,
+        sample_prompts=3,
+        sample_steps=3,
+    )
     return DiffusionPretrainConfig(**{**base, **kw})
 
 
@@ -60,8 +73,18 @@ def trained(tmp_path_factory, corpus, clip):
     out = tmp_path_factory.mktemp("tiny_sd")
     config = out / "tiny.yaml"
     config.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(_tiny_cfg())))))
-    args = ["pretrain-diffusion", "--out", str(out / "run"), "--corpus", str(corpus), "--clip",
-            str(TINY_DIGITS_WEIGHTS), "--config", str(config), "--no-progress"]  # fmt: skip
+    args = [
+        "pretrain-diffusion",
+        "--out",
+        str(out / "run"),
+        "--corpus",
+        str(corpus),
+        "--clip",
+        str(TINY_DIGITS_WEIGHTS),
+        "--config",
+        str(config),
+        "--no-progress",
+    ]
     assert main(args) == 0
     return out / "run", json.loads((out / "run" / "card.json").read_text())
 
@@ -92,8 +115,9 @@ def test_text_encoder_equals_open_clips_text_tower(clip, weights):
     _, oc_tokenizer = clip
     encoder = text_encoder_from_clip(model)
     assert encoder.config.hidden_act == "gelu" and encoder.config.max_position_embeddings == 24
-    ids = clip_tokenizer(24)(CAPTIONS, padding="max_length", max_length=24, truncation=True,
-                             return_tensors="pt").input_ids  # fmt: skip
+    ids = clip_tokenizer(24)(
+        CAPTIONS, padding="max_length", max_length=24, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         out = encoder(ids)
         x = model.token_embedding(ids) + model.positional_embedding
@@ -101,8 +125,9 @@ def test_text_encoder_equals_open_clips_text_tower(clip, weights):
         torch.testing.assert_close(out.last_hidden_state, ref, atol=1e-5, rtol=0)
         # pooled at the first end token, projected: the CLIP text feature (open_clip's own ids)
         pooled = out.pooler_output @ model.text_projection
-        torch.testing.assert_close(pooled, model.encode_text(oc_tokenizer(CAPTIONS)),
-                                   atol=1e-5, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            pooled, model.encode_text(oc_tokenizer(CAPTIONS)), atol=1e-5, rtol=0
+        )
 
 
 # ---------------------------------------------------------------------------------- training
@@ -147,8 +172,12 @@ def test_reduced_budget_run_learns_and_writes_a_small_card(trained):
     assert card["unet"]["images_per_second"] > 0 and card["machine"]["threads"] == 1
     assert (out / "samples.png").is_file()
     files = {p.relative_to(out / "pipeline").as_posix() for p in (out / "pipeline").rglob("*.*")}
-    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors",
-            "tokenizer/vocab.json", "tokenizer/merges.txt"} <= files  # fmt: skip
+    assert {
+        "model_index.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+    } <= files
     unet = load_file(str(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(v.dtype == torch.float16 for v in unet.values())
 
@@ -237,9 +266,16 @@ def test_image_space_generator_runs_on_the_trained_pipeline(trained, tmp_path):
     pipe = load_pipeline(str(trained[0] / "pipeline"))
     tokens = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(0))
     cfg = ImageDiffusionConfig(model=str(trained[0] / "pipeline"), steps=3, batch_size=2)
-    manifest = generate_image_pool(pipe, tokens, ["printed", "handwritten"], ["a", "b"],
-                                   ["zero", "one"], out_dir=tmp_path / "pool", cfg=cfg,
-                                   progress=False)  # fmt: skip
+    manifest = generate_image_pool(
+        pipe,
+        tokens,
+        ["printed", "handwritten"],
+        ["a", "b"],
+        ["zero", "one"],
+        out_dir=tmp_path / "pool",
+        cfg=cfg,
+        progress=False,
+    )
     pool = load_image_pool(manifest)
     from PIL import Image
 

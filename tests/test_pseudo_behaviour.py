@@ -43,8 +43,15 @@ TINY_DIFFUSION = [
     "diffusion.sample_steps=4",
 ]
 # seeclip on tiny-vit, half of each domain's batch slots given to pseudo-unknowns
-BASE = [f"data.target={TARGET}", "backbone.name=tiny-vit", "method=seeclip", "train.epochs=3",
-        "train.batch_size=12", "train.pseudo_fraction=0.5", "train.lr=1e-2"]  # fmt: skip
+BASE = [
+    f"data.target={TARGET}",
+    "backbone.name=tiny-vit",
+    "method=seeclip",
+    "train.epochs=3",
+    "train.batch_size=12",
+    "train.pseudo_fraction=0.5",
+    "train.lr=1e-2",
+]
 FEATURE_POOL_N, IMAGE_POOL_N = 8, 4  # `seeclip generate --n` of the stored pools
 
 
@@ -77,12 +84,10 @@ def pools(small_digits, tmp_path_factory):
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SEECLIP_HOME", str(small_digits))
-        out = _generate(preset, "--backend", "feature", "--n", str(FEATURE_POOL_N),
-                        *TINY_DIFFUSION)  # fmt: skip
+        out = _generate(preset, "--backend", "feature", "--n", str(FEATURE_POOL_N), *TINY_DIFFUSION)
         feature = next(x for x in out.splitlines() if x.startswith("train with it"))
         _tiny_sd(mp)
-        _generate(preset, "--backend", "image", "--n", str(IMAGE_POOL_N), "--out",
-                  str(tmp / "img"))  # fmt: skip
+        _generate(preset, "--backend", "image", "--n", str(IMAGE_POOL_N), "--out", str(tmp / "img"))
     return SimpleNamespace(feature=Path(feature.rsplit("=", 1)[1]), image=tmp / "img")
 
 
@@ -147,8 +152,12 @@ def _train(overrides: list[str]) -> Trained:
 
     model.forward, method.loss_fn = forward, loss
     d = run.data
-    method.fit(run.features(d.source_train), torch.as_tensor(d.source_train_labels),
-               run.features(d.source_val), torch.as_tensor(d.source_val_labels))  # fmt: skip
+    method.fit(
+        run.features(d.source_train),
+        torch.as_tensor(d.source_train_labels),
+        run.features(d.source_val),
+        torch.as_tensor(d.source_val_labels),
+    )
     del model.forward
     method.loss_fn = loss_fn
     return Trained(method, run, recorder, list(zip(inputs, labels, strict=True)))
@@ -231,8 +240,9 @@ def test_generated_feature_pool_holds_the_source_domains_and_draws_within_one(di
     with open(pools.feature / "samples.csv", newline="") as fh:
         assert [r["domain"] for r in csv.DictReader(fh)] == list(pool.domains)
 
-    source = feature_pool_unknowns(PseudoContext(train, torch.zeros(len(train)), pool=str(
-        pools.feature)))  # fmt: skip
+    source = feature_pool_unknowns(
+        PseudoContext(train, torch.zeros(len(train)), pool=str(pools.feature))
+    )
     gen = torch.Generator().manual_seed(0)
     for domain in SOURCES:
         g, t = source.sample(domain, 30, gen)
@@ -259,13 +269,19 @@ def test_generated_image_pool_holds_the_source_domains_and_draws_within_one(digi
 
     # the CLIP features each file has, encoded here without the cache
     backbone = run.backbone
-    images = torch.stack([backbone.preprocess(Image.open(pools.image / r["path"]).convert("RGB"))
-                          for r in rows])  # fmt: skip
+    images = torch.stack(
+        [backbone.preprocess(Image.open(pools.image / r["path"]).convert("RGB")) for r in rows]
+    )
     with torch.no_grad():
         direct = backbone.encode_image(images)[0]
     domains = [r["domain"] for r in rows]
-    ctx = PseudoContext(_source_train(run), torch.zeros(1), backbone=backbone,
-                        pool=str(pools.image / "manifest.csv"), progress=False)  # fmt: skip
+    ctx = PseudoContext(
+        _source_train(run),
+        torch.zeros(1),
+        backbone=backbone,
+        pool=str(pools.image / "manifest.csv"),
+        progress=False,
+    )
     source = image_pool_unknowns(ctx)
     gen = torch.Generator().manual_seed(0)
     for domain in SOURCES:
@@ -294,9 +310,13 @@ def _spy_pipelines(monkeypatch) -> list[tuple[str, dict]]:
 
 
 def _sd_images_source(strength: float, cache_dir: Path):
-    over = ["train.pseudo_unknowns=sd_images", "train.sd_model=tiny-test",
-            f"train.sd_strength={strength}", "diffusion.pool_per_domain=2",
-            "diffusion.sample_steps=2"]  # fmt: skip
+    over = [
+        "train.pseudo_unknowns=sd_images",
+        "train.sd_model=tiny-test",
+        f"train.sd_strength={strength}",
+        "diffusion.pool_per_domain=2",
+        "diffusion.sample_steps=2",
+    ]
     cfg = apply_overrides(RunConfig(), [*BASE, *over])
     run = runner.load_run_data(cfg, progress=False)
     sources = runner.pseudo_sources(cfg, run, cache_dir=cache_dir, progress=False)
@@ -345,9 +365,17 @@ def test_text_to_image_gets_no_source_image(digits, tmp_path, monkeypatch):
 
 D, N, C = 16, 4, 3
 FD_DOMAINS = ("a", "b", "c")
-FD_TINY = FeatureDiffusionConfig(k=2, width=64, depth=2, timesteps=20, sample_steps=5,
-                                 train_steps=300, batch_size=32, lr=3e-3,
-                                 pool_per_domain=8)  # fmt: skip
+FD_TINY = FeatureDiffusionConfig(
+    k=2,
+    width=64,
+    depth=2,
+    timesteps=20,
+    sample_steps=5,
+    train_steps=300,
+    batch_size=32,
+    lr=3e-3,
+    pool_per_domain=8,
+)
 
 
 def _fd_data(n_per=8, seed=0):
@@ -372,9 +400,18 @@ def feature_generator():
 
 def _samples(gen, feats, pos, neg, guidance, domains=None):
     feats = Features(feats.global_, feats.tokens, domains or feats.domains)
-    g, _ = gen.generate(feats, torch.arange(len(feats)), pos, neg, sigma=0.2, guidance=guidance,
-                        steps=5, clip_x0=4.0, detail=True,
-                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    g, _ = gen.generate(
+        feats,
+        torch.arange(len(feats)),
+        pos,
+        neg,
+        sigma=0.2,
+        guidance=guidance,
+        steps=5,
+        clip_x0=4.0,
+        detail=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     return g
 
 
@@ -414,8 +451,12 @@ def test_feature_diffusion_guidance_steers_to_the_positive_text(feature_generato
 def test_feature_pool_is_bitwise_reproducible_from_its_seed(feature_generator, tmp_path):
     feats, labels, protos = _fd_data()
     cfg = dataclasses.replace(FD_TINY, train_steps=30)
-    kw = dict(class_text=protos, unknown_text=F.normalize(torch.ones(D), dim=0), config=cfg,
-              progress=False)  # fmt: skip
+    kw = dict(
+        class_text=protos,
+        unknown_text=F.normalize(torch.ones(D), dim=0),
+        config=cfg,
+        progress=False,
+    )
     first = build_pool(feats, labels, seed=0, root=tmp_path / "a", **kw)
     again = build_pool(feats, labels, seed=0, root=tmp_path / "b", **kw)  # trained afresh
     other = build_pool(feats, labels, seed=1, root=tmp_path / "c", **kw)
@@ -448,13 +489,25 @@ def test_tiny_text_to_image_draws_the_prompt_and_avoids_the_negative(tmp_path):
     tokens = torch.randn(6, 2, 128, generator=torch.Generator().manual_seed(0))
 
     def read(prompt: str, negative: str, out: str) -> torch.Tensor:
-        cfg = ImageDiffusionConfig(model="tiny-glyphs-sd", prompt=prompt, steps=6, guidance=4.0,
-                                   batch_size=6)  # fmt: skip
-        pool = load_image_pool(generate_image_pool(
-            pipe, tokens, ["printed"] * 6, list("abcdef"), [negative], out_dir=tmp_path / out,
-            cfg=cfg, seed=0, progress=False))  # fmt: skip
-        x = torch.stack([clip.preprocess(Image.open(pool.root / p).convert("RGB"))
-                         for p in pool.paths])  # fmt: skip
+        cfg = ImageDiffusionConfig(
+            model="tiny-glyphs-sd", prompt=prompt, steps=6, guidance=4.0, batch_size=6
+        )
+        pool = load_image_pool(
+            generate_image_pool(
+                pipe,
+                tokens,
+                ["printed"] * 6,
+                list("abcdef"),
+                [negative],
+                out_dir=tmp_path / out,
+                cfg=cfg,
+                seed=0,
+                progress=False,
+            )
+        )
+        x = torch.stack(
+            [clip.preprocess(Image.open(pool.root / p).convert("RGB")) for p in pool.paths]
+        )
         with torch.no_grad():
             return (100 * clip.encode_image(x)[0] @ texts.T).softmax(-1)
 

@@ -40,8 +40,13 @@ def tiny_features(n_per=6, seed=0):
 
 def _sections():
     cfg = RunConfig(train=TrainConfig(epochs=1, batch_size=6))
-    return {"zeroshot": cfg.zeroshot, "prompt": cfg.prompt, "loss": cfg.loss, "train": cfg.train,
-            "diffusion": cfg.diffusion}  # fmt: skip
+    return {
+        "zeroshot": cfg.zeroshot,
+        "prompt": cfg.prompt,
+        "loss": cfg.loss,
+        "train": cfg.train,
+        "diffusion": cfg.diffusion,
+    }
 
 
 def _env(backbone, train, labels):
@@ -98,9 +103,18 @@ def test_every_pseudo_unknown_source_samples_in_the_feature_format(
 
         sd_model = str(tmp_path / "sd")
         build_tiny_pipeline(seed=0).save_pretrained(sd_model)
-    ctx = PseudoContext(train, labels, backbone=backbone, class_texts=CLASSES, seed=0,
-                        diffusion=_tiny_diffusion(), pool=pool, sd_model=sd_model,
-                        cache_dir=tmp_path, progress=False)  # fmt: skip
+    ctx = PseudoContext(
+        train,
+        labels,
+        backbone=backbone,
+        class_texts=CLASSES,
+        seed=0,
+        diffusion=_tiny_diffusion(),
+        pool=pool,
+        sd_model=sd_model,
+        cache_dir=tmp_path,
+        progress=False,
+    )
     source = PSEUDO_UNKNOWNS.get(name)(ctx)
     if name == "none":
         assert source is None
@@ -113,8 +127,16 @@ def test_every_pseudo_unknown_source_samples_in_the_feature_format(
 def _tiny_diffusion():
     from seeclip.generate.feature_config import FeatureDiffusionConfig
 
-    return FeatureDiffusionConfig(k=2, width=32, depth=1, timesteps=10, sample_steps=3,
-                                  train_steps=5, batch_size=16, pool_per_domain=4)  # fmt: skip
+    return FeatureDiffusionConfig(
+        k=2,
+        width=32,
+        depth=1,
+        timesteps=10,
+        sample_steps=3,
+        train_steps=5,
+        batch_size=16,
+        pool_per_domain=4,
+    )
 
 
 def _stored_pool(name, backbone, train, labels, tmp_path):
@@ -122,9 +144,15 @@ def _stored_pool(name, backbone, train, labels, tmp_path):
     if name == "pool":
         from seeclip.pseudo import diffusion_unknowns
 
-        ctx = PseudoContext(train, labels, backbone=backbone, class_texts=CLASSES,
-                            diffusion=_tiny_diffusion(), cache_dir=tmp_path,
-                            progress=False)  # fmt: skip
+        ctx = PseudoContext(
+            train,
+            labels,
+            backbone=backbone,
+            class_texts=CLASSES,
+            diffusion=_tiny_diffusion(),
+            cache_dir=tmp_path,
+            progress=False,
+        )
         return diffusion_unknowns(ctx).path
     import csv
 

@@ -49,10 +49,18 @@ def test_a_run_counts_once_and_epoch_records_are_ignored():
 
 
 def test_one_label_for_two_settings_names_both_and_the_keys():
-    a = dict(rec("m", "t1", 0, 0.2), config_hash="a", setting_hash="s1",
-             config={"seed": 0, "train": {"epochs": 2}})  # fmt: skip
-    b = dict(rec("m", "t2", 0, 0.2), config_hash="b", setting_hash="s2",
-             config={"seed": 1, "train": {"epochs": 3}})  # fmt: skip
+    a = dict(
+        rec("m", "t1", 0, 0.2),
+        config_hash="a",
+        setting_hash="s1",
+        config={"seed": 0, "train": {"epochs": 2}},
+    )
+    b = dict(
+        rec("m", "t2", 0, 0.2),
+        config_hash="b",
+        setting_hash="s2",
+        config={"seed": 1, "train": {"epochs": 3}},
+    )
     with pytest.raises(ReportError, match=r"s1 and s2, which differ in train.epochs \(2 vs 3\)"):
         summarize([a, b])
 
@@ -61,8 +69,11 @@ def test_one_label_for_two_settings_names_both_and_the_keys():
 
 
 def _hashed(method, target, seed, h):
-    return dict(rec(method, target, seed, h), config_hash=f"{method}-{target}-{seed}",
-                setting_hash=f"{method}-setting")  # fmt: skip
+    return dict(
+        rec(method, target, seed, h),
+        config_hash=f"{method}-{target}-{seed}",
+        setting_hash=f"{method}-setting",
+    )
 
 
 def _mean_row(table: str, method: str = "m") -> list[str]:
@@ -110,8 +121,9 @@ def test_a_metric_missing_on_one_target_marks_the_mean_incomplete():
     (row,) = [r for r in paper_tables(records, ["auroc"])[0].rows() if r[0] == "m"]
     assert row == ("m", "90.0", "n/a", "incomplete †")
     # a metric no run has is not applicable, not incomplete
-    (row,) = paper_tables([_hashed("m", "t1", 0, 0.2), _hashed("m", "t2", 0, 0.6)],
-                          ["auroc"])[0].rows()  # fmt: skip
+    (row,) = paper_tables([_hashed("m", "t1", 0, 0.2), _hashed("m", "t2", 0, 0.6)], ["auroc"])[
+        0
+    ].rows()
     assert row == ("m", "n/a", "n/a", "n/a")
 
 
@@ -130,9 +142,15 @@ def test_two_runs_for_one_cell_are_an_error_not_an_average():
 
 
 def test_every_format_shows_the_same_numbers_for_the_same_records(tmp_path):
-    records = [_hashed("m", "t1", 0, 0.2), _hashed("m", "t2", 0, 0.6), _hashed("m", "t1", 1, 0.4),
-               _hashed("n", "t1", 0, 0.1), _hashed("n", "t2", 0, 0.3),
-               _hashed("n", "t1", 1, 0.5), _hashed("n", "t2", 1, 0.9)]  # fmt: skip
+    records = [
+        _hashed("m", "t1", 0, 0.2),
+        _hashed("m", "t2", 0, 0.6),
+        _hashed("m", "t1", 1, 0.4),
+        _hashed("n", "t1", 0, 0.1),
+        _hashed("n", "t2", 0, 0.3),
+        _hashed("n", "t1", 1, 0.5),
+        _hashed("n", "t2", 1, 0.9),
+    ]
     # by hand: m -> seed 0 only, 40.0, t2 seed 1 missing; n -> seeds 0.2 and 0.7 -> 45.0 ± 25.0
     expected = {"m": "40.0 †", "n": "45.0 ± 25.0"}
     text = summarize(records, metrics=("h_score",))
@@ -143,17 +161,23 @@ def test_every_format_shows_the_same_numbers_for_the_same_records(tmp_path):
     page = (tmp_path / "index.html").read_text()
     h_md = md.split("### b / full: H")[1].split("###")[0]
     for method, cell in expected.items():
-        assert f"| {method} | " in h_md and h_md.split(f"| {method} | ")[1].split("\n")[0] \
-            .rstrip(" |").endswith(cell)  # fmt: skip
+        assert f"| {method} | " in h_md and h_md.split(f"| {method} | ")[1].split("\n")[0].rstrip(
+            " |"
+        ).endswith(cell)
         tex_cell = cell.replace("±", r"$\pm$").replace("†", r"$^\dagger$")
-        assert any(line.startswith(f"{method} & ") and line.endswith(f"{tex_cell} \\\\")
-                   for line in tex.splitlines())  # fmt: skip
+        assert any(
+            line.startswith(f"{method} & ") and line.endswith(f"{tex_cell} \\\\")
+            for line in tex.splitlines()
+        )
         assert f"<td>{cell}</td></tr>" in page
     note = "† m: mean over the seeds with every target only; missing t2 seed 1"
     assert note in h_md and html.escape(note) in page
     assert r"$^\dagger$ m: mean over the seeds" in tex
-    rows = [r for r in csv.DictReader(io.StringIO((tmp_path / "tables.csv").read_text()))
-            if r["metric"] == "h_score" and r["target"] == "mean"]  # fmt: skip
+    rows = [
+        r
+        for r in csv.DictReader(io.StringIO((tmp_path / "tables.csv").read_text()))
+        if r["metric"] == "h_score" and r["target"] == "mean"
+    ]
     by_method = {r["method"]: r for r in rows}
     assert float(by_method["m"]["mean"]) == pytest.approx(0.4)
     assert (by_method["m"]["seeds"], by_method["m"]["missing"]) == ("1", "t2 seed 1")

@@ -24,13 +24,25 @@ PRESET = (
 
 
 def rec(method, target, seed, h):
-    return {"benchmark": "b", "protocol": "full", "method": method, "target": target,
-            "seed": seed, "h_score": h, "acc_known": 0.5}  # fmt: skip
+    return {
+        "benchmark": "b",
+        "protocol": "full",
+        "method": method,
+        "target": target,
+        "seed": seed,
+        "h_score": h,
+        "acc_known": 0.5,
+    }
 
 
 def test_paper_table_cells_and_mean_column():
-    records = [rec("m", "t1", 0, 0.2), rec("m", "t1", 1, 0.4), rec("m", "t2", 0, 0.6),
-               rec("m", "t2", 1, 0.8), rec("n", "t1", 0, 0.5)]  # fmt: skip
+    records = [
+        rec("m", "t1", 0, 0.2),
+        rec("m", "t1", 1, 0.4),
+        rec("m", "t2", 0, 0.6),
+        rec("m", "t2", 1, 0.8),
+        rec("n", "t1", 0, 0.5),
+    ]
     (table,) = paper_tables(records, ["h_score"])
     assert table.header == ("method", "t1", "t2", "mean")
     rows = {r[0]: r[1:] for r in table.rows()}
@@ -45,8 +57,10 @@ def test_oracle_h_is_the_best_threshold_by_brute_force():
     y = rng.integers(-1, 4, 400)
     closed = np.where(rng.random(400) < 0.8, np.maximum(y, 0), rng.integers(0, 4, 400))
     score = np.round(rng.normal(size=400) + (y < 0), 1)  # ties on purpose
-    best = max(h_score(y, np.where(score > t, 4, closed), num_known=4)
-               for t in [np.inf, -np.inf, *np.unique(score)])  # fmt: skip
+    best = max(
+        h_score(y, np.where(score > t, 4, closed), num_known=4)
+        for t in [np.inf, -np.inf, *np.unique(score)]
+    )
     assert oracle_h_score(y, closed, score) == pytest.approx(best)
     assert np.isnan(oracle_h_score([0, 1], [0, 1], [0.1, 0.2]))  # no unknowns
 
@@ -58,9 +72,23 @@ def runs(small_digits, tmp_path_factory):
     (tmp / "preset.yaml").write_text(PRESET)
     mp = pytest.MonkeyPatch()
     mp.setenv("SEECLIP_HOME", str(small_digits))
-    argv = ["sweep", "--config", str(tmp / "preset.yaml"), "--methods", "zeroshot", "seeclip",
-            "--targets", "printed", "outline", "--seeds", "0", "1",
-            "--runs-dir", str(tmp / "runs"), "--no-progress"]  # fmt: skip
+    argv = [
+        "sweep",
+        "--config",
+        str(tmp / "preset.yaml"),
+        "--methods",
+        "zeroshot",
+        "seeclip",
+        "--targets",
+        "printed",
+        "outline",
+        "--seeds",
+        "0",
+        "1",
+        "--runs-dir",
+        str(tmp / "runs"),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     mp.undo()
     return tmp / "runs"
@@ -85,10 +113,14 @@ def test_report_folder(runs, tmp_path, capsys):
     records = read_records(runs)
     # csv: tidy numbers that recompute from the records
     rows = list(csv.DictReader(io.StringIO((out / "tables.csv").read_text())))
-    zs_h = [r for r in rows if (r["method"], r["metric"], r["target"]) ==
-            ("zeroshot", "h_score", "printed")]  # fmt: skip
-    expected = [r["h_score"] for r in records if (r["method"], r["target"]) ==
-                ("zeroshot", "printed")]  # fmt: skip
+    zs_h = [
+        r
+        for r in rows
+        if (r["method"], r["metric"], r["target"]) == ("zeroshot", "h_score", "printed")
+    ]
+    expected = [
+        r["h_score"] for r in records if (r["method"], r["target"]) == ("zeroshot", "printed")
+    ]
     assert len(zs_h) == 1 and float(zs_h[0]["mean"]) == pytest.approx(np.mean(expected), abs=1e-6)
     assert int(zs_h[0]["seeds"]) == 2
     assert {r["metric"] for r in rows} >= {*METRICS, "h_score_oracle"}
@@ -120,16 +152,32 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install chromium)")
 def test_index_html_renders_in_headless_chromium(runs, tmp_path):
     index = write_report(read_records(runs), tmp_path / "r", runs_dir=runs, formats=("md",))
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", index.as_uri()], capture_output=True,
-                         text=True, timeout=120).stdout  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", index.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert dom.count("<img") == len(list((tmp_path / "r" / "figures").glob("*.png")))
     assert "<h3>H</h3>" in dom
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,3000",
-                    index.as_uri()], capture_output=True, timeout=120, check=True)  # fmt: skip
+    subprocess.run(
+        [CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,3000", index.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     pixels = np.asarray(Image.open(shot).convert("L"))
     # tables and plots drawn: a good share of the page is not background white
     assert (pixels < 200).mean() > 0.01

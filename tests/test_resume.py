@@ -35,8 +35,9 @@ def test_resumed_training_equals_the_uninterrupted_one(backbone, tmp_path, selec
     feats, labels = synthetic()
 
     def trainer():
-        return _trainer(backbone, "seeclip", _mixup(feats, labels, feats, labels), epochs=4,
-                        selection=selection)  # fmt: skip
+        return _trainer(
+            backbone, "seeclip", _mixup(feats, labels, feats, labels), epochs=4, selection=selection
+        )
 
     whole = trainer()
     whole.fit(feats, labels, feats, labels, checkpoint=tmp_path / "a.pt")
@@ -67,11 +68,31 @@ def test_resumed_training_equals_the_uninterrupted_one(backbone, tmp_path, selec
 
 
 def _train_cmd(runs: Path) -> list[str]:
-    return [sys.executable, "-m", "seeclip.cli", "eval", "--benchmark", "digits",
-            "--method", "seeclip", "--backbone", "tiny-vit", "--target", "printed",
-            "--seed", "0", "--threads", "1", "--device", "cpu", "--no-progress", "--runs-dir",
-            str(runs),
-            "train.epochs=40", "train.batch_size=8"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "seeclip.cli",
+        "eval",
+        "--benchmark",
+        "digits",
+        "--method",
+        "seeclip",
+        "--backbone",
+        "tiny-vit",
+        "--target",
+        "printed",
+        "--seed",
+        "0",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--runs-dir",
+        str(runs),
+        "train.epochs=40",
+        "train.batch_size=8",
+    ]
 
 
 def _final(run_dir: Path) -> dict:
@@ -87,8 +108,9 @@ def test_sigkill_mid_epoch_then_rerun_gives_the_uninterrupted_result(small_digit
     subprocess.run(_train_cmd(tmp_path / "a"), env=env, check=True, capture_output=True)
     (run_a,) = (tmp_path / "a").glob("*/*/done")
 
-    proc = subprocess.Popen(_train_cmd(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        _train_cmd(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while not list((tmp_path / "b").glob(f"*/*/{TRAIN_STATE}")):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"

@@ -28,8 +28,13 @@ def test_feature_memo_is_keyed_by_the_weights_not_the_object(monkeypatch, tmp_pa
 
 
 def _cfg(**over):
-    items = ["data.target=printed", "backbone.name=tiny-vit", "method=seeclip",
-             "train.epochs=2", "train.batch_size=6"]  # fmt: skip
+    items = [
+        "data.target=printed",
+        "backbone.name=tiny-vit",
+        "method=seeclip",
+        "train.epochs=2",
+        "train.batch_size=6",
+    ]
     return apply_overrides(RunConfig(), items + [f"{k}={v}" for k, v in over.items()])
 
 

@@ -104,8 +104,19 @@ def test_vlcs():
     assert s.label("person") == -1 and s.label("dog") == 3
 
 
-OH_UNKNOWN = ("Clipboards", "Scissors", "TV", "Curtains", "Fork", "Soda", "Table", "Knives",
-              "Oven", "Refrigerator", "Marker")  # fmt: skip
+OH_UNKNOWN = (
+    "Clipboards",
+    "Scissors",
+    "TV",
+    "Curtains",
+    "Fork",
+    "Soda",
+    "Table",
+    "Knives",
+    "Oven",
+    "Refrigerator",
+    "Marker",
+)
 
 
 def test_office_home():
@@ -117,9 +128,23 @@ def test_office_home():
     assert s.known[17] == "ToothBrush" and s.known[32] == "Backpack"
     assert s.unknown == OH_UNKNOWN
     assert set(s.target_known) == {
-        "Drill", "Glasses", "Computer", "Laptop", "Kettle", "Bed", "Hammer", "Mug", "Webcam",
-        "Desk_Lamp", "Backpack", "Alarm_Clock", "Push_Pin", "Printer", "Speaker", "Eraser",
-    }  # fmt: skip
+        "Drill",
+        "Glasses",
+        "Computer",
+        "Laptop",
+        "Kettle",
+        "Bed",
+        "Hammer",
+        "Mug",
+        "Webcam",
+        "Desk_Lamp",
+        "Backpack",
+        "Alarm_Clock",
+        "Push_Pin",
+        "Printer",
+        "Speaker",
+        "Eraser",
+    }
     src1, src2, src3 = (set(s.source_classes[d]) for d in s.source_domains)
     assert len(src1) == 26 and {"Pencil", "Mug", "Notebook"} <= src1 and "Bed" not in src1
     assert len(src2) == 26 and {"Sink", "Bed", "Postit_Notes", "Backpack", "Trash_Can"} <= src2
@@ -143,8 +168,20 @@ def test_mini_domainnet():
     assert len(s.known) == 90 and len(s.unknown) == 36
     assert s.known[-1] == "pineapple" and s.unknown[0] == "potato" and s.unknown[-1] == "zebra"
     assert len(s.target_known) == 40
-    assert {"The_Eiffel_Tower", "ant", "banana", "broccoli", "candle", "chair", "dog", "duck",
-            "monkey", "mushroom", "pear", "pig"} <= set(s.target_known)  # fmt: skip
+    assert {
+        "The_Eiffel_Tower",
+        "ant",
+        "banana",
+        "broccoli",
+        "candle",
+        "chair",
+        "dog",
+        "duck",
+        "monkey",
+        "mushroom",
+        "pear",
+        "pig",
+    } <= set(s.target_known)
     assert not {"anvil", "axe", "bus", "cactus", "dumbbell", "pineapple"} & set(s.target_known)
     src1, src2, src3 = (set(s.source_classes[d]) for d in s.source_domains)
     assert len(src1) == len(src2) == len(src3) == 40
@@ -155,15 +192,52 @@ def test_mini_domainnet():
 
 
 MD_TARGET_KNOWN = (
-    "back_pack", "bike", "calculator", "desk_chair", "headphones", "keyboard", "mobile_phone",
-    "mug", "phone", "scissors", "airplane", "bus", "car", "horse", "knife", "motorbike",
-    "skateboard", "train", "truck", "bird", "cat", "dog", "monkey",
-)  # fmt: skip
+    "back_pack",
+    "bike",
+    "calculator",
+    "desk_chair",
+    "headphones",
+    "keyboard",
+    "mobile_phone",
+    "mug",
+    "phone",
+    "scissors",
+    "airplane",
+    "bus",
+    "car",
+    "horse",
+    "knife",
+    "motorbike",
+    "skateboard",
+    "train",
+    "truck",
+    "bird",
+    "cat",
+    "dog",
+    "monkey",
+)
 MD_UNKNOWN = (
-    "ant", "apple", "banana", "basket", "butterfly", "candle", "cookie", "eyeglasses", "grapes",
-    "ice_cream", "mailbox", "necklace", "octopus", "piano", "potato", "roller_coaster", "snail",
-    "snowman", "star", "violin",
-)  # fmt: skip
+    "ant",
+    "apple",
+    "banana",
+    "basket",
+    "butterfly",
+    "candle",
+    "cookie",
+    "eyeglasses",
+    "grapes",
+    "ice_cream",
+    "mailbox",
+    "necklace",
+    "octopus",
+    "piano",
+    "potato",
+    "roller_coaster",
+    "snail",
+    "snowman",
+    "star",
+    "violin",
+)
 
 
 def test_multi_dataset():
@@ -175,12 +249,31 @@ def test_multi_dataset():
     assert s.target_known == MD_TARGET_KNOWN and s.unknown == MD_UNKNOWN
     assert s.source_classes["amazon"] == s.known[:31]
     assert set(s.source_classes["visda_syn"]) == {
-        "bike", "airplane", "bus", "car", "horse", "knife", "motorbike", "person", "plant",
-        "skateboard", "train", "truck",
-    }  # fmt: skip
+        "bike",
+        "airplane",
+        "bus",
+        "car",
+        "horse",
+        "knife",
+        "motorbike",
+        "person",
+        "plant",
+        "skateboard",
+        "train",
+        "truck",
+    }
     assert set(s.source_classes["stl10"]) == {
-        "airplane", "car", "horse", "truck", "bird", "cat", "deer", "dog", "monkey", "ship",
-    }  # fmt: skip
+        "airplane",
+        "car",
+        "horse",
+        "truck",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "monkey",
+        "ship",
+    }
     assert spec.folder_aliases("real")["backpack"] == "back_pack"
     assert spec.folder_aliases("visda_syn")["aeroplane"] == "airplane"
     with pytest.raises(ValueError, match="no protocol 'full'; available protocols: daml"):
@@ -194,8 +287,10 @@ def test_digits_benchmarks():
     s = make_split(dg, "daml", "svhn")
     assert s.source_domains == ("mnist", "mnist_m", "syn")
     assert [set(s.source_classes[d]) for d in s.source_domains] == [
-        {"0", "1", "2"}, {"2", "3", "4"}, {"4", "5", "6"}
-    ]  # fmt: skip
+        {"0", "1", "2"},
+        {"2", "3", "4"},
+        {"4", "5", "6"},
+    ]
     assert s.unknown == ("7", "8", "9") and len(s.target_known) == 7
     assert dg.class_text("3") == "three"
     medic = make_split(dg, "full", "mnist")
@@ -208,8 +303,10 @@ def test_digits_benchmarks():
     assert s.unknown == ("six", "seven", "eight", "nine")
     d = make_split(emb, "daml", "handwritten")
     assert [set(d.source_classes[x]) for x in ("printed", "textured", "outline")] == [
-        {"zero", "one", "two"}, {"two", "three", "four"}, {"four", "five", "six"}
-    ]  # fmt: skip
+        {"zero", "one", "two"},
+        {"two", "three", "four"},
+        {"four", "five", "six"},
+    ]
     assert d.unknown == ("seven", "eight", "nine") and len(d.target_known) == 7
     assert emb.template.format(emb.class_text("zero")) == "a photo of the digit zero."
 

@@ -55,8 +55,12 @@ def test_parse_variant_labels():
 
 
 def test_plan_is_seed_major_with_labels_and_checks_names(preset):
-    spec = SweepSpec(str(preset), (parse_variant("zeroshot"), parse_variant("coop:label=c")),
-                     protocols=("full", "daml"), seeds=(0, 1))  # fmt: skip
+    spec = SweepSpec(
+        str(preset),
+        (parse_variant("zeroshot"), parse_variant("coop:label=c")),
+        protocols=("full", "daml"),
+        seeds=(0, 1),
+    )
     runs = plan(spec)
     assert len(runs) == 2 * 2 * 2 * 4  # variants x protocols x seeds x targets
     assert [r.seed for r in runs[:16]] == [0] * 16  # every run of seed 0 first
@@ -72,8 +76,10 @@ def test_plan_is_seed_major_with_labels_and_checks_names(preset):
 
 def test_sweep_file(tmp_path, preset):
     f = tmp_path / "s.yaml"
-    f.write_text(f"config: {preset}\nseeds: [3]\ntargets: [printed]\n"
-                 "variants:\n  zs: [method=zeroshot]\n  coop: [method=coop]\n")  # fmt: skip
+    f.write_text(
+        f"config: {preset}\nseeds: [3]\ntargets: [printed]\n"
+        "variants:\n  zs: [method=zeroshot]\n  coop: [method=coop]\n"
+    )
     spec = load_sweep(f)
     assert spec.seeds == (3,) and spec.targets == ("printed",) and spec.protocols == ("full",)
     assert [v.label for v in spec.variants] == ["zs", "coop"]
@@ -84,11 +90,14 @@ def test_sweep_file(tmp_path, preset):
 
     # --methods with --sweep: a label of the file selects that variant, anything else is
     # METHOD[:key=value]
-    args = build_parser().parse_args(["sweep", "--sweep", str(f), "--methods", "zs",
-                                      "coop:label=c2,train.epochs=2"])  # fmt: skip
+    args = build_parser().parse_args(
+        ["sweep", "--sweep", str(f), "--methods", "zs", "coop:label=c2,train.epochs=2"]
+    )
     chosen = spec_from_args(args).variants
-    assert chosen == (Variant("zs", ("method=zeroshot",)),
-                      Variant("c2", ("method=coop", "train.epochs=2")))  # fmt: skip
+    assert chosen == (
+        Variant("zs", ("method=zeroshot",)),
+        Variant("c2", ("method=coop", "train.epochs=2")),
+    )
     f.write_text("config: x.yaml\nvariants: {a: [method=coop]}\nepochs: 3\n")
     with pytest.raises(ConfigError, match="nothing else"):
         load_sweep(f)
@@ -104,11 +113,13 @@ def _hold_lock(run_dir, ready, release):
         release.wait(30)
 
 
-def test_a_run_locked_by_another_process_is_not_computed_twice(small_digits, tmp_path,
-                                                               monkeypatch, preset):  # fmt: skip
+def test_a_run_locked_by_another_process_is_not_computed_twice(
+    small_digits, tmp_path, monkeypatch, preset
+):
     monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
-    (cfg,) = [c for c in plan(SweepSpec(str(preset), (parse_variant("zeroshot"),),
-                                        targets=("printed",)))]  # fmt: skip
+    (cfg,) = [
+        c for c in plan(SweepSpec(str(preset), (parse_variant("zeroshot"),), targets=("printed",)))
+    ]
     runs = str(tmp_path / "runs")
     run_dir = run_dir_of(cfg, runs)
     ctx = multiprocessing.get_context("spawn")
@@ -129,9 +140,23 @@ def test_a_run_locked_by_another_process_is_not_computed_twice(small_digits, tmp
 def test_sweep_runs_once_resumes_and_reports(small_digits, tmp_path, monkeypatch, preset, capsys):
     monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
     runs = tmp_path / "runs"
-    argv = ["sweep", "--config", str(preset), "--methods", "zeroshot", "coop:label=coop1",
-            "--targets", "printed", "outline", "--seeds", "0", "1", "--runs-dir", str(runs),
-            "--no-progress"]  # fmt: skip
+    argv = [
+        "sweep",
+        "--config",
+        str(preset),
+        "--methods",
+        "zeroshot",
+        "coop:label=coop1",
+        "--targets",
+        "printed",
+        "outline",
+        "--seeds",
+        "0",
+        "1",
+        "--runs-dir",
+        str(runs),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "8 runs: 0 finished earlier, 8 to run" in out and "(8 computed now)" in out
@@ -150,11 +175,13 @@ def test_sweep_runs_once_resumes_and_reports(small_digits, tmp_path, monkeypatch
     assert "all 8 runs finished earlier" in out and "(0 computed now)" in out
 
 
-def test_a_failing_run_is_reported_and_the_others_finish(small_digits, tmp_path, monkeypatch,
-                                                         preset):  # fmt: skip
+def test_a_failing_run_is_reported_and_the_others_finish(
+    small_digits, tmp_path, monkeypatch, preset
+):
     monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
-    cfgs = plan(SweepSpec(str(preset), (parse_variant("zeroshot"),), targets=("printed",),
-                          seeds=(0, 1)))  # fmt: skip
+    cfgs = plan(
+        SweepSpec(str(preset), (parse_variant("zeroshot"),), targets=("printed",), seeds=(0, 1))
+    )
     arch = dataclasses.replace(cfgs[0].backbone, name="no-such-arch")
     bad = dataclasses.replace(cfgs[0], backbone=arch)
     result = run_sweep([bad, cfgs[1]], runs_dir=str(tmp_path), progress=False, log=lambda s: None)
@@ -190,8 +217,10 @@ def _alive(pid: int) -> bool:
 def test_sigterm_to_a_parallel_sweep_stops_its_workers():
     # `kill`, `timeout` or a scheduler stop only the parent; its spawned workers used to be left
     # behind, finishing their task and then waiting for work forever
-    code = ("import time\nfrom seeclip.sweep import run_parallel\n"
-            "run_parallel(time.sleep, [(60,)] * 4, jobs=2, on_result=print)\n")  # fmt: skip
+    code = (
+        "import time\nfrom seeclip.sweep import run_parallel\n"
+        "run_parallel(time.sleep, [(60,)] * 4, jobs=2, on_result=print)\n"
+    )
     parent = subprocess.Popen([sys.executable, "-c", code])
     workers = []
     try:

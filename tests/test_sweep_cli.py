@@ -39,8 +39,20 @@ def _records(runs: Path) -> dict[str, dict]:
 
 
 def _argv(preset: Path, runs: Path, *extra: str) -> list[str]:
-    return ["sweep", "--config", str(preset), "--methods", "zeroshot", "coop:label=coop1",
-            "--targets", *TARGETS, "--runs-dir", str(runs), "--no-progress", *extra]  # fmt: skip
+    return [
+        "sweep",
+        "--config",
+        str(preset),
+        "--methods",
+        "zeroshot",
+        "coop:label=coop1",
+        "--targets",
+        *TARGETS,
+        "--runs-dir",
+        str(runs),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _main_out(argv: list[str]) -> tuple[int, str]:
@@ -71,13 +83,19 @@ def swept(small_digits, tmp_path_factory):
         code, dry = _main_out(_argv(preset, runs, "--dry-run"))
         assert code == 0
         after_dry_run = sorted(runs.rglob("*")) if runs.exists() else None
-        code, out = _main_out(_argv(preset, runs, "--report", str(tmp / "report"),
-                                    "--means-only"))  # fmt: skip
+        code, out = _main_out(_argv(preset, runs, "--report", str(tmp / "report"), "--means-only"))
         assert code == 0
     finally:
         mp.undo()
-    return {"preset": preset, "runs": runs, "dry": dry, "out": out, "report": tmp / "report",
-            "home": small_digits, "after_dry_run": after_dry_run}  # fmt: skip
+    return {
+        "preset": preset,
+        "runs": runs,
+        "dry": dry,
+        "out": out,
+        "report": tmp / "report",
+        "home": small_digits,
+        "after_dry_run": after_dry_run,
+    }
 
 
 def test_dry_run_lists_the_plan_and_runs_nothing(swept, monkeypatch):
@@ -99,8 +117,9 @@ def test_dry_run_lists_the_plan_and_runs_nothing(swept, monkeypatch):
     victim.unlink()  # an unfinished run is todo again
     try:
         code, out = _main_out(_argv(swept["preset"], runs, "--dry-run"))
-        assert _plan_lines(out) == {d: "todo" if d == str(victim.parent) else "done"
-                                    for d in finished}  # fmt: skip
+        assert _plan_lines(out) == {
+            d: "todo" if d == str(victim.parent) else "done" for d in finished
+        }
         assert not victim.exists()
     finally:
         victim.write_text("restored by the test\n")
@@ -109,8 +128,10 @@ def test_dry_run_lists_the_plan_and_runs_nothing(swept, monkeypatch):
 def test_means_only_prints_only_the_mean_over_targets(swept, monkeypatch):
     records = list(_records(swept["runs"]).values())
     lines = swept["out"].splitlines()
-    header = [c.strip() for c in next(x for x in lines if x.startswith("| benchmark |"))
-              .strip("|").split("|")]  # fmt: skip
+    header = [
+        c.strip()
+        for c in next(x for x in lines if x.startswith("| benchmark |")).strip("|").split("|")
+    ]
     rows = [x for x in lines if x.startswith("| digits |")]
     assert len(rows) == 2 and all("| **mean** |" in r for r in rows)  # one per method, no target
     assert not any(f"| {t} |" in x for x in lines for t in TARGETS)
@@ -139,8 +160,11 @@ def test_report_writes_the_report_folder_of_the_sweeps_runs(swept):
     records = list(_records(swept["runs"]).values())
     assert len(records) == 4
     for r in records:
-        (row,) = [x for x in rows if (x["metric"], x["method"], x["target"]) ==
-                  ("h_score", r["method"], r["target"])]  # fmt: skip
+        (row,) = [
+            x
+            for x in rows
+            if (x["metric"], x["method"], x["target"]) == ("h_score", r["method"], r["target"])
+        ]
         assert float(row["mean"]) == pytest.approx(r["h_score"], abs=1e-6)
         assert row["seeds"] == "1"
 
@@ -150,8 +174,18 @@ def test_validate_adds_lodo_to_finished_runs_and_reuses_them(small_digits, tmp_p
     preset = tmp_path / "preset.yaml"
     preset.write_text(PRESET)
     runs = tmp_path / "runs"
-    argv = ["sweep", "--config", str(preset), "--methods", "zeroshot", "--targets", "printed",
-            "--runs-dir", str(runs), "--no-progress"]  # fmt: skip
+    argv = [
+        "sweep",
+        "--config",
+        str(preset),
+        "--methods",
+        "zeroshot",
+        "--targets",
+        "printed",
+        "--runs-dir",
+        str(runs),
+        "--no-progress",
+    ]
     assert _main_out(argv)[0] == 0
     (run_dir,) = [p.parent for p in runs.glob("*/*/done")]
     assert not (run_dir / "validation.json").exists() and "rules" not in _final(run_dir)
@@ -167,7 +201,10 @@ def test_validate_adds_lodo_to_finished_runs_and_reuses_them(small_digits, tmp_p
     assert validation["settings"]["class_splits"] == 1
     assert validation["settings"]["held_out"] == 0.4
     assert sorted(f["pseudo_target"] for f in validation["folds"]) == [
-        "handwritten", "outline", "textured"]  # fmt: skip
+        "handwritten",
+        "outline",
+        "textured",
+    ]
     for f in validation["folds"]:
         assert len(f["held_out"]) == 2  # round(0.4 x 6 known digits)
     record = _final(run_dir)
@@ -175,13 +212,16 @@ def test_validate_adds_lodo_to_finished_runs_and_reuses_them(small_digits, tmp_p
     assert rule["threshold"] == validation["threshold"]
     with np.load(run_dir / "predictions.npz") as z:
         c = len(z["known_classes"])
-        y, pred = z["y_true"], np.where(z["unknown_score"] > rule["threshold"], c,
-                                        z["y_pred_closed"])  # fmt: skip
+        y, pred = (
+            z["y_true"],
+            np.where(z["unknown_score"] > rule["threshold"], c, z["y_pred_closed"]),
+        )
     acc = (pred[y >= 0] == y[y >= 0]).mean()
     acc_u = (pred[y < 0] == c).mean()
     assert rule["acc_known"] == pytest.approx(acc) and rule["acc_unknown"] == pytest.approx(acc_u)
-    assert rule["h_score"] == pytest.approx(0 if acc + acc_u == 0 else 2 * acc * acc_u /
-                                            (acc + acc_u))  # fmt: skip
+    assert rule["h_score"] == pytest.approx(
+        0 if acc + acc_u == 0 else 2 * acc * acc_u / (acc + acc_u)
+    )
     code, out = _main_out(validate)  # validated with these settings: nothing to do
     assert code == 0 and "all 1 runs finished earlier" in out
     code, out = _main_out([*validate[:-2], "--dry-run"])  # other settings (held-out 0.3)
@@ -202,19 +242,29 @@ def _sweep_in_thread(argv: list[str]) -> tuple[threading.Thread, dict]:
     return thread, result
 
 
-def test_a_run_held_by_another_process_is_waited_for_and_not_recomputed(small_digits, tmp_path,
-                                                                        monkeypatch):  # fmt: skip
+def test_a_run_held_by_another_process_is_waited_for_and_not_recomputed(
+    small_digits, tmp_path, monkeypatch
+):
     from seeclip.runner import run_eval
 
     monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
     preset = tmp_path / "preset.yaml"
     preset.write_text(PRESET)
     runs = tmp_path / "runs"
-    held_cfg, free_cfg = plan(SweepSpec(str(preset), (parse_variant("zeroshot"),),
-                                        targets=TARGETS))  # fmt: skip
+    held_cfg, free_cfg = plan(SweepSpec(str(preset), (parse_variant("zeroshot"),), targets=TARGETS))
     held, free = run_dir_of(held_cfg, runs), run_dir_of(free_cfg, runs)
-    argv = ["sweep", "--config", str(preset), "--methods", "zeroshot", "--targets", *TARGETS,
-            "--runs-dir", str(runs), "--no-progress"]  # fmt: skip
+    argv = [
+        "sweep",
+        "--config",
+        str(preset),
+        "--methods",
+        "zeroshot",
+        "--targets",
+        *TARGETS,
+        "--runs-dir",
+        str(runs),
+        "--no-progress",
+    ]
     # flock locks belong to an open file: holding one here blocks the sweep as another process
     with run_lock(held, wait=False) as locked:
         assert locked
@@ -242,9 +292,21 @@ def test_a_run_held_by_another_process_is_waited_for_and_not_recomputed(small_di
 def test_two_jobs_finish_every_run_with_the_records_of_one(swept, tmp_path, monkeypatch):
     monkeypatch.setenv("SEECLIP_HOME", str(swept["home"]))
     runs = tmp_path / "runs"
-    argv = ["sweep", "--config", str(swept["preset"]), "--methods", "zeroshot",
-            "coop:label=coop1", "--targets", "printed", "--runs-dir", str(runs), "--no-progress",
-            "--jobs", "2"]  # fmt: skip
+    argv = [
+        "sweep",
+        "--config",
+        str(swept["preset"]),
+        "--methods",
+        "zeroshot",
+        "coop:label=coop1",
+        "--targets",
+        "printed",
+        "--runs-dir",
+        str(runs),
+        "--no-progress",
+        "--jobs",
+        "2",
+    ]
     code, out = _main_out(argv)
     assert code == 0 and "2 to run (2 processes" in out and "(2 computed now)" in out
     two = _records(runs)

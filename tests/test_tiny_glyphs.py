@@ -29,8 +29,9 @@ def test_tiny_glyphs_has_36_tokens_and_its_pool_equals_open_clips():
     x = torch.randn(3, 3, 48, 48)
     pooled = model.encode_image(x)
     pool = model.visual.attnpool
-    reference = AttentionPool2d(6, pool.k_proj.in_features, pool.num_heads,
-                                pool.c_proj.out_features)  # fmt: skip
+    reference = AttentionPool2d(
+        6, pool.k_proj.in_features, pool.num_heads, pool.c_proj.out_features
+    )
     reference.load_state_dict(pool.state_dict())
     model.visual.attnpool = reference
     torch.testing.assert_close(model.encode_image(x), pooled, atol=1e-6, rtol=1e-5)
@@ -127,8 +128,13 @@ def test_token_stage_trains_only_the_image_tower_and_resumes_bit_for_bit(tmp_pat
         assert all(torch.equal(resumed[k], final[k]) for k in final), stop
 
     (tmp_path / "a" / "tiny-glyphs.stage1.card.json").write_text('{"command": "stage one"}')
-    card = pretrain_clip(cfg, tmp_path / "init", progress=False, benchmark=bench,
-                         init=tmp_path / "a" / "tiny-glyphs.stage1.safetensors")  # fmt: skip
+    card = pretrain_clip(
+        cfg,
+        tmp_path / "init",
+        progress=False,
+        benchmark=bench,
+        init=tmp_path / "a" / "tiny-glyphs.stage1.safetensors",
+    )
     from_init = _token_tower_state(tmp_path / "init" / "tiny-glyphs.safetensors")
     assert all(torch.equal(from_init[k], final[k]) for k in final)
     assert card["training"]["stage1"] == {"command": "stage one"}
@@ -147,15 +153,20 @@ def test_token_stage_init_is_refused_without_token_steps(tmp_path):
 def test_reduced_budget_glyphs_run_learns(tmp_path):
     """The glyphs loop on a small budget: the loss falls and zero-shot *style* accuracy (4-way)
     on benchmark images rises above chance, which the random tower does not."""
-    cfg = _tiny_cfg(steps=60, batch_size=32, corpus_size=384, lr=2e-3, warmup_steps=6,
-                    checkpoint_every=1000)  # fmt: skip
+    cfg = _tiny_cfg(
+        steps=60, batch_size=32, corpus_size=384, lr=2e-3, warmup_steps=6, checkpoint_every=1000
+    )
     bench = load_benchmark_arrays(n_per_class=2, world="glyphs")
     card = pretrain_clip(cfg, tmp_path, progress=False, benchmark=bench)
     assert card["training"]["loss_last"] < card["training"]["loss_first"] - 0.5
     images = np.concatenate([x for x, _ in bench.values()])
     styles = np.repeat(np.arange(len(bench)), [len(x) for x, _ in bench.values()])
-    words = {"printed": "printed", "outline": "outline", "textured": "textured",
-             "handwritten": "handwritten"}  # fmt: skip
+    words = {
+        "printed": "printed",
+        "outline": "outline",
+        "textured": "textured",
+        "handwritten": "handwritten",
+    }
     names = [f"{words[d]} letter" for d in bench]
 
     def style_accuracy(model, tokenizer) -> float:
@@ -176,8 +187,9 @@ def test_shipped_tiny_glyphs_rebuilds_exactly():
         assert torch.equal(v, shipped[k].float()), k
     card = load_card(TINY_MODELS["tiny-glyphs"].card)
     assert card["name"] == "tiny-glyphs" and card["zero_shot"]["classnames"] == list(NAMES)
-    w = open_clip.build_zero_shot_classifier(model, tokenizer, NAMES,
-                                             card["zero_shot"]["templates"]).T  # fmt: skip
+    w = open_clip.build_zero_shot_classifier(
+        model, tokenizer, NAMES, card["zero_shot"]["templates"]
+    ).T
     assert (w @ w.T)[~torch.eye(len(NAMES), dtype=torch.bool)].max() < 0.98
 
 
@@ -188,8 +200,9 @@ def test_shipped_tiny_glyphs_zero_shot_on_a_benchmark_subset():
     model, _, tokenizer = build_tiny_clip("tiny-glyphs", WEIGHTS)
     card = load_card(TINY_MODELS["tiny-glyphs"].card)
     bench = load_benchmark_arrays(n_per_class=100, limit_per_class=10, world="glyphs")
-    acc = accuracy(model, tokenizer, bench, templates=card["zero_shot"]["templates"],
-                   classnames=NAMES)  # fmt: skip
+    acc = accuracy(
+        model, tokenizer, bench, templates=card["zero_shot"]["templates"], classnames=NAMES
+    )
     assert np.mean(list(acc.values())) >= card["zero_shot"]["ensemble"]["mean"] - 0.08, acc
 
 
@@ -198,8 +211,18 @@ def test_cli_init_without_token_steps_is_one_line(tmp_path, capsys):
 
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"")
-    code = cli.main(["pretrain-clip", "--world", "glyphs", "--out", str(tmp_path / "o"),
-                     "--init", str(weights), "token_steps=0"])  # fmt: skip
+    code = cli.main(
+        [
+            "pretrain-clip",
+            "--world",
+            "glyphs",
+            "--out",
+            str(tmp_path / "o"),
+            "--init",
+            str(weights),
+            "token_steps=0",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "pass token_steps=N" in err[0]
     assert not (tmp_path / "o").exists()  # refused before any work

@@ -22,8 +22,9 @@ from seeclip.pseudo import PseudoContext, sd_image_unknowns  # noqa: E402
 from seeclip.pseudo.sd_images import pick_sources  # noqa: E402
 
 FOLDER = SHIPPED_SD_MODELS["tiny-glyphs-sd"]
-CFG = ImageDiffusionConfig(model="tiny-glyphs-sd", prompt="an unknown sign, {domain}", steps=3,
-                           batch_size=2)  # fmt: skip
+CFG = ImageDiffusionConfig(
+    model="tiny-glyphs-sd", prompt="an unknown sign, {domain}", steps=3, batch_size=2
+)
 KNOWN = ["letter o", "letter e", "letter p"]
 
 
@@ -56,8 +57,9 @@ def test_shipped_text_encoder_is_tiny_glyphs_text_tower(pipe):
     eos = int(ids.argmax(-1))  # the end token has the largest id
     # the end state, projected by CLIP's own text projection, is CLIP's text feature; P maps it
     # back to the state's component in the projection's row space
-    torch.testing.assert_close(states[0, eos] @ clip.text_projection.float(), pooled[0],
-                               atol=2e-2, rtol=2e-2)  # fmt: skip
+    torch.testing.assert_close(
+        states[0, eos] @ clip.text_projection.float(), pooled[0], atol=2e-2, rtol=2e-2
+    )
     back = (pooled @ p) @ clip.text_projection.float()
     torch.testing.assert_close(back, pooled, atol=1e-3, rtol=1e-3)
 
@@ -67,8 +69,9 @@ def test_shipped_model_generates_48px_pools_reproducibly(pipe, tmp_path):
     domains, sources = ["printed", "outline", "printed", "textured"], ["a", "b", "c", "d"]
 
     def pool(out, seed):
-        return generate_image_pool(pipe, tokens, domains, sources, KNOWN, out_dir=out, cfg=CFG,
-                                   seed=seed, progress=False)  # fmt: skip
+        return generate_image_pool(
+            pipe, tokens, domains, sources, KNOWN, out_dir=out, cfg=CFG, seed=seed, progress=False
+        )
 
     first = load_image_pool(pool(tmp_path / "a", 0))
     again = load_image_pool(pool(tmp_path / "b", 0))
@@ -94,11 +97,18 @@ def test_sd_images_source_runs_the_shipped_model_on_demand(tmp_path):
     g = torch.nn.functional.normalize(torch.randn(12, 128), dim=-1)
     t = torch.randn(12, 36, 128)
     feats = Features(g, t, ("printed",) * 6 + ("outline",) * 6)
-    ctx = PseudoContext(feats, torch.arange(12) % 3, backbone=backbone, class_texts=tuple(KNOWN),
-                        seed=0, diffusion=FeatureDiffusionConfig(k=2, pool_per_domain=2,
-                                                                 sample_steps=2),
-                        sd_model="tiny-glyphs-sd", sd_prompt="an unknown sign, {domain}",
-                        cache_dir=tmp_path, progress=False)  # fmt: skip
+    ctx = PseudoContext(
+        feats,
+        torch.arange(12) % 3,
+        backbone=backbone,
+        class_texts=tuple(KNOWN),
+        seed=0,
+        diffusion=FeatureDiffusionConfig(k=2, pool_per_domain=2, sample_steps=2),
+        sd_model="tiny-glyphs-sd",
+        sd_prompt="an unknown sign, {domain}",
+        cache_dir=tmp_path,
+        progress=False,
+    )
     source = sd_image_unknowns(ctx)
     gl, tok = source.sample("outline", 3, torch.Generator().manual_seed(0))
     assert gl.shape == (3, 128) and tok.shape == (3, 36, 128)
@@ -121,15 +131,32 @@ def test_sdedit_keeps_its_source_image(pipe, tmp_path):
     light[14:34, 20:28] = 20  # a dark bar
     dark = 255 - light
     tokens = torch.randn(2, 4, 128, generator=torch.Generator().manual_seed(0))
-    cfg = ImageDiffusionConfig(model="tiny-glyphs-sd", prompt="an unknown sign, {domain}",
-                               steps=8, batch_size=2, strength=0.3)  # fmt: skip
+    cfg = ImageDiffusionConfig(
+        model="tiny-glyphs-sd",
+        prompt="an unknown sign, {domain}",
+        steps=8,
+        batch_size=2,
+        strength=0.3,
+    )
 
     def brightness(inits, out):
-        pool = load_image_pool(generate_image_pool(
-            pipe, tokens, ["printed", "printed"], ["a", "b"], KNOWN, out_dir=tmp_path / out,
-            cfg=cfg, seed=0, progress=False, init_images=inits))  # fmt: skip
-        return [np.asarray(Image.open(pool.root / p).convert("L"), float).mean()
-                for p in pool.paths]  # fmt: skip
+        pool = load_image_pool(
+            generate_image_pool(
+                pipe,
+                tokens,
+                ["printed", "printed"],
+                ["a", "b"],
+                KNOWN,
+                out_dir=tmp_path / out,
+                cfg=cfg,
+                seed=0,
+                progress=False,
+                init_images=inits,
+            )
+        )
+        return [
+            np.asarray(Image.open(pool.root / p).convert("L"), float).mean() for p in pool.paths
+        ]
 
     kept = brightness([light, dark], "a")
     swapped = brightness([dark, light], "b")
@@ -140,20 +167,31 @@ def test_sd_images_source_passes_source_images_for_sdedit(tmp_path):
     from seeclip.generate.feature_config import FeatureDiffusionConfig
 
     backbone = build_backbone("tiny-glyphs-random")
-    feats = Features(torch.nn.functional.normalize(torch.randn(4, 128), dim=-1),
-                     torch.randn(4, 36, 128), ("printed",) * 4)  # fmt: skip
+    feats = Features(
+        torch.nn.functional.normalize(torch.randn(4, 128), dim=-1),
+        torch.randn(4, 36, 128),
+        ("printed",) * 4,
+    )
     files = []
     for i in range(4):
         files.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(np.full((48, 48, 3), 60 * i, np.uint8)).save(files[-1])
-    kw = dict(backbone=backbone, class_texts=tuple(KNOWN), seed=0,
-              diffusion=FeatureDiffusionConfig(k=2, pool_per_domain=2, sample_steps=2),
-              sd_model="tiny-glyphs-sd", sd_prompt="an unknown sign, {domain}",
-              cache_dir=tmp_path, progress=False, sd_strength=0.5)  # fmt: skip
+    kw = dict(
+        backbone=backbone,
+        class_texts=tuple(KNOWN),
+        seed=0,
+        diffusion=FeatureDiffusionConfig(k=2, pool_per_domain=2, sample_steps=2),
+        sd_model="tiny-glyphs-sd",
+        sd_prompt="an unknown sign, {domain}",
+        cache_dir=tmp_path,
+        progress=False,
+        sd_strength=0.5,
+    )
     with pytest.raises(ValueError, match="needs the source image of every feature row"):
         sd_image_unknowns(PseudoContext(feats, torch.arange(4) % 3, **kw))
-    source = sd_image_unknowns(PseudoContext(feats, torch.arange(4) % 3, image_paths=tuple(files),
-                                             **kw))  # fmt: skip
+    source = sd_image_unknowns(
+        PseudoContext(feats, torch.arange(4) % 3, image_paths=tuple(files), **kw)
+    )
     assert source.sample("printed", 2, torch.Generator().manual_seed(0))[0].shape == (2, 128)
     assert len(list((tmp_path / "pools" / "images").glob("sd-*/manifest.csv"))) == 1
 

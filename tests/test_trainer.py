@@ -69,8 +69,9 @@ def test_mixup_unknowns_mix_two_different_classes_of_one_domain():
 
 def _trainer(backbone, method="coop", pseudo=None, **train):
     cfg = TrainConfig(**{"epochs": 3, "batch_size": 12, "lr": 1e-2, **train})
-    env = MethodEnv(backbone, ("zero", "one", "two"), "a photo of a {}.", seed=0, pseudo=pseudo,
-                    progress=False)  # fmt: skip
+    env = MethodEnv(
+        backbone, ("zero", "one", "two"), "a photo of a {}.", seed=0, pseudo=pseudo, progress=False
+    )
     sections = {"prompt": PromptConfig(n_ctx=2, k=2, m=2), "loss": LossConfig(), "train": cfg}
     return build_method(method, env, sections)
 
@@ -163,8 +164,13 @@ def test_val_h_scores_pseudo_unknowns_from_the_validation_source_only(backbone):
     val = Features(val_g, val.tokens, val.domains)
     assert (train.global_.float() @ e0).abs().max() < 0.5
     calls = []
-    t = _trainer(backbone, "seeclip", _mixup(train, train_labels, val, val_labels, calls),
-                 selection="val_h", epochs=2)  # fmt: skip
+    t = _trainer(
+        backbone,
+        "seeclip",
+        _mixup(train, train_labels, val, val_labels, calls),
+        selection="val_h",
+        epochs=2,
+    )
     t.fit(train, train_labels, val, val_labels)
     assert sorted(calls) == ["train", "val"]  # one source each, the held-out one from val
     g, _ = t._val_pseudo(val)

@@ -50,8 +50,15 @@ def _run(runs_dir: Path, method: str, target: str, seed: int, pred: dict, thresh
     run_dir = runs_dir / name / h
     run_dir.mkdir(parents=True)
     np.savez(run_dir / "predictions.npz", **pred)
-    final = {"kind": "final", "benchmark": "glyphs", "protocol": "daml", "target": target,
-             "method": method, "seed": seed, "config_hash": h}  # fmt: skip
+    final = {
+        "kind": "final",
+        "benchmark": "glyphs",
+        "protocol": "daml",
+        "target": target,
+        "method": method,
+        "seed": seed,
+        "config_hash": h,
+    }
     if threshold is not None:
         final["rules"] = {"lodo_threshold": {"threshold": threshold}}
     write_records(run_dir, final, [])
@@ -75,7 +82,8 @@ def test_the_command_averages_seeds_per_method_and_target(tmp_path):
 
 
 def test_no_matching_runs_names_the_fix(tmp_path):
-    out = subprocess.run([sys.executable, str(SCRIPT), "--runs-dir", str(tmp_path)],
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--runs-dir", str(tmp_path)], capture_output=True, text=True
+    )
     assert out.returncode != 0
     assert "no finished runs match" in out.stderr and "--runs-dir" in out.stderr

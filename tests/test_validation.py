@@ -55,8 +55,13 @@ def test_daml_folds_count_a_pseudo_targets_untrained_classes_as_unknown():
     # two is its only shared class and stays known; the three class splits are one fold
     (hw,) = by_target["handwritten"]
     assert hw.held_out == () and hw.split.unknown == ("zero", "one")
-    assert hw.split.target_known == ("two",) and hw.split.known == ("two", "three", "four",
-                                                                     "five", "six")  # fmt: skip
+    assert hw.split.target_known == ("two",) and hw.split.known == (
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+    )
     # printed {two, three, four}: three is untrained (unknown anyway), and one of the shared
     # two and four (round(0.3 x 2) = 1) is held out per split; both splits occur
     for f in by_target["printed"]:
@@ -114,15 +119,16 @@ def test_held_out_thresholds_are_fitted_on_the_other_folds_only():
     # interval wins. Fitted on all three folds, every threshold would be in b's interval.
     folds = [a, b, b]
     expected = [(10.3, 10.8), (0.3, 0.8), (0.3, 0.8)]
-    for k, (thr, (low, high)) in enumerate(zip(held_out_thresholds(folds), expected,
-                                               strict=True)):  # fmt: skip
+    for k, (thr, (low, high)) in enumerate(zip(held_out_thresholds(folds), expected, strict=True)):
         others = [f for i, f in enumerate(folds) if i != k]
         assert _best_interval(others) == pytest.approx((low, high))
         assert low <= thr < high, (k, thr)
-        best = np.mean([_hand_h(y_, p.y_pred_closed, p.unknown_score, low, c)
-                        for y_, p, c in others])  # fmt: skip
-        got = np.mean([_hand_h(y_, p.y_pred_closed, p.unknown_score, thr, c)
-                       for y_, p, c in others])  # fmt: skip
+        best = np.mean(
+            [_hand_h(y_, p.y_pred_closed, p.unknown_score, low, c) for y_, p, c in others]
+        )
+        got = np.mean(
+            [_hand_h(y_, p.y_pred_closed, p.unknown_score, thr, c) for y_, p, c in others]
+        )
         assert got == best
     assert _best_interval(folds) == pytest.approx((10.3, 10.8))  # what leaking would give
     # two folds: each is fitted on the other alone; one fold: on itself
@@ -144,8 +150,12 @@ def _metrics_by_hand(y, y_pred, closed, score, c) -> dict[str, float]:
     points = [(0.0, 0.0)]
     for t in sorted(set(score.tolist())):  # accept every sample whose score is <= t
         accepted = score <= t
-        points.append((np.sum(accepted & unknown) / unknown.sum(),
-                       np.sum(accepted & known & (closed == y)) / known.sum()))  # fmt: skip
+        points.append(
+            (
+                np.sum(accepted & unknown) / unknown.sum(),
+                np.sum(accepted & known & (closed == y)) / known.sum(),
+            )
+        )
     oscr = sum(
         (x1 - x0) * (c0 + c1) / 2
         for (x0, c0), (x1, c1) in zip(points[:-1], points[1:], strict=True)
@@ -194,9 +204,17 @@ def test_lodo_runs_without_the_target_images_and_opens_none(tmp_path, monkeypatc
         return report_of(y, y_pred, y_pred_closed, unknown_score, num_known=num_known)
 
     monkeypatch.setattr(seeclip.validation.metrics, "open_set_report", keep)
-    cfg = apply_overrides(RunConfig(), ["data.benchmark=digits", "data.target=outline",
-                                        "backbone.name=tiny-digits", "method=coop",
-                                        "train.epochs=1", "train.batch_size=6"])  # fmt: skip
+    cfg = apply_overrides(
+        RunConfig(),
+        [
+            "data.benchmark=digits",
+            "data.target=outline",
+            "backbone.name=tiny-digits",
+            "method=coop",
+            "train.epochs=1",
+            "train.batch_size=6",
+        ],
+    )
     report = run_lodo(cfg, LodoSettings(class_splits=1), progress=False)
     assert opened and not any("outline" in p for p in opened)
     assert [f["pseudo_target"] for f in report["folds"]] == ["handwritten", "printed", "textured"]
@@ -221,10 +239,24 @@ def test_lodo_runs_without_the_target_images_and_opens_none(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_train_validate_lodo_records_the_rule_and_reuses_the_folds(tmp_path, monkeypatch, capsys):
     _small_digits(tmp_path, monkeypatch)
-    args = ["train", "--config", "configs/digits.yaml", "--target", "printed", "--runs-dir",
-            str(tmp_path / "runs"), "--no-progress", "--validate", "lodo", "--class-splits", "1",
-            "backbone.name=tiny-digits", "method=seeclip", "train.epochs=1",
-            "train.pseudo_unknowns=mixup"]  # fmt: skip
+    args = [
+        "train",
+        "--config",
+        "configs/digits.yaml",
+        "--target",
+        "printed",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--no-progress",
+        "--validate",
+        "lodo",
+        "--class-splits",
+        "1",
+        "backbone.name=tiny-digits",
+        "method=seeclip",
+        "train.epochs=1",
+        "train.pseudo_unknowns=mixup",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "LODO on the sources, 3 folds" in out
@@ -292,12 +324,28 @@ def test_train_grid_chooses_a_setting_on_the_folds_and_records_why(tmp_path, mon
 
     _small_digits(tmp_path, monkeypatch)
     grid = tmp_path / "grid.yaml"
-    grid.write_text("variants:\n  mixup: [train.pseudo_unknowns=mixup]\n"
-                    "  none: [train.pseudo_unknowns=none]\n")  # fmt: skip
+    grid.write_text(
+        "variants:\n  mixup: [train.pseudo_unknowns=mixup]\n  none: [train.pseudo_unknowns=none]\n"
+    )
     runs = tmp_path / "runs"
-    args = ["train", "--config", "configs/digits.yaml", "--target", "printed", "--runs-dir",
-            str(runs), "--no-progress", "--validate", "lodo", "--class-splits", "1", "--grid",
-            str(grid), "backbone.name=tiny-digits", "train.epochs=1"]  # fmt: skip
+    args = [
+        "train",
+        "--config",
+        "configs/digits.yaml",
+        "--target",
+        "printed",
+        "--runs-dir",
+        str(runs),
+        "--no-progress",
+        "--validate",
+        "lodo",
+        "--class-splits",
+        "1",
+        "--grid",
+        str(grid),
+        "backbone.name=tiny-digits",
+        "train.epochs=1",
+    ]
     assert main(args) == 0
     assert "chosen" in capsys.readouterr().out
     (run_dir,) = [p.parent for p in runs.rglob("done")]

@@ -171,8 +171,11 @@ def _load(entry: Path, key: str, content: str | None = None) -> CachedFeatures |
     if meta is None or meta["key"] != key:
         return None
     if content is not None and meta["content"] != content:
-        log.warning("feature cache %s: image contents changed with the same size and "
-                    "mtime (--verify-cache); rebuilding", entry)  # fmt: skip
+        log.warning(
+            "feature cache %s: image contents changed with the same size and "
+            "mtime (--verify-cache); rebuilding",
+            entry,
+        )
         return None
     try:
         glob = np.load(entry / "global.npy", mmap_mode="r")
@@ -266,9 +269,19 @@ def encode_cached(
     if distributed.world_size() > 1:  # torchrun: every rank encodes a shard of one entry
         if not distributed.broadcast_flag(cached is None):
             return cached
-        return _build_sharded(backbone, root, rel_paths, entry, parts, key, content,
-                              desc=f"encoding {name}", batch_size=batch_size,
-                              num_workers=num_workers, progress=progress)  # fmt: skip
+        return _build_sharded(
+            backbone,
+            root,
+            rel_paths,
+            entry,
+            parts,
+            key,
+            content,
+            desc=f"encoding {name}",
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+        )
     if cached is not None:
         return cached
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -276,13 +289,35 @@ def encode_cached(
         cached = _load(entry, key, content)  # another process may have built it meanwhile
         if cached is not None:
             return cached
-        return _build(backbone, root, rel_paths, entry, parts, key, content,
-                      desc=f"encoding {name}", batch_size=batch_size, num_workers=num_workers,
-                      progress=progress)  # fmt: skip
+        return _build(
+            backbone,
+            root,
+            rel_paths,
+            entry,
+            parts,
+            key,
+            content,
+            desc=f"encoding {name}",
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+        )
 
 
-def _build(backbone, root, rel_paths, entry, parts, key, content, *, desc, batch_size,
-           num_workers, progress) -> CachedFeatures:  # fmt: skip
+def _build(
+    backbone,
+    root,
+    rel_paths,
+    entry,
+    parts,
+    key,
+    content,
+    *,
+    desc,
+    batch_size,
+    num_workers,
+    progress,
+) -> CachedFeatures:
     """Encodes into a temporary sibling, then swaps it in (the caller holds the entry's lock)."""
     reason = _stale_reason(entry, parts)
     if reason is not None:
@@ -331,8 +366,20 @@ def _meta(backbone, root, rel_paths, parts, key, content) -> dict:
     }
 
 
-def _build_sharded(backbone, root, rel_paths, entry, parts, key, content, *, desc, batch_size,
-                   num_workers, progress) -> CachedFeatures:  # fmt: skip
+def _build_sharded(
+    backbone,
+    root,
+    rel_paths,
+    entry,
+    parts,
+    key,
+    content,
+    *,
+    desc,
+    batch_size,
+    num_workers,
+    progress,
+) -> CachedFeatures:
     """torchrun: rank 0 creates (and reserves) the arrays in a temporary folder, every rank
     encodes its contiguous block of rows into them, rank 0 writes ``meta.json`` and swaps the
     entry in; then every rank reads it. The folder must be on a file system all ranks see."""
@@ -358,8 +405,16 @@ def _build_sharded(backbone, root, rel_paths, entry, parts, key, content, *, des
         toks = np.load(tmp / "tokens.npy", mmap_mode="r+")
         files = ImageFiles(root, [rel_paths[i] for i in rows], backbone.preprocess)
         loader = DataLoader(files, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        _encode_rows(backbone, loader, glob, toks, rows.start, len(rows),
-                     desc=f"{desc} (rank {distributed.rank()})", progress=progress)  # fmt: skip
+        _encode_rows(
+            backbone,
+            loader,
+            glob,
+            toks,
+            rows.start,
+            len(rows),
+            desc=f"{desc} (rank {distributed.rank()})",
+            progress=progress,
+        )
         glob.flush()
         toks.flush()
         del glob, toks
@@ -389,8 +444,9 @@ def _encode_into(out: Path, backbone, loader: DataLoader, n: int, *, desc: str, 
     toks.flush()
 
 
-def _encode_rows(backbone, loader, glob, toks, start: int, n: int, *, desc: str,
-                 progress: bool) -> None:  # fmt: skip
+def _encode_rows(
+    backbone, loader, glob, toks, start: int, n: int, *, desc: str, progress: bool
+) -> None:
     """Encodes ``loader``'s ``n`` images into rows ``start .. start + n`` of the two arrays."""
     row = start
     with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:

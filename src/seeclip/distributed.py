@@ -71,8 +71,9 @@ def resolve_device(spec: str) -> torch.device:
     if dev.type == "cpu":
         return torch.device("cpu")
     if dev.type != "cuda":
-        raise ValueError(f"--device {spec}: seeclip runs on the CPU or CUDA GPUs; use "
-                         f"{DEVICE_CHOICES}")  # fmt: skip
+        raise ValueError(
+            f"--device {spec}: seeclip runs on the CPU or CUDA GPUs; use {DEVICE_CHOICES}"
+        )
     if not torch.cuda.is_available():
         raise ValueError(
             f"--device {spec}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu "
@@ -81,8 +82,10 @@ def resolve_device(spec: str) -> torch.device:
     count = torch.cuda.device_count()
     index = local if dev.index is None else dev.index
     if index >= count:
-        raise ValueError(f"--device {spec}: this machine shows {count} CUDA device(s), "
-                         f"cuda:0 to cuda:{count - 1}")  # fmt: skip
+        raise ValueError(
+            f"--device {spec}: this machine shows {count} CUDA device(s), "
+            f"cuda:0 to cuda:{count - 1}"
+        )
     return torch.device("cuda", index)
 
 

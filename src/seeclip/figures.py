@@ -40,8 +40,13 @@ def roc_figure(
         auc = metrics.auroc(y_true, score)  # the number the tables show
         ax.plot(fpr, tpr, label=f"{label} ({auc * 100:.1f})", lw=1.4)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="known called unknown (FPR)", ylabel="unknown called unknown (TPR)",
-           xlim=(0, 1), ylim=(0, 1.01), title=title)  # fmt: skip
+    ax.set(
+        xlabel="known called unknown (FPR)",
+        ylabel="unknown called unknown (TPR)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        title=title,
+    )
     ax.legend(fontsize=7, title="method (AUROC)", title_fontsize=7, loc="lower right")
     return _save(fig, path)
 
@@ -57,14 +62,25 @@ def score_histograms(
     fig = Figure(figsize=(3.2 * cols, 2.6 * rows))
     for i, (name, groups) in enumerate(panels.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
-        present = {g: np.asarray(groups[g], float) for g in SCORE_GROUPS
-                   if groups.get(g) is not None and len(groups[g])}  # fmt: skip
+        present = {
+            g: np.asarray(groups[g], float)
+            for g in SCORE_GROUPS
+            if groups.get(g) is not None and len(groups[g])
+        }
         values = np.concatenate(list(present.values())) if present else np.zeros(1)
         lo, hi = float(values.min()), float(values.max())
         bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 31)
         for g, v in present.items():
-            ax.hist(v, bins=bins, density=True, histtype="stepfilled", alpha=0.35,
-                    color=_COLOURS[g], edgecolor=_COLOURS[g], label=f"{g} ({len(v)})")  # fmt: skip
+            ax.hist(
+                v,
+                bins=bins,
+                density=True,
+                histtype="stepfilled",
+                alpha=0.35,
+                color=_COLOURS[g],
+                edgecolor=_COLOURS[g],
+                label=f"{g} ({len(v)})",
+            )
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("unknown score", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -88,12 +104,19 @@ def h_bars(
     width = 0.8 / max(len(methods), 1)
     x = np.arange(len(targets))
     for i, method in enumerate(methods):
-        ax.bar(x + (i - (len(methods) - 1) / 2) * width, means[i] * 100, width,  # nan: no bar
-               yerr=np.nan_to_num(stds[i]) * 100, capsize=2, label=method)  # fmt: skip
+        ax.bar(
+            x + (i - (len(methods) - 1) / 2) * width,
+            means[i] * 100,
+            width,  # nan: no bar
+            yerr=np.nan_to_num(stds[i]) * 100,
+            capsize=2,
+            label=method,
+        )
     ax.set_xticks(x, targets, fontsize=8)
     ax.set(ylabel="H (%)", ylim=(0, 100), title=title)
-    ax.legend(fontsize=7, ncols=min(len(methods), 4), loc="upper center",
-              bbox_to_anchor=(0.5, -0.12))  # fmt: skip
+    ax.legend(
+        fontsize=7, ncols=min(len(methods), 4), loc="upper center", bbox_to_anchor=(0.5, -0.12)
+    )
     return _save(fig, path)
 
 
@@ -114,7 +137,14 @@ def confusion_figure(
         for i in range(len(rows)):
             for j in range(len(cols)):
                 if m[i, j]:
-                    ax.text(j, i, f"{norm[i, j] * 100:.0f}", ha="center", va="center",
-                            fontsize=5, color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+                    ax.text(
+                        j,
+                        i,
+                        f"{norm[i, j] * 100:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=5,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
     fig.colorbar(im, ax=ax, fraction=0.04)
     return _save(fig, path)

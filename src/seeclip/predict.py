@@ -52,14 +52,17 @@ def _no_pseudo() -> None:
 class Predictor:
     """A fitted run: its config, known classes, backbone and method."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, known: tuple[str, ...], method: Method,
-                 backbone) -> None:  # fmt: skip
+    def __init__(
+        self, run_dir: Path, cfg: RunConfig, known: tuple[str, ...], method: Method, backbone
+    ) -> None:
         self.run_dir, self.cfg, self.known = run_dir, cfg, known
         self.method, self.backbone = method, backbone
 
     def __repr__(self) -> str:
-        return (f"Predictor({self.run_dir}, method={self.cfg.label or self.cfg.method}, "
-                f"{len(self.known)} known classes)")  # fmt: skip
+        return (
+            f"Predictor({self.run_dir}, method={self.cfg.label or self.cfg.method}, "
+            f"{len(self.known)} known classes)"
+        )
 
     def predict(
         self, images: Iterable[Image.Image | torch.Tensor | str | Path]
@@ -85,11 +88,17 @@ class Predictor:
             names = (*self.known, UNKNOWN)
             for j, (k, _) in enumerate(ok):
                 score = float(pred.unknown_score[j])
-                results[k] = ImagePrediction(items[k][0], names[int(pred.y_pred[j])],
-                                             1.0 - score, score,
-                                             self.known[int(pred.y_pred_closed[j])])  # fmt: skip
-        return [results.get(k) or ImagePrediction(src, None, None, None, None, err)
-                for k, (src, _, err) in enumerate(items)]  # fmt: skip
+                results[k] = ImagePrediction(
+                    items[k][0],
+                    names[int(pred.y_pred[j])],
+                    1.0 - score,
+                    score,
+                    self.known[int(pred.y_pred_closed[j])],
+                )
+        return [
+            results.get(k) or ImagePrediction(src, None, None, None, None, err)
+            for k, (src, _, err) in enumerate(items)
+        ]
 
     @staticmethod
     def _as_pil(i: int, img) -> list[tuple[str, Image.Image | None, str | None]]:
@@ -103,15 +112,18 @@ class Predictor:
         if isinstance(img, torch.Tensor):
             batch = img if img.ndim == 4 else img.unsqueeze(0)
             if batch.ndim != 4 or batch.shape[1] not in (1, 3):
-                raise ValueError(f"image tensors are [3, H, W] or [N, 3, H, W] in [0, 1], got "
-                                 f"shape {tuple(img.shape)}")  # fmt: skip
+                raise ValueError(
+                    f"image tensors are [3, H, W] or [N, 3, H, W] in [0, 1], got "
+                    f"shape {tuple(img.shape)}"
+                )
             # rounded, not truncated: a tensor made from 8-bit pixels gives those pixels back
             u8 = (batch.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
             u8 = u8.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
-            return [(f"<image {i}.{j}>" if img.ndim == 4 else f"<image {i}>",
-                     Image.fromarray(x), None) for j, x in enumerate(u8)]  # fmt: skip
-        raise TypeError(f"cannot predict a {type(img).__name__}: pass PIL images, tensors or "
-                        "paths")  # fmt: skip
+            return [
+                (f"<image {i}.{j}>" if img.ndim == 4 else f"<image {i}>", Image.fromarray(x), None)
+                for j, x in enumerate(u8)
+            ]
+        raise TypeError(f"cannot predict a {type(img).__name__}: pass PIL images, tensors or paths")
 
 
 def load(run_dir: str | Path) -> Predictor:
@@ -139,8 +151,11 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file()
-                              and f.suffix.lower() in IMAGE_SUFFIXES))  # fmt: skip
+            out.extend(
+                sorted(
+                    f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                )
+            )
         else:
             out.append(p)
     return out
@@ -154,7 +169,14 @@ def to_csv(rows: Sequence[ImagePrediction]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_FIELDS)
     for r in rows:
-        w.writerow([r.source, r.label or "", "" if r.confidence is None else f"{r.confidence:.6f}",
-                    "" if r.unknown_score is None else f"{r.unknown_score:.6f}",
-                    r.closed_label or "", r.error or ""])  # fmt: skip
+        w.writerow(
+            [
+                r.source,
+                r.label or "",
+                "" if r.confidence is None else f"{r.confidence:.6f}",
+                "" if r.unknown_score is None else f"{r.unknown_score:.6f}",
+                r.closed_label or "",
+                r.error or "",
+            ]
+        )
     return buf.getvalue()

@@ -95,7 +95,7 @@ WORLDS: dict[str, World] = {
                 "an image of the {}.",
             ),
         },
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -132,8 +132,11 @@ class PretrainConfig:
     num_threads: int = 2  # torch threads: 2 on idle cores (1.0 s/step); 1 if the cores are shared
     checkpoint_every: int = 100  # write out/last.pt every this many steps (and at the end)
     eval_templates: tuple[str, ...] = (  # zero-shot prompt ensemble for the card's accuracy
-        PRIMARY_TEMPLATE, "the digit {}.", "the number {}.", "a picture of a {}.",
-    )  # fmt: skip
+        PRIMARY_TEMPLATE,
+        "the digit {}.",
+        "the number {}.",
+        "a picture of a {}.",
+    )
     eval_n_per_class: int = 200  # benchmark images per class and domain (generate_benchmark's)
     # second stage (0 = none): image tower only, CLIP loss + token_weight * token_loss
     token_steps: int = 0  # its optimiser steps, after `steps`
@@ -353,8 +356,10 @@ def pretrain_clip(
         the card (also written to ``out/card.json``); ``{"step", "losses"}`` if stopped early.
     """
     if init is not None and cfg.token_steps <= 0:
-        raise ValueError(f"--init {init} starts the token stage, but token_steps is 0; "
-                         "pass token_steps=N (glyphs ships 800)")  # fmt: skip
+        raise ValueError(
+            f"--init {init} starts the token stage, but token_steps is 0; "
+            "pass token_steps=N (glyphs ships 800)"
+        )
     if init is not None and not Path(init).is_file():
         raise ValueError(f"--init {init}: no such file; give the first stage's .safetensors")
     out = Path(out)
@@ -362,8 +367,15 @@ def pretrain_clip(
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads)
     try:
-        return _run(cfg, out, progress=progress, command=command, stop_at=stop_at,
-                    benchmark=benchmark, init=init)  # fmt: skip
+        return _run(
+            cfg,
+            out,
+            progress=progress,
+            command=command,
+            stop_at=stop_at,
+            benchmark=benchmark,
+            init=init,
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -405,8 +417,12 @@ def _token_optimizer(cfg: PretrainConfig, model: nn.Module):
     the image tower (``requires_grad``), which is all it optimises."""
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("visual."))
-    optimizer = torch.optim.AdamW(_param_groups(model.visual, cfg.weight_decay), lr=cfg.token_lr,
-                                  betas=tuple(cfg.betas), eps=cfg.eps)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        _param_groups(model.visual, cfg.weight_decay),
+        lr=cfg.token_lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+    )
     warmup = max(1, cfg.token_steps // 10)
 
     def f(k: int) -> float:
@@ -426,8 +442,10 @@ def _caption_features(
     corpus item's row in them [N]."""
     distinct = sorted(set(captions))
     row = {c: i for i, c in enumerate(distinct)}
-    feats = [F.normalize(model.encode_text(tokenizer(distinct[i : i + 1024])).float(), dim=-1)
-             for i in range(0, len(distinct), 1024)]  # fmt: skip
+    feats = [
+        F.normalize(model.encode_text(tokenizer(distinct[i : i + 1024])).float(), dim=-1)
+        for i in range(0, len(distinct), 1024)
+    ]
     return torch.cat(feats), torch.tensor([row[c] for c in captions])
 
 
@@ -465,11 +483,19 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark, init) -> dict:
         token_losses, token_seconds = state.get("token_losses", []), state.get("token_seconds", 0.0)
 
     def checkpoint() -> None:
-        state = {"config": _plain(asdict(cfg)), "init": init_record, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "step": step, "losses": losses,
-                 "train_seconds": train_seconds, "token_losses": token_losses,
-                 "token_seconds": token_seconds}  # fmt: skip
+        state = {
+            "config": _plain(asdict(cfg)),
+            "init": init_record,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "step": step,
+            "losses": losses,
+            "train_seconds": train_seconds,
+            "token_losses": token_losses,
+            "token_seconds": token_seconds,
+        }
         write_with(ckpt, lambda tmp: torch.save(state, tmp))
 
     total = cfg.steps + cfg.token_steps
@@ -488,8 +514,9 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark, init) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             img = model.encode_image(x)
             txt = model.encode_text(tokens[idx])
-        loss = clip_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
-                         model.logit_scale)  # fmt: skip
+        loss = clip_loss(
+            F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1), model.logit_scale
+        )
         _step(loss, optimizer, scheduler, model.parameters(), cfg.grad_clip)
         with torch.no_grad():
             model.logit_scale.clamp_(0, max_scale)
@@ -499,8 +526,11 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark, init) -> dict:
         train_seconds += dt
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", pairs_s=f"{cfg.batch_size / dt:.0f}",
-                            scale=f"{model.logit_scale.exp().item():.1f}")  # fmt: skip
+            bar.set_postfix(
+                loss=f"{losses[-1]:.3f}",
+                pairs_s=f"{cfg.batch_size / dt:.0f}",
+                scale=f"{model.logit_scale.exp().item():.1f}",
+            )
         if step % cfg.checkpoint_every == 0 or step == end:
             checkpoint()
 
@@ -532,8 +562,10 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark, init) -> dict:
         token_seconds += dt
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(token_stage_loss=f"{token_losses[-1]:.3f}",
-                            pairs_s=f"{cfg.token_batch_size / dt:.0f}")  # fmt: skip
+            bar.set_postfix(
+                token_stage_loss=f"{token_losses[-1]:.3f}",
+                pairs_s=f"{cfg.token_batch_size / dt:.0f}",
+            )
         if step % cfg.checkpoint_every == 0 or step == end:
             checkpoint()
     if bar is not None:
@@ -558,9 +590,12 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark, init) -> dict:
     )
     if cfg.token_steps > 0:
         card["token_stage"] = tiny_card.training_summary(
-            token_losses, batch_size=cfg.token_batch_size, train_seconds=token_seconds,
-            logit_scale=model.logit_scale.detach().exp().item(), num_threads=cfg.num_threads,
-        )  # fmt: skip
+            token_losses,
+            batch_size=cfg.token_batch_size,
+            train_seconds=token_seconds,
+            logit_scale=model.logit_scale.detach().exp().item(),
+            num_threads=cfg.num_threads,
+        )
     if init is not None:
         card["training"] = {"init": init_record, "stage1": _stage1_record(Path(init))}
     tiny_card.write_card(out / "card.json", card)

@@ -123,16 +123,21 @@ class DiffusionPretrainConfig:
             self.vae_factor not in (2, 4)
             or len(self.vae_channels) != int(math.log2(self.vae_factor)) + 1
         ):
-            raise ValueError(f"vae_factor must be 2 or 4 with log2(f) + 1 vae_channels, got "
-                             f"{self.vae_factor}, {self.vae_channels}")  # fmt: skip
+            raise ValueError(
+                f"vae_factor must be 2 or 4 with log2(f) + 1 vae_channels, got "
+                f"{self.vae_factor}, {self.vae_channels}"
+            )
         if any(c % self.vae_norm_groups for c in self.vae_channels):
-            raise ValueError(f"vae_norm_groups={self.vae_norm_groups} must divide "
-                             f"vae_channels={self.vae_channels}")  # fmt: skip
+            raise ValueError(
+                f"vae_norm_groups={self.vae_norm_groups} must divide "
+                f"vae_channels={self.vae_channels}"
+            )
         if len(self.unet_attention) != len(self.unet_channels) or not any(self.unet_attention):
             raise ValueError("unet_attention needs one flag per unet_channels level, one True")
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be epsilon or v_prediction, got "
-                             f"{self.prediction_type!r}")  # fmt: skip
+            raise ValueError(
+                f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}"
+            )
         if not 0 <= self.caption_dropout < 1 or not 0 <= self.ema_decay < 1:
             raise ValueError("caption_dropout and ema_decay must be in [0, 1)")
         if min(self.vae_steps, self.steps, self.batch_size, self.vae_batch_size) < 1:
@@ -152,12 +157,18 @@ def build_vae(cfg: DiffusionPretrainConfig, image_size: int, *, scaling_factor: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=cfg.latent_channels, layers_per_block=1,
-            block_out_channels=cfg.vae_channels, down_block_types=("DownEncoderBlock2D",) * n,
-            up_block_types=("UpDecoderBlock2D",) * n, norm_num_groups=cfg.vae_norm_groups,
-            mid_block_add_attention=cfg.vae_mid_attention, sample_size=image_size,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=cfg.latent_channels,
+            layers_per_block=1,
+            block_out_channels=cfg.vae_channels,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            norm_num_groups=cfg.vae_norm_groups,
+            mid_block_add_attention=cfg.vae_mid_attention,
+            sample_size=image_size,
             scaling_factor=scaling_factor,
-        )  # fmt: skip
+        )
 
 
 def build_unet(cfg: DiffusionPretrainConfig, latent_size: int, text_width: int):
@@ -170,31 +181,43 @@ def build_unet(cfg: DiffusionPretrainConfig, latent_size: int, text_width: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
         return UNet2DConditionModel(
-            sample_size=latent_size, in_channels=cfg.latent_channels,
+            sample_size=latent_size,
+            in_channels=cfg.latent_channels,
             out_channels=cfg.latent_channels,
-            block_out_channels=cfg.unet_channels, layers_per_block=cfg.unet_layers_per_block,
-            down_block_types=down, up_block_types=up, cross_attention_dim=text_width,
+            block_out_channels=cfg.unet_channels,
+            layers_per_block=cfg.unet_layers_per_block,
+            down_block_types=down,
+            up_block_types=up,
+            cross_attention_dim=text_width,
             attention_head_dim=cfg.attention_heads,
-        )  # fmt: skip
+        )
 
 
 def _noise_scheduler(cfg: DiffusionPretrainConfig):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, beta_start=cfg.beta_start,
-                         beta_end=cfg.beta_end, beta_schedule="scaled_linear",
-                         prediction_type=cfg.prediction_type, clip_sample=False)  # fmt: skip
+    return DDPMScheduler(
+        num_train_timesteps=cfg.train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule="scaled_linear",
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+    )
 
 
 def _sampler(cfg: DiffusionPretrainConfig):
     """The exported sampler: DPM-Solver++ (2nd order) on the training schedule."""
     from diffusers import DPMSolverMultistepScheduler
 
-    return DPMSolverMultistepScheduler(num_train_timesteps=cfg.train_timesteps,
-                                       beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-                                       beta_schedule="scaled_linear",
-                                       prediction_type=cfg.prediction_type,
-                                       steps_offset=1)  # fmt: skip
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=cfg.train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule="scaled_linear",
+        prediction_type=cfg.prediction_type,
+        steps_offset=1,
+    )
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -249,8 +272,13 @@ def _psnr(vae, images: Tensor) -> float:
 def sample(pipe, prompts: Sequence[str], *, seed: int, steps: int, guidance: float) -> np.ndarray:
     """uint8 [n, S, S, 3] images of ``prompts``; image i is seeded by ``seed + i``."""
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
-    out = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance,
-               generator=gens, output_type="np").images  # fmt: skip
+    out = pipe(
+        list(prompts),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=gens,
+        output_type="np",
+    ).images
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -316,12 +344,16 @@ class _Run:
         n, s = self.images.shape[:2]
         if len(self.captions) != n or self.images.shape[1:] != (s, s, 3):
             shape = tuple(self.images.shape)
-            raise ValueError(f"{corpus}: {len(self.captions)} captions for images {shape}; "
-                             "expected [N, S, S, 3] and N captions")  # fmt: skip
+            raise ValueError(
+                f"{corpus}: {len(self.captions)} captions for images {shape}; "
+                "expected [N, S, S, 3] and N captions"
+            )
         side = s // cfg.vae_factor
         if s % cfg.vae_factor or side % 2 ** (len(cfg.unet_channels) - 1):
-            raise ValueError(f"image size {s} / vae_factor {cfg.vae_factor} = {s / cfg.vae_factor}"
-                             f" must be divisible by 2^{len(cfg.unet_channels) - 1}")  # fmt: skip
+            raise ValueError(
+                f"image size {s} / vae_factor {cfg.vae_factor} = {s / cfg.vae_factor}"
+                f" must be divisible by 2^{len(cfg.unet_channels) - 1}"
+            )
         self.size, self.latent_size = s, side
         self.text_encoder = text_encoder_from_clip(clip_model).requires_grad_(False)
         self.tokenizer = clip_tokenizer(self.text_encoder.config.max_position_embeddings)
@@ -334,24 +366,39 @@ class _Run:
                 raise ValueError("the pipeline tokenizer disagrees with clip_model's tokenizer")
         tower = _fingerprint(self.text_encoder.get_input_embeddings().weight)  # the token table
         recipe = {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_FIELDS}
-        self.identity = {"config": json.loads(json.dumps(recipe)), "n": int(n),
-                         "image_size": int(s), "corpus_hash": self.meta.get("content_hash"),
-                         "text_tower": tower}  # fmt: skip
+        self.identity = {
+            "config": json.loads(json.dumps(recipe)),
+            "n": int(n),
+            "image_size": int(s),
+            "corpus_hash": self.meta.get("content_hash"),
+            "text_tower": tower,
+        }
         self.ckpt = out / "last.pt"
         self.state = self._load()
 
     def _tokenize(self, texts: Sequence[str]) -> Tensor:
         tok = self.tokenizer
-        return tok(list(texts), padding="max_length", max_length=tok.model_max_length,
-                   truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        return tok(
+            list(texts),
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
 
     # ------------------------------------------------------------------ checkpoint
 
     def _load(self) -> dict:
         if not self.ckpt.exists():
             seconds = {"vae": 0.0, "encode": 0.0, "unet": 0.0}
-            return {"identity": self.identity, "stage": "vae", "step": 0, "vae_losses": [],
-                    "unet_losses": [], "seconds": seconds}  # fmt: skip
+            return {
+                "identity": self.identity,
+                "stage": "vae",
+                "step": 0,
+                "vae_losses": [],
+                "unet_losses": [],
+                "seconds": seconds,
+            }
         state = load_checkpoint(self.ckpt)
         saved = state.get("identity")
         if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
@@ -359,8 +406,9 @@ class _Run:
             config = {k: v for k, v in saved["config"].items() if k not in _RUNTIME_FIELDS}
             saved = {**saved, "config": config}
         if saved != self.identity:
-            raise ValueError(f"{self.ckpt} was written with another config, corpus or CLIP; "
-                             "use a new --out")  # fmt: skip
+            raise ValueError(
+                f"{self.ckpt} was written with another config, corpus or CLIP; use a new --out"
+            )
         return state
 
     def _save(self, **modules) -> None:
@@ -402,8 +450,9 @@ class _Run:
 
     def _train_vae(self, vae, end: int) -> None:
         cfg, st = self.cfg, self.state
-        optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr,
-                                      weight_decay=cfg.weight_decay)  # fmt: skip
+        optimizer = torch.optim.AdamW(
+            vae.parameters(), lr=cfg.vae_lr, weight_decay=cfg.weight_decay
+        )
         if st["step"] > 0:
             vae.load_state_dict(st["vae"])
             optimizer.load_state_dict(st["vae_optimizer"])
@@ -444,8 +493,11 @@ class _Run:
         z = mean[:k] + std[:k] * torch.randn(mean[:k].shape, generator=gen)
         st["seconds"]["encode"] += time.perf_counter() - t0
         st["scaling_factor"] = float(1.0 / z.std())
-        st["latent_stats"] = {"mean": float(z.mean()), "std": float(z.std()),
-                              "posterior_std": float(std.mean())}  # fmt: skip
+        st["latent_stats"] = {
+            "mean": float(z.mean()),
+            "std": float(z.std()),
+            "posterior_std": float(std.mean()),
+        }
         st["vae_psnr_db"] = _psnr(vae, self.images[-256:])
         st.pop("vae_optimizer", None)
         st["stage"], st["step"] = "unet", 0
@@ -534,15 +586,21 @@ class _Run:
 
         cfg = self.cfg
         pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=self.text_encoder.eval(), tokenizer=self.tokenizer, unet=unet,
-            scheduler=_sampler(cfg), safety_checker=None, feature_extractor=None,
+            vae=vae,
+            text_encoder=self.text_encoder.eval(),
+            tokenizer=self.tokenizer,
+            unet=unet,
+            scheduler=_sampler(cfg),
+            safety_checker=None,
+            feature_extractor=None,
             requires_safety_checker=False,
-        )  # fmt: skip
+        )
         pipe.set_progress_bar_config(disable=True)
         prompts = list(dict.fromkeys(self.captions))[: cfg.sample_prompts]
         t0 = time.perf_counter()
-        images = sample(pipe, prompts, seed=cfg.seed, steps=cfg.sample_steps,
-                        guidance=cfg.sample_guidance)  # fmt: skip
+        images = sample(
+            pipe, prompts, seed=cfg.seed, steps=cfg.sample_steps, guidance=cfg.sample_guidance
+        )
         sample_seconds = time.perf_counter() - t0
         grid = Image.fromarray(_grid(images))
         write_with(self.out / "samples.png", lambda tmp: grid.save(tmp, format="PNG"))

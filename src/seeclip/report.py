@@ -258,12 +258,13 @@ def paper_tables(records: Iterable[dict], metrics: Sequence[str] | None = None) 
         for metric in metrics:
             cells = {
                 method: {
-                    **{t: _cell([r.get(metric) for r in runs.get(t, {}).values()])
-                       for t in targets},
+                    **{
+                        t: _cell([r.get(metric) for r in runs.get(t, {}).values()]) for t in targets
+                    },
                     "mean": mean_over_targets(runs, targets, metric),
                 }
                 for method, runs in methods.items()
-            }  # fmt: skip
+            }
             tables.append(Table(bench, protocol, metric, targets, cells))
     return tables
 
@@ -296,15 +297,23 @@ def summarize(
             cells = [tables[(bench, protocol, m)].cells[method] for m in metrics]
             for t in targets if per_target else ():
                 if t in runs:
-                    lines.append(f"| {bench} | {protocol} | {method} | {t} | {len(runs[t])} | "
-                                 + " | ".join(c[t].text() for c in cells) + " |")  # fmt: skip
+                    lines.append(
+                        f"| {bench} | {protocol} | {method} | {t} | {len(runs[t])} | "
+                        + " | ".join(c[t].text() for c in cells)
+                        + " |"
+                    )
             if per_target and len(targets) < 2:
                 continue  # one target: the mean row would repeat it
             means = [c["mean"] for c in cells]
-            complete = sum(all(s in runs.get(t, {}) for t in targets)
-                           for s in {s for p in runs.values() for s in p})  # fmt: skip
-            mean_lines.append(f"| {bench} | {protocol} | {method} | **mean** | {complete} | "
-                              + " | ".join(c.text() for c in means) + " |")  # fmt: skip
+            complete = sum(
+                all(s in runs.get(t, {}) for t in targets)
+                for s in {s for p in runs.values() for s in p}
+            )
+            mean_lines.append(
+                f"| {bench} | {protocol} | {method} | **mean** | {complete} | "
+                + " | ".join(c.text() for c in means)
+                + " |"
+            )
             missing = sorted({m for c in means for m in c.missing})
             if missing:
                 notes += incomplete_notes({method: Cell(None, None, 0, tuple(missing))})

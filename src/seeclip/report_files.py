@@ -69,9 +69,15 @@ def table_md(t: Table) -> str:
 
 def table_tex(t: Table) -> str:
     def esc(s: str) -> str:
-        return s.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%") \
-            .replace("&", r"\&").replace("#", r"\#").replace("±", r"$\pm$") \
-            .replace(INCOMPLETE, r"$^\dagger$")  # fmt: skip
+        return (
+            s.replace("\\", r"\textbackslash{}")
+            .replace("_", r"\_")
+            .replace("%", r"\%")
+            .replace("&", r"\&")
+            .replace("#", r"\#")
+            .replace("±", r"$\pm$")
+            .replace(INCOMPLETE, r"$^\dagger$")
+        )
 
     lines = [
         f"% {t.title}",
@@ -92,16 +98,26 @@ def tables_csv(tables: list[Table]) -> str:
     names the (target, seed) results a mean over targets left out (``;``-separated)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["benchmark", "protocol", "metric", "method", "target", "mean", "std", "seeds",
-                "missing"])  # fmt: skip
+    w.writerow(
+        ["benchmark", "protocol", "metric", "method", "target", "mean", "std", "seeds", "missing"]
+    )
     for t in tables:
         for method, row in t.cells.items():
             for target in (*t.targets, "mean"):
                 c = row[target]
-                w.writerow([t.benchmark, t.protocol, t.metric, method, target,
-                            "" if c.mean is None else f"{c.mean:.6f}",
-                            "" if c.std is None else f"{c.std:.6f}", c.seeds,
-                            ";".join(c.missing)])  # fmt: skip
+                w.writerow(
+                    [
+                        t.benchmark,
+                        t.protocol,
+                        t.metric,
+                        method,
+                        target,
+                        "" if c.mean is None else f"{c.mean:.6f}",
+                        "" if c.std is None else f"{c.std:.6f}",
+                        c.seeds,
+                        ";".join(c.missing),
+                    ]
+                )
     return buf.getvalue()
 
 
@@ -138,23 +154,47 @@ def make_figures(
         preds = {k: load_predictions(runs_dir, r) for k, r in first.items()}
         seed_note = "lowest seed of each run"
         for target in targets:
-            curves = {m: (p["y_true"], p["unknown_score"]) for (m, t), p in preds.items()
-                      if t == target and p is not None}  # fmt: skip
+            curves = {
+                m: (p["y_true"], p["unknown_score"])
+                for (m, t), p in preds.items()
+                if t == target and p is not None
+            }
             if curves:
-                path = figures.roc_figure(curves, f"{bench}/{protocol}: target {target}",
-                                          out / f"roc_{tag}_{_safe(target)}.png")  # fmt: skip
+                path = figures.roc_figure(
+                    curves,
+                    f"{bench}/{protocol}: target {target}",
+                    out / f"roc_{tag}_{_safe(target)}.png",
+                )
                 made[(bench, protocol)].append((f"ROC, target {target} ({seed_note})", path))
-        h_table = next((t for t in tables if (t.benchmark, t.protocol, t.metric)
-                        == (bench, protocol, "h_score")), None)  # fmt: skip
+        h_table = next(
+            (
+                t
+                for t in tables
+                if (t.benchmark, t.protocol, t.metric) == (bench, protocol, "h_score")
+            ),
+            None,
+        )
         if h_table is not None:
-            mean = np.array([[np.nan if h_table.cells[m][t].mean is None else
-                              h_table.cells[m][t].mean for t in h_table.targets]
-                             for m in h_table.cells])  # fmt: skip
-            std = np.array([[h_table.cells[m][t].std or 0.0 for t in h_table.targets]
-                            for m in h_table.cells])  # fmt: skip
-            path = figures.h_bars(list(h_table.cells), list(h_table.targets), mean, std,
-                                  f"{bench}/{protocol}: H per target domain (mean ± std "
-                                  f"over seeds)", out / f"h_bars_{tag}.png")  # fmt: skip
+            mean = np.array(
+                [
+                    [
+                        np.nan if h_table.cells[m][t].mean is None else h_table.cells[m][t].mean
+                        for t in h_table.targets
+                    ]
+                    for m in h_table.cells
+                ]
+            )
+            std = np.array(
+                [[h_table.cells[m][t].std or 0.0 for t in h_table.targets] for m in h_table.cells]
+            )
+            path = figures.h_bars(
+                list(h_table.cells),
+                list(h_table.targets),
+                mean,
+                std,
+                f"{bench}/{protocol}: H per target domain (mean ± std over seeds)",
+                out / f"h_bars_{tag}.png",
+            )
             made[(bench, protocol)].append(("H per target domain and method", path))
         for method in methods:
             panels = {}
@@ -170,15 +210,20 @@ def make_figures(
                 }
             if panels:
                 path = figures.score_histograms(
-                    panels, f"{bench}/{protocol}, {method}: unknown score ({seed_note})",
-                    out / f"scores_{tag}_{_safe(method)}.png")  # fmt: skip
+                    panels,
+                    f"{bench}/{protocol}, {method}: unknown score ({seed_note})",
+                    out / f"scores_{tag}_{_safe(method)}.png",
+                )
                 made[(bench, protocol)].append((f"unknown-score histograms, {method}", path))
-            matrix = _confusion([preds[(method, t)] for t in targets
-                                 if preds.get((method, t)) is not None])  # fmt: skip
+            matrix = _confusion(
+                [preds[(method, t)] for t in targets if preds.get((method, t)) is not None]
+            )
             if matrix is not None:
                 path = figures.confusion_figure(
-                    *matrix, f"{bench}/{protocol}, {method}: all targets ({seed_note})",
-                    out / f"confusion_{tag}_{_safe(method)}.png")  # fmt: skip
+                    *matrix,
+                    f"{bench}/{protocol}, {method}: all targets ({seed_note})",
+                    out / f"confusion_{tag}_{_safe(method)}.png",
+                )
                 made[(bench, protocol)].append((f"confusion matrix, {method}", path))
     return made
 
@@ -239,13 +284,20 @@ def write_report(
         write_text(out / f"tables.{fmt}", text[fmt]())
     figs = make_figures(records, tables, runs_dir, out / "figures") if plots else {}
     hashes = sorted({r["data_hash"][:16] for r in records if r.get("data_hash")})
-    weights = sorted({f"{r['backbone']} {r['backbone_fingerprint'][:12]}" for r in records
-                      if r.get("backbone_fingerprint")})  # fmt: skip
+    weights = sorted(
+        {
+            f"{r['backbone']} {r['backbone_fingerprint'][:12]}"
+            for r in records
+            if r.get("backbone_fingerprint")
+        }
+    )
     seeds = sorted({r["seed"] for r in records})
-    meta = (f"{len(records)} runs from `{runs_dir}`; seeds {', '.join(map(str, seeds))}; "
-            f"data {', '.join(hashes) or 'n/a'} (content hash); weights "
-            f"{', '.join(weights) or 'not recorded'} (sha256). Cells: mean ± std over seeds, "
-            f"in %; the mean column averages the targets within each seed first.")  # fmt: skip
+    meta = (
+        f"{len(records)} runs from `{runs_dir}`; seeds {', '.join(map(str, seeds))}; "
+        f"data {', '.join(hashes) or 'n/a'} (content hash); weights "
+        f"{', '.join(weights) or 'not recorded'} (sha256). Cells: mean ± std over seeds, "
+        f"in %; the mean column averages the targets within each seed first."
+    )
     write_text(out / "index.md", _index_md(title, meta, tables, figs, out, oracle))
     index = out / "index.html"
     write_text(index, _index_html(title, meta, tables, figs, oracle))
@@ -273,8 +325,9 @@ def _groups(tables: list[Table]) -> list[tuple[str, str]]:
 
 def _table_html(t: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
-                   for r in t.rows())  # fmt: skip
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in t.rows()
+    )
     notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in t.notes())
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{notes}"
 
@@ -299,9 +352,14 @@ def _index_html(title, meta, tables, figs, oracle: bool) -> str:
                 body.append(_table_html(t))
         for caption, path in figs.get(key, []):
             data = base64.b64encode(path.read_bytes()).decode()
-            body.append(f'<figure><img alt="{html.escape(caption)}" '
-                        f'src="data:image/png;base64,{data}"><figcaption>'
-                        f"{html.escape(caption)}</figcaption></figure>")  # fmt: skip
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>'
-            f"{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-            + "\n".join(body) + "</body></html>\n")  # fmt: skip
+            body.append(
+                f'<figure><img alt="{html.escape(caption)}" '
+                f'src="data:image/png;base64,{data}"><figcaption>'
+                f"{html.escape(caption)}</figcaption></figure>"
+            )
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>'
+        f"{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )

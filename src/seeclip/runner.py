@@ -239,8 +239,9 @@ def load_run_data(
     key = (str(manifest.root), manifest.path)
     if key not in _DATA_HASHES:  # once per process: a real dataset's listing stats every file
         _DATA_HASHES[key] = data_hash(manifest)
-    return RunData(spec, split, data, backbone, feats, domains, classes, *_DATA_HASHES[key],
-                   root=manifest.root)  # fmt: skip
+    return RunData(
+        spec, split, data, backbone, feats, domains, classes, *_DATA_HASHES[key], root=manifest.root
+    )
 
 
 def pseudo_context(
@@ -285,8 +286,9 @@ def pseudo_sources(
     data = run.data
 
     def context(indices: np.ndarray, labels: np.ndarray, pool: str | None) -> PseudoContext:
-        return pseudo_context(cfg, run, indices, labels, pool=pool, cache_dir=cache_dir,
-                              progress=progress)  # fmt: skip
+        return pseudo_context(
+            cfg, run, indices, labels, pool=pool, cache_dir=cache_dir, progress=progress
+        )
 
     def val_source():
         stored = name in ("images", "pool")  # made ahead of time, from training images
@@ -321,8 +323,9 @@ def make_method(
     (``pseudo``: its pseudo-unknown sources; default :func:`pseudo_sources`)."""
     if pseudo is None:
         pseudo = pseudo_sources(cfg, run, cache_dir=cache_dir, progress=progress)
-    return method_for(cfg, run.backbone, run.class_texts, run.spec.template, pseudo=pseudo,
-                      progress=progress)  # fmt: skip
+    return method_for(
+        cfg, run.backbone, run.class_texts, run.spec.template, pseudo=pseudo, progress=progress
+    )
 
 
 def method_for(
@@ -344,8 +347,13 @@ def method_for(
         pseudo=pseudo,
         progress=progress,
     )
-    sections = {"zeroshot": cfg.zeroshot, "prompt": cfg.prompt, "loss": cfg.loss,
-                "train": cfg.train, "diffusion": cfg.diffusion}  # fmt: skip
+    sections = {
+        "zeroshot": cfg.zeroshot,
+        "prompt": cfg.prompt,
+        "loss": cfg.loss,
+        "train": cfg.train,
+        "diffusion": cfg.diffusion,
+    }
     return build_method(cfg.method, env, sections)
 
 
@@ -414,8 +422,9 @@ def run_eval(
     extra["device"] = str(distributed.device())
     extra["processes"] = distributed.world_size()
     pseudo_scores = pseudo_unknown_scores(method, pseudo.built("train"), run.split.source_domains)
-    record = _evaluate(cfg, run, method, run_dir, epochs=epochs, extra=extra,
-                       pseudo_scores=pseudo_scores)  # fmt: skip
+    record = _evaluate(
+        cfg, run, method, run_dir, epochs=epochs, extra=extra, pseudo_scores=pseudo_scores
+    )
     ckpt.unlink(missing_ok=True)  # the run is done: model.safetensors holds what it learned
     distributed.barrier()
     return RunResult(run_dir, record, cached=False)
@@ -445,8 +454,9 @@ def eval_run(
     cfg, run, method = restore_run(run_dir, cache_dir=cache_dir, progress=progress)
     old = final_record(run_dir) or {}
     (run_dir / "done").unlink(missing_ok=True)
-    extra = {k: old.get(k) for k in ("selection", "selected_epoch", "fit_seconds", "device",
-                                     "processes")}  # fmt: skip
+    extra = {
+        k: old.get(k) for k in ("selection", "selected_epoch", "fit_seconds", "device", "processes")
+    }
     extra["evaluations"] = int(old.get("evaluations", 1)) + 1
     record = _evaluate(cfg, run, method, run_dir, epochs=None, extra=extra)
     return RunResult(run_dir, record, cached=False)
@@ -525,7 +535,7 @@ def _evaluate(
             target_classes,
             run.spec.unknown_kinds(split.protocol),
             num_known=num_known,
-        ),  # fmt: skip
+        ),
         "data_hash": run.data_hash,
         "data_hash_kind": run.data_hash_kind,
         "install": installed_versions(RECORD_PACKAGES),
@@ -537,8 +547,9 @@ def _evaluate(
     record = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in record.items()}
     if pseudo_scores is None and epochs is None:  # re-evaluation: keep what training saved
         pseudo_scores = _saved_pseudo_scores(run_dir)
-    _write_predictions(run_dir, pred, y_true, target.domains, target_classes, split.known,
-                       pseudo_scores)  # fmt: skip
+    _write_predictions(
+        run_dir, pred, y_true, target.domains, target_classes, split.known, pseudo_scores
+    )
     write_records(run_dir, record, epochs)
     write_text(run_dir / "done", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     return record

@@ -86,8 +86,9 @@ def _text_tower(model: nn.Module) -> tuple[nn.Module, int, int, int]:
     blocks = model.transformer.resblocks
     attn = blocks[0].attn
     if not isinstance(attn, nn.MultiheadAttention) or not isinstance(blocks[0].ls_1, nn.Identity):
-        raise TypeError("text_encoder_from_clip supports nn.MultiheadAttention blocks without "
-                        "LayerScale")  # fmt: skip
+        raise TypeError(
+            "text_encoder_from_clip supports nn.MultiheadAttention blocks without LayerScale"
+        )
     act = blocks[0].mlp.gelu
     if type(act) is not nn.GELU or act.approximate != "none":
         raise TypeError(f"text_encoder_from_clip needs exact nn.GELU, got {act!r}")
@@ -128,14 +129,21 @@ def text_encoder_from_clip(model: nn.Module):
     for src, dst in zip(blocks, text.encoder.layers, strict=True):
         q, k, v = src.attn.in_proj_weight.chunk(3)
         qb, kb, vb = src.attn.in_proj_bias.chunk(3)
-        for proj, w, b in ((dst.self_attn.q_proj, q, qb), (dst.self_attn.k_proj, k, kb),
-                           (dst.self_attn.v_proj, v, vb)):  # fmt: skip
+        for proj, w, b in (
+            (dst.self_attn.q_proj, q, qb),
+            (dst.self_attn.k_proj, k, kb),
+            (dst.self_attn.v_proj, v, vb),
+        ):
             proj.weight.copy_(w)
             proj.bias.copy_(b)
         dst.self_attn.out_proj.weight.copy_(src.attn.out_proj.weight)
         dst.self_attn.out_proj.bias.copy_(src.attn.out_proj.bias)
-        for a, b in ((dst.layer_norm1, src.ln_1), (dst.layer_norm2, src.ln_2),
-                     (dst.mlp.fc1, src.mlp.c_fc), (dst.mlp.fc2, src.mlp.c_proj)):  # fmt: skip
+        for a, b in (
+            (dst.layer_norm1, src.ln_1),
+            (dst.layer_norm2, src.ln_2),
+            (dst.mlp.fc1, src.mlp.c_fc),
+            (dst.mlp.fc2, src.mlp.c_proj),
+        ):
             a.weight.copy_(b.weight)
             a.bias.copy_(b.bias)
     text.final_layer_norm.weight.copy_(model.ln_final.weight)

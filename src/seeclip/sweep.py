@@ -73,16 +73,20 @@ class SweepSpec:
             raise ConfigError("a sweep needs at least one variant (--methods or variants:)")
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
-            raise ConfigError(f"variant label(s) {', '.join(dupes)} given twice; label each "
-                              "variant differently (label=...)")  # fmt: skip
+            raise ConfigError(
+                f"variant label(s) {', '.join(dupes)} given twice; label each "
+                "variant differently (label=...)"
+            )
 
 
 def parse_variant(text: str) -> Variant:
     """``coop`` or ``seeclip:train.pseudo_unknowns=none,loss.alpha=0`` as a :class:`Variant`."""
     method, _, rest = text.partition(":")
     if not method or "=" in method:
-        raise ConfigError(f"variant {text!r}: expected METHOD[:key=value,...], e.g. "
-                          "seeclip:train.pseudo_unknowns=none")  # fmt: skip
+        raise ConfigError(
+            f"variant {text!r}: expected METHOD[:key=value,...], e.g. "
+            "seeclip:train.pseudo_unknowns=none"
+        )
     overrides = [o.strip() for o in rest.split(",") if o.strip()]
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -109,8 +113,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
     raw = yaml.safe_load(path.read_text()) or {}
     allowed = {"config", "protocols", "targets", "seeds", "overrides", "variants"}
     if not isinstance(raw, dict) or set(raw) - allowed or "variants" not in raw:
-        raise ConfigError(f"{path}: a sweep file has `variants:` and optionally "
-                          f"{', '.join(sorted(allowed - {'variants'}))}, nothing else")  # fmt: skip
+        raise ConfigError(
+            f"{path}: a sweep file has `variants:` and optionally "
+            f"{', '.join(sorted(allowed - {'variants'}))}, nothing else"
+        )
     if "config" not in raw:
         raise ConfigError(f"{path}: name the preset, e.g. `config: configs/digits.yaml`")
     variants = raw["variants"]
@@ -149,9 +155,11 @@ def plan(spec: SweepSpec) -> list[RunConfig]:
     for variant in spec.variants:
         cfg = apply_overrides(base, list(variant.overrides))
         if cfg.method not in METHODS:
-            raise ConfigError(f"variant {variant.label!r}: unknown method {cfg.method!r}; "
-                              f"choose one of {', '.join(sorted(METHODS))} (or a label of "
-                              "the sweep file)")  # fmt: skip
+            raise ConfigError(
+                f"variant {variant.label!r}: unknown method {cfg.method!r}; "
+                f"choose one of {', '.join(sorted(METHODS))} (or a label of "
+                "the sweep file)"
+            )
         cfg = dataclasses.replace(cfg, label=None if variant.label == cfg.method else variant.label)
         cells = []
         for protocol in spec.protocols:
@@ -160,18 +168,27 @@ def plan(spec: SweepSpec) -> list[RunConfig]:
                 data.benchmark, classes_file=data.classes_file, data_root=data.data_root
             )
             if protocol not in bench.protocols:
-                raise ConfigError(f"benchmark {data.benchmark} has no protocol {protocol!r}; "
-                                  f"it has {', '.join(bench.protocols)}")  # fmt: skip
+                raise ConfigError(
+                    f"benchmark {data.benchmark} has no protocol {protocol!r}; "
+                    f"it has {', '.join(bench.protocols)}"
+                )
             targets = spec.targets or bench.targets
             unknown = [t for t in targets if t not in bench.targets]
             if unknown:
-                raise ConfigError(f"{data.benchmark} has no target domain {unknown[0]!r}; "
-                                  f"its targets are {', '.join(bench.targets)}")  # fmt: skip
-            cells += [dataclasses.replace(cfg, data=dataclasses.replace(data, target=t))
-                      for t in targets]  # fmt: skip
+                raise ConfigError(
+                    f"{data.benchmark} has no target domain {unknown[0]!r}; "
+                    f"its targets are {', '.join(bench.targets)}"
+                )
+            cells += [
+                dataclasses.replace(cfg, data=dataclasses.replace(data, target=t)) for t in targets
+            ]
         per_variant.append(cells)
-    return [dataclasses.replace(c, seed=seed) for seed in spec.seeds for cells in per_variant
-            for c in cells]  # fmt: skip
+    return [
+        dataclasses.replace(c, seed=seed)
+        for seed in spec.seeds
+        for cells in per_variant
+        for c in cells
+    ]
 
 
 def run_dir_of(cfg: RunConfig, runs_dir: str | Path) -> Path:
@@ -232,11 +249,17 @@ def execute(
             if validate is not None:
                 from seeclip.validation import validate_run
 
-                result, _ = validate_run(result, cfg, validate, cache_dir=cache_dir,
-                                         progress=progress)  # fmt: skip
+                result, _ = validate_run(
+                    result, cfg, validate, cache_dir=cache_dir, progress=progress
+                )
     except Exception as err:  # one bad run must not stop the others; reported at the end
-        return Outcome(cfg, "failed", run_dir, seconds=time.perf_counter() - start,
-                       error=f"{type(err).__name__}: {err}")  # fmt: skip
+        return Outcome(
+            cfg,
+            "failed",
+            run_dir,
+            seconds=time.perf_counter() - start,
+            error=f"{type(err).__name__}: {err}",
+        )
     status = "reused" if result.cached and validate is None else "ran"
     return Outcome(cfg, status, run_dir, result.record, time.perf_counter() - start)
 
@@ -254,8 +277,13 @@ def warm_feature_caches(configs: Sequence[RunConfig], *, cache_dir: str | None, 
 
     seen = set()
     for cfg in configs:
-        key = (cfg.data.benchmark, cfg.data.data_root, cfg.data.classes_file,
-               cfg.backbone.name, cfg.backbone.pretrained)  # fmt: skip
+        key = (
+            cfg.data.benchmark,
+            cfg.data.data_root,
+            cfg.data.classes_file,
+            cfg.backbone.name,
+            cfg.backbone.pretrained,
+        )
         if key not in seen:
             seen.add(key)
             try:
@@ -362,9 +390,11 @@ def run_sweep(
         log(f"all {len(configs)} runs finished earlier under {runs_dir}: nothing to do")
         result.seconds = time.perf_counter() - start
         return result
-    log(f"{len(configs)} runs: {n_done} finished earlier, {len(todo)} to run "
+    log(
+        f"{len(configs)} runs: {n_done} finished earlier, {len(todo)} to run "
         f"({jobs} process{'es' if jobs > 1 else ''}, {threads} torch thread"
-        f"{'s' if threads > 1 else ''} each) under {runs_dir}")  # fmt: skip
+        f"{'s' if threads > 1 else ''} each) under {runs_dir}"
+    )
     import torch
 
     torch.set_num_threads(threads)
@@ -390,12 +420,20 @@ def run_sweep(
                     finish(execute(cfg, *args))
         else:
             init = (threads, str(distributed.device()))  # workers use the parent's --device
-            run_parallel(execute, [(cfg, *args) for cfg in todo], jobs=jobs, on_result=finish,
-                         initializer=_init_worker, initargs=init)  # fmt: skip
+            run_parallel(
+                execute,
+                [(cfg, *args) for cfg in todo],
+                jobs=jobs,
+                on_result=finish,
+                initializer=_init_worker,
+                initargs=init,
+            )
     except (KeyboardInterrupt, SystemExit):
         bar.close()
-        log(f"stopped: {sum(o.status != 'failed' for o in result.outcomes)} runs are finished "
-            f"under {runs_dir}; the same command resumes with the others")  # fmt: skip
+        log(
+            f"stopped: {sum(o.status != 'failed' for o in result.outcomes)} runs are finished "
+            f"under {runs_dir}; the same command resumes with the others"
+        )
         raise
     for cfg in busy:  # another process held these: wait for it, then read (or redo) the run
         bar.set_postfix_str(f"waiting for {cfg.run_name()} (another process)", refresh=True)

@@ -84,15 +84,26 @@ class PooledAttentionPool2d(AttentionPool2d):
         x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
         x = x + self.positional_embedding[:, None, :].to(x.dtype)
         out, _ = F.multi_head_attention_forward(
-            query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1],
-            num_heads=self.num_heads, q_proj_weight=self.q_proj.weight,
-            k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight,
+            query=x[:1],
+            key=x,
+            value=x,
+            embed_dim_to_check=x.shape[-1],
+            num_heads=self.num_heads,
+            q_proj_weight=self.q_proj.weight,
+            k_proj_weight=self.k_proj.weight,
+            v_proj_weight=self.v_proj.weight,
             in_proj_weight=None,
             in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
-            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
-            out_proj_weight=self.c_proj.weight, out_proj_bias=self.c_proj.bias,
-            use_separate_proj_weight=True, training=self.training, need_weights=False,
-        )  # fmt: skip
+            bias_k=None,
+            bias_v=None,
+            add_zero_attn=False,
+            dropout_p=0.0,
+            out_proj_weight=self.c_proj.weight,
+            out_proj_bias=self.c_proj.bias,
+            use_separate_proj_weight=True,
+            training=self.training,
+            need_weights=False,
+        )
         return out[0]
 
 

@@ -154,8 +154,9 @@ class PromptTrainer:
     ) -> None:
         if rule.needs_unknown_prompt != model.has_unknown_prompt:
             has = "has" if model.has_unknown_prompt else "has no"
-            raise ValueError(f"decision rule {rule.name} does not fit a model that {has} "
-                             "unknown prompt")  # fmt: skip
+            raise ValueError(
+                f"decision rule {rule.name} does not fit a model that {has} unknown prompt"
+            )
         if selection.needs_val_pseudo and not model.has_unknown_prompt:
             raise ValueError(
                 f"selection={selection.name} scores rejection by the unknown prompt; this model "
@@ -218,11 +219,34 @@ class PromptTrainer:
         val_pseudo = self._val_pseudo(val) if rule.needs_val_pseudo else None
         # pseudo-unknown sources are built above, on the CPU; the model goes to the device
         with distributed.placed(model) as dev:
-            self._fit_on(dev, train, train_labels, val, val_labels, source, batches, gen,
-                         val_pseudo, checkpoint, checkpoint_every)  # fmt: skip
+            self._fit_on(
+                dev,
+                train,
+                train_labels,
+                val,
+                val_labels,
+                source,
+                batches,
+                gen,
+                val_pseudo,
+                checkpoint,
+                checkpoint_every,
+            )
 
-    def _fit_on(self, dev, train, train_labels, val, val_labels, source, batches, gen,
-                val_pseudo, checkpoint, checkpoint_every) -> None:  # fmt: skip
+    def _fit_on(
+        self,
+        dev,
+        train,
+        train_labels,
+        val,
+        val_labels,
+        source,
+        batches,
+        gen,
+        val_pseudo,
+        checkpoint,
+        checkpoint_every,
+    ) -> None:
         cfg, model, rule = self.cfg, self.model, self.selection
         params = [p for p in model.learnable_parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -240,8 +264,13 @@ class PromptTrainer:
         start = 0
         if checkpoint is not None and checkpoint.exists():
             start, best = self._resume(checkpoint, opt, gen, batches, log)
-        bar = tqdm(total=cfg.epochs * steps, initial=start * steps, disable=not self.progress,
-                   desc="train", unit="step")  # fmt: skip
+        bar = tqdm(
+            total=cfg.epochs * steps,
+            initial=start * steps,
+            disable=not self.progress,
+            desc="train",
+            unit="step",
+        )
         every = max(1, steps // GRAD_SAMPLES_PER_EPOCH)
         for epoch in range(start + 1, cfg.epochs + 1):
             model.train()
@@ -266,8 +295,9 @@ class PromptTrainer:
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 bar.update()
                 bar.set_postfix(epoch=epoch, loss=f"{float(terms['total'].detach()):.3f}")
-            log.losses.append({k: sums[k] / steps for k in ("total", *self.term_weights)
-                               if k in sums})  # fmt: skip
+            log.losses.append(
+                {k: sums[k] / steps for k in ("total", *self.term_weights) if k in sums}
+            )
             log.terms.append(self._term_summary(sums, grad_sums, steps, every))
             if rule.criterion is not None:
                 crit = self._val_criteria(val, val_labels, val_pseudo)
@@ -294,9 +324,13 @@ class PromptTrainer:
 
     def _identity(self) -> dict:
         """What a checkpoint must have been written with to be resumed."""
-        return {"seed": self.seed, "train": dataclasses.asdict(self.cfg),
-                "selection": self.selection.name, "weights": dict(self.term_weights),
-                "parameters": sorted(self.model.state_dict_learnable())}  # fmt: skip
+        return {
+            "seed": self.seed,
+            "train": dataclasses.asdict(self.cfg),
+            "selection": self.selection.name,
+            "weights": dict(self.term_weights),
+            "parameters": sorted(self.model.state_dict_learnable()),
+        }
 
     def _save_checkpoint(self, path: Path, epoch: int, opt, gen, batches, log, best) -> None:
         """The whole training state after ``epoch``: parameters, optimiser, both random
@@ -313,7 +347,7 @@ class PromptTrainer:
             "log": {"losses": log.losses, "val": log.val, "terms": log.terms},
             "best": None
             if best is None
-            else {"score": best[0], "epoch": best[1], "state": best[2]},  # fmt: skip
+            else {"score": best[0], "epoch": best[1], "state": best[2]},
         }
         write_with(path, lambda tmp: torch.save(state, tmp))
 
@@ -322,15 +356,18 @@ class PromptTrainer:
         if state.get("format") != CHECKPOINT_FORMAT or state.get("identity") != json.dumps(
             self._identity(), sort_keys=True, default=str
         ):
-            raise ValueError(f"{path} was written by another training setup; delete it (or "
-                             "rerun with --force) to start this run afresh")  # fmt: skip
+            raise ValueError(
+                f"{path} was written by another training setup; delete it (or "
+                "rerun with --force) to start this run afresh"
+            )
         self.model.load_state_dict_learnable(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         batches._queues = {d: list(q) for d, q in state["queues"].items()}
-        log.losses[:], log.val[:], log.terms[:] = (state["log"][k] for k in ("losses", "val",
-                                                                              "terms"))  # fmt: skip
+        log.losses[:], log.val[:], log.terms[:] = (
+            state["log"][k] for k in ("losses", "val", "terms")
+        )
         b = state["best"]
         best = None if b is None else (b["score"], b["epoch"], b["state"])
         return int(state["epoch"]), best

@@ -106,8 +106,10 @@ def lodo_folds(split: OSDGSplit, settings: LodoSettings) -> list[Fold]:
     fewer sets exist) from a generator seeded by (seed, p's position).
     """
     if len(split.source_domains) < 2:
-        raise ValueError(f"LODO needs at least two source domains; {split.target} leaves "
-                         f"{list(split.source_domains)}")  # fmt: skip
+        raise ValueError(
+            f"LODO needs at least two source domains; {split.target} leaves "
+            f"{list(split.source_domains)}"
+        )
     folds = []
     for i, p in enumerate(split.source_domains):
         others = tuple(d for d in split.source_domains if d != p)
@@ -121,8 +123,9 @@ def lodo_folds(split: OSDGSplit, settings: LodoSettings) -> list[Fold]:
             continue  # p shares a single class with the others and has no other: no fold
         for j, held in enumerate(_class_splits(eligible, n, settings, i, split.known.index)):
             known = tuple(c for c in split.known if c in trained and c not in held)
-            per_source = {d: tuple(c for c in split.source_classes[d] if c in known)
-                          for d in others}  # fmt: skip
+            per_source = {
+                d: tuple(c for c in split.source_classes[d] if c in known) for d in others
+            }
             per_source = {d: cs for d, cs in per_source.items() if cs}  # a domain left empty
             fold = OSDGSplit(
                 benchmark=split.benchmark,
@@ -203,8 +206,18 @@ def run_lodo(
     for fold in lodo_folds(split, settings):
         set_seed(cfg.seed)
         data = select(sources, fold.split, val_fraction=d.val_fraction, val_seed=d.val_seed)
-        run = RunData(spec, fold.split, data, backbone, feats, domains, classes, hash_, kind,
-                      root=sources.root)  # fmt: skip
+        run = RunData(
+            spec,
+            fold.split,
+            data,
+            backbone,
+            feats,
+            domains,
+            classes,
+            hash_,
+            kind,
+            root=sources.root,
+        )
         method = make_method(cfg, run, cache_dir=cache_dir, progress=progress)
         method.fit(
             run.features(data.source_train),
@@ -215,20 +228,29 @@ def run_lodo(
         pred = method.predict(run.features(data.target))  # no label goes in
         y = np.asarray(data.target_labels)
         c = fold.split.num_known
-        report = metrics.open_set_report(y, pred.y_pred, pred.y_pred_closed, pred.unknown_score,
-                                         num_known=c)  # fmt: skip
-        rows.append({"pseudo_target": fold.pseudo_target, "class_split": fold.class_split,
-                     "held_out": list(fold.held_out), "unknown": list(fold.split.unknown),
-                     "n_known": int((y >= 0).sum()), "n_unknown": int((y < 0).sum()),
-                     **_clean(report)})  # fmt: skip
+        report = metrics.open_set_report(
+            y, pred.y_pred, pred.y_pred_closed, pred.unknown_score, num_known=c
+        )
+        rows.append(
+            {
+                "pseudo_target": fold.pseudo_target,
+                "class_split": fold.class_split,
+                "held_out": list(fold.held_out),
+                "unknown": list(fold.split.unknown),
+                "n_known": int((y >= 0).sum()),
+                "n_unknown": int((y < 0).sum()),
+                **_clean(report),
+            }
+        )
         scored.append((y, pred, c))
     threshold = fit_threshold(scored)
     # each fold's H under the calibrated rule uses a threshold fitted on the *other* folds, so
     # it estimates the rule's H out of sample like the method's own rule's fold H
     for row, thr, (y, pred, c) in zip(rows, held_out_thresholds(scored), scored, strict=True):
         row[f"threshold_{RULE}"] = thr
-        row[f"h_score_{RULE}"] = metrics.h_score(y, apply_threshold(pred, thr, c).y_pred,
-                                                 num_known=c)  # fmt: skip
+        row[f"h_score_{RULE}"] = metrics.h_score(
+            y, apply_threshold(pred, thr, c).y_pred, num_known=c
+        )
     keys = (*METRICS, f"h_score_{RULE}")
     return {
         "protocol": "lodo",
@@ -277,13 +299,18 @@ def attach_validation(run_dir: str | Path, validation: dict) -> dict:
     validated = metrics.open_set_report(y, pred.y_pred, closed, score, num_known=num_known)
     data = record.get("config", {}).get("data", {})
     if classes is not None and data.get("benchmark"):  # AccU on hard/easy unknowns (glyphs)
-        spec = get_benchmark(data["benchmark"], classes_file=data.get("classes_file"),
-                             data_root=data.get("data_root"))  # fmt: skip
+        spec = get_benchmark(
+            data["benchmark"],
+            classes_file=data.get("classes_file"),
+            data_root=data.get("data_root"),
+        )
         kinds = spec.unknown_kinds(data["protocol"])
-        validated.update(metrics.acc_unknown_by_group(pred.y_pred, classes, kinds,
-                                                      num_known=num_known))  # fmt: skip
-    record["validation"] = {k: validation[k] for k in ("protocol", "settings", "mean", "std",
-                                                       "threshold", "seconds")}  # fmt: skip
+        validated.update(
+            metrics.acc_unknown_by_group(pred.y_pred, classes, kinds, num_known=num_known)
+        )
+    record["validation"] = {
+        k: validation[k] for k in ("protocol", "settings", "mean", "std", "threshold", "seconds")
+    }
     record["rules"] = {RULE: {"threshold": validation["threshold"], **_clean(validated)}}
     write_records(run_dir, record)
     return record
@@ -326,8 +353,9 @@ def load_grid(path: str | Path) -> dict[str, tuple[str, ...]]:
     raw = yaml.safe_load(path.read_text()) or {}
     variants = raw.get("variants") if isinstance(raw, dict) else None
     if not isinstance(variants, dict) or not variants or set(raw) - {"variants"}:
-        raise ConfigError(f"{path}: a grid is `variants: {{label: [key=value, ...]}}` and "
-                          "nothing else")  # fmt: skip
+        raise ConfigError(
+            f"{path}: a grid is `variants: {{label: [key=value, ...]}}` and nothing else"
+        )
     out = {}
     for label, overrides in variants.items():
         if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
@@ -369,29 +397,39 @@ def select_by_lodo(
     selection = SETTING_SELECTIONS.get(rule)
     variants = {label: apply_overrides(cfg, list(ov)) for label, ov in grid.items()}
     store = Path(runs_dir) / "_lodo"
-    reports = {label: cached_lodo(v, settings, store, cache_dir=cache_dir, progress=progress)
-               for label, v in variants.items()}  # fmt: skip
+    reports = {
+        label: cached_lodo(v, settings, store, cache_dir=cache_dir, progress=progress)
+        for label, v in variants.items()
+    }
     label, operating, score = selection.choose(reports)
     base = cfg.label or cfg.method
     chosen = dataclasses.replace(variants[label], label=f"{base}:lodo")
-    result = run_eval(chosen, runs_dir=runs_dir, cache_dir=cache_dir, force=force,
-                      progress=progress)  # fmt: skip
+    result = run_eval(
+        chosen, runs_dir=runs_dir, cache_dir=cache_dir, force=force, progress=progress
+    )
     record = attach_validation(result.run_dir, reports[label])
     if operating == OWN_RULE:
         validated = {k: record.get(k) for k in METRICS}
     else:
         validated = {k: record["rules"][operating].get(k) for k in METRICS}
-    grid_blob = json.dumps([cfg.setting_hash(), sorted(grid.items()),
-                            dataclasses.asdict(settings), rule], sort_keys=True)  # fmt: skip
+    grid_blob = json.dumps(
+        [cfg.setting_hash(), sorted(grid.items()), dataclasses.asdict(settings), rule],
+        sort_keys=True,
+    )
     record["setting_selection"] = {
         "rule": rule,
         "chosen": label,
         "operating_rule": operating,
         "fold_score": score,
-        "grid": {lab: {"overrides": list(grid[lab]), "h_score": rep["mean"].get("h_score"),
-                       f"h_score_{RULE}": rep["mean"].get(f"h_score_{RULE}")}
-                 for lab, rep in reports.items()},
-    }  # fmt: skip
+        "grid": {
+            lab: {
+                "overrides": list(grid[lab]),
+                "h_score": rep["mean"].get("h_score"),
+                f"h_score_{RULE}": rep["mean"].get(f"h_score_{RULE}"),
+            }
+            for lab, rep in reports.items()
+        },
+    }
     # one table row per (grid, rule): the chosen setting may differ between targets and seeds
     record["selection_hash"] = hashlib.sha256(grid_blob.encode()).hexdigest()[:12]
     record["validated"] = {"operating_rule": operating, **validated}

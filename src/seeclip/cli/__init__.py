@@ -100,8 +100,10 @@ def os_error_message(err: OSError) -> str:
     if isinstance(err, NoSpaceError):
         return str(err)
     if err.errno == errno.ENOSPC:
-        return (f"no space left on the device{where}; free some space (or point SEECLIP_HOME / "
-                "--runs-dir elsewhere) and rerun: finished work is kept")  # fmt: skip
+        return (
+            f"no space left on the device{where}; free some space (or point SEECLIP_HOME / "
+            "--runs-dir elsewhere) and rerun: finished work is kept"
+        )
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"permission denied{where}; choose a folder you can write to, or fix its rights"
     return f"{err.strerror or err}{where}"

@@ -39,10 +39,12 @@ def run(args: argparse.Namespace) -> int:
     print("seeclip demo: zero-shot CLIP, CoOp and SeeCLIP on the embedded `digits` OSDG benchmark")
     print("(shipped tiny-digits CLIP, preset `digits`, protocol `full`, every target, seed 0)\n")
     prepare_and_print("digits", n_per_class=args.n_per_class, progress=progress)
-    spec = SweepSpec(config="digits", variants=tuple(Variant(m, (f"method={m}",))
-                                                     for m in DEMO_METHODS))  # fmt: skip
-    result = run_sweep(plan(spec), runs_dir=args.runs_dir, jobs=args.jobs, threads=args.threads,
-                       progress=progress)  # fmt: skip
+    spec = SweepSpec(
+        config="digits", variants=tuple(Variant(m, (f"method={m}",)) for m in DEMO_METHODS)
+    )
+    result = run_sweep(
+        plan(spec), runs_dir=args.runs_dir, jobs=args.jobs, threads=args.threads, progress=progress
+    )
     for o in result.failed:
         print(f"FAILED {o.run_dir}: {o.error}")
     if result.failed:

@@ -85,8 +85,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         rows_of_split, split_labels = data.source_train, data.source_train_labels
     # the context training builds its source from: same features, settings and seed
-    ctx = pseudo_context(cfg, loaded, rows_of_split, split_labels, cache_dir=args.cache_dir,
-                         progress=progress)  # fmt: skip
+    ctx = pseudo_context(
+        cfg, loaded, rows_of_split, split_labels, cache_dir=args.cache_dir, progress=progress
+    )
     if args.backend == "feature":
         from seeclip.pseudo import diffusion_unknowns
 

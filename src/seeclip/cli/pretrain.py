@@ -76,9 +76,13 @@ def run(args: argparse.Namespace) -> int:
         parts += ["--init", str(args.init)]
     command = " ".join(parts + list(args.overrides))
     card = pretrain_clip(
-        cfg, args.out, progress=not args.no_progress, command=command, stop_at=args.stop_at,
+        cfg,
+        args.out,
+        progress=not args.no_progress,
+        command=command,
+        stop_at=args.stop_at,
         init=args.init,
-    )  # fmt: skip
+    )
     if "zero_shot" not in card:
         print(f"stopped at step {card['step']}: {args.out / 'last.pt'} (rerun to resume)")
         return 0

@@ -60,8 +60,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="train a tiny text-to-image latent diffusion model (a diffusers SD folder) on CPU",
     )
     p.add_argument("--out", required=True, type=Path, help="output folder (resumes if last.pt)")
-    p.add_argument("--world", choices=WORLDS, default="digits",
-                   help="default corpus and CLIP (default: digits)")  # fmt: skip
+    p.add_argument(
+        "--world",
+        choices=WORLDS,
+        default="digits",
+        help="default corpus and CLIP (default: digits)",
+    )
     p.add_argument("--corpus", type=Path, help="corpus folder written by a generate_corpus")
     p.add_argument(
         "--clip",
@@ -102,14 +106,20 @@ def run(args: argparse.Namespace) -> int:
     corpus = args.corpus or inputs.corpus(not args.no_progress)
     model, tokenizer = inputs.clip(args.clip)
     parts = ["seeclip", "pretrain-diffusion", "--out", str(args.out), "--world", args.world]
-    for flag, value in (("--corpus", args.corpus), ("--clip", args.clip),
-                        ("--config", args.config)):  # fmt: skip
+    for flag, value in (
+        ("--corpus", args.corpus),
+        ("--clip", args.clip),
+        ("--config", args.config),
+    ):
         if value is not None:
             parts += [flag, str(value)]
     command = " ".join(parts + list(args.overrides))
-    card = pretrain_diffusion(cfg, corpus, model, tokenizer, args.out,
-                              progress=not args.no_progress, command=command)  # fmt: skip
-    print(f"vae: {card['vae']['reconstruction_psnr_db']} dB PSNR; unet loss "
-          f"{card['unet']['loss_curve'][0]} -> {card['unet']['loss_curve'][-1]}")  # fmt: skip
+    card = pretrain_diffusion(
+        cfg, corpus, model, tokenizer, args.out, progress=not args.no_progress, command=command
+    )
+    print(
+        f"vae: {card['vae']['reconstruction_psnr_db']} dB PSNR; unet loss "
+        f"{card['unet']['loss_curve'][0]} -> {card['unet']['loss_curve'][-1]}"
+    )
     print(f"wrote {args.out / 'pipeline'}, {args.out / 'samples.png'} and {args.out / 'card.json'}")
     return 0

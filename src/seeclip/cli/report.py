@@ -68,7 +68,13 @@ def run(args: argparse.Namespace) -> int:
         from seeclip.report_files import write_report
 
         formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
-        index = write_report(records, args.out, runs_dir=runs_dir, formats=formats,
-                             oracle=args.oracle, plots=not args.no_plots)  # fmt: skip
+        index = write_report(
+            records,
+            args.out,
+            runs_dir=runs_dir,
+            formats=formats,
+            oracle=args.oracle,
+            plots=not args.no_plots,
+        )
         print(f"\nreport: {index} (and index.md, tables.* and figures/ beside it)")
     return 0

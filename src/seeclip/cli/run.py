@@ -184,14 +184,28 @@ def evaluate_all(
 
     def one(cfg: RunConfig):
         if grid is not None:
-            return _selected(cfg, grid, validate, runs_dir=runs_dir, cache_dir=cache_dir,
-                             force=force, progress=progress)  # fmt: skip
-        result = run_eval(cfg, runs_dir=runs_dir, cache_dir=cache_dir, force=force,
-                          progress=progress, checkpoint_every=checkpoint_every)  # fmt: skip
+            return _selected(
+                cfg,
+                grid,
+                validate,
+                runs_dir=runs_dir,
+                cache_dir=cache_dir,
+                force=force,
+                progress=progress,
+            )
+        result = run_eval(
+            cfg,
+            runs_dir=runs_dir,
+            cache_dir=cache_dir,
+            force=force,
+            progress=progress,
+            checkpoint_every=checkpoint_every,
+        )
         if validate is None:
             return result
-        return _validated(result, cfg, validate, cache_dir=cache_dir, force=force,
-                          progress=progress)  # fmt: skip
+        return _validated(
+            result, cfg, validate, cache_dir=cache_dir, force=force, progress=progress
+        )
 
     from seeclip import distributed
 
@@ -207,11 +221,15 @@ def _selected(cfg: RunConfig, grid: dict, settings, **kw):
 
     result = select_by_lodo(cfg, grid, settings, **kw)
     sel = result.record["setting_selection"]
-    scores = ", ".join(f"{lab} {_num(g['h_score'])}/{_num(g['h_score_lodo_threshold'])}"
-                       for lab, g in sel["grid"].items())  # fmt: skip
-    print(f"{cfg.data.target:<14} seed {cfg.seed}: fold H (own rule/lodo_threshold): {scores}; "
-          f"chosen {sel['chosen']} with rule {sel['operating_rule']} -> target H "
-          f"{_num(result.record['validated']['h_score'])}")  # fmt: skip
+    scores = ", ".join(
+        f"{lab} {_num(g['h_score'])}/{_num(g['h_score_lodo_threshold'])}"
+        for lab, g in sel["grid"].items()
+    )
+    print(
+        f"{cfg.data.target:<14} seed {cfg.seed}: fold H (own rule/lodo_threshold): {scores}; "
+        f"chosen {sel['chosen']} with rule {sel['operating_rule']} -> target H "
+        f"{_num(result.record['validated']['h_score'])}"
+    )
     return result
 
 
@@ -219,8 +237,9 @@ def _validated(result, cfg: RunConfig, settings, *, cache_dir, force: bool, prog
     """The run with its LODO validation (reused when its folder has one for these settings)."""
     from seeclip.validation import RULE, validate_run
 
-    result, validation = validate_run(result, cfg, settings, cache_dir=cache_dir, force=force,
-                                      progress=progress)  # fmt: skip
+    result, validation = validate_run(
+        result, cfg, settings, cache_dir=cache_dir, force=force, progress=progress
+    )
     mean, std = validation["mean"], validation["std"]
     print(
         f"{cfg.data.target:<14} seed {cfg.seed}: LODO on the sources, "

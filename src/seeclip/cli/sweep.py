@@ -110,8 +110,10 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(summarize(result.records, per_target=not args.means_only))
     ran = sum(o.status == "ran" for o in result.outcomes)
-    print(f"\n{len(configs)} runs ({ran} computed now) in {result.seconds:.0f} s; "
-          f"records under {args.runs_dir}")  # fmt: skip
+    print(
+        f"\n{len(configs)} runs ({ran} computed now) in {result.seconds:.0f} s; "
+        f"records under {args.runs_dir}"
+    )
     if args.report:
         from seeclip.report_files import write_report
 

@@ -82,8 +82,9 @@ def find_corrupt(
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         bad = pool.map(_is_corrupt, [root / s.path for s in samples], chunksize=64)
-        bad = list(tqdm(bad, total=len(samples), desc="checking images", unit="img",
-                        disable=not progress))  # fmt: skip
+        bad = list(
+            tqdm(bad, total=len(samples), desc="checking images", unit="img", disable=not progress)
+        )
         return [s.path for s, b in zip(samples, bad, strict=True) if b]
 
 

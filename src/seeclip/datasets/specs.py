@@ -27,10 +27,25 @@ def _empty() -> Mapping[str, Any]:
 
 
 _SPEC_KEYS = (
-    "name", "version", "description", "citation", "layout", "dirnames", "domains",
-    "domain_aliases", "source_domains", "target_domains", "optional_domains",
-    "ignore_extra_classes", "classes", "text", "aliases", "template", "protocols", "lookalikes",
-)  # fmt: skip
+    "name",
+    "version",
+    "description",
+    "citation",
+    "layout",
+    "dirnames",
+    "domains",
+    "domain_aliases",
+    "source_domains",
+    "target_domains",
+    "optional_domains",
+    "ignore_extra_classes",
+    "classes",
+    "text",
+    "aliases",
+    "template",
+    "protocols",
+    "lookalikes",
+)
 _REQUIRED_KEYS = ("name", "layout", "domains", "classes", "protocols")
 _PROTOCOL_KEYS = ("description", "known", "unknown", "source_classes", "target_known")
 FOLDER_KEYS = ("description", "domains", "known", "unknown", "daml", "template", "text", "aliases")
@@ -134,13 +149,18 @@ class BenchmarkSpec:
     def fingerprint(self) -> str:
         """A short hash of everything that decides which images belong to which class."""
         data = {
-            "name": self.name, "version": self.version, "layout": self.layout,
-            "domains": self.domains, "classes": self.classes, "dirnames": self.dirnames,
+            "name": self.name,
+            "version": self.version,
+            "layout": self.layout,
+            "domains": self.domains,
+            "classes": self.classes,
+            "dirnames": self.dirnames,
             "aliases": {k: dict(v) for k, v in self.aliases.items()},
-            "domain_aliases": dict(self.domain_aliases), "optional": self.optional_domains,
+            "domain_aliases": dict(self.domain_aliases),
+            "optional": self.optional_domains,
             "ignore_extra": self.ignore_extra_classes,
             "expected": {d: self.expected_classes(d) for d in self.domains},
-        }  # fmt: skip
+        }
         return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -336,8 +356,16 @@ class BenchmarkEntry:
     spec: BenchmarkSpec | None = None
 
 
-PACKAGED_SPECS = ("pacs", "vlcs", "office_home", "mini_domainnet", "multi_dataset", "digits_dg",
-                  "digits", "glyphs")  # fmt: skip
+PACKAGED_SPECS = (
+    "pacs",
+    "vlcs",
+    "office_home",
+    "mini_domainnet",
+    "multi_dataset",
+    "digits_dg",
+    "digits",
+    "glyphs",
+)
 
 BENCHMARKS: Registry[BenchmarkEntry] = Registry("benchmark")
 for _name in PACKAGED_SPECS:

@@ -42,7 +42,15 @@ class FeatureDiffusionConfig:
             raise ValueError(f"negative must be one of {NEGATIVES}, got {self.negative!r}")
         if self.sigma < 0 or not 0 <= self.cond_dropout < 1:
             raise ValueError("sigma must be >= 0 and cond_dropout in [0, 1)")
-        for name in ("sample_steps", "pool_per_domain", "k", "width", "depth", "timesteps",
-                     "train_steps", "batch_size"):  # fmt: skip
+        for name in (
+            "sample_steps",
+            "pool_per_domain",
+            "k",
+            "width",
+            "depth",
+            "timesteps",
+            "train_steps",
+            "batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"diffusion.{name} must be >= 1, got {getattr(self, name)}")

@@ -80,8 +80,17 @@ def _derive_seed(seed: int, i: int, stream: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _fingerprint(pipe, tokens: Tensor, domains, sources, negative: str, cfg, seed: int,
-                 projection: Tensor, init_images=None) -> str:  # fmt: skip
+def _fingerprint(
+    pipe,
+    tokens: Tensor,
+    domains,
+    sources,
+    negative: str,
+    cfg,
+    seed: int,
+    projection: Tensor,
+    init_images=None,
+) -> str:
     h = hashlib.sha256()
     for image in init_images or ():
         h.update(np.asarray(image).tobytes())
@@ -152,21 +161,27 @@ def generate_image_pool(
     width = pipe.text_encoder.config.hidden_size
     if projection is None:
         if cfg.projection != "random":
-            raise ValueError(f"projection={cfg.projection!r} needs its matrix: pass projection="
-                             "conditioning_projection(cfg, pipe, backbone)")  # fmt: skip
+            raise ValueError(
+                f"projection={cfg.projection!r} needs its matrix: pass projection="
+                "conditioning_projection(cfg, pipe, backbone)"
+            )
         projection = token_projection(tokens.shape[2], width, seed=cfg.projection_seed)
     projection = projection.detach().float().cpu()
     if tuple(projection.shape) != (tokens.shape[2], width):
-        raise ValueError(f"projection must be [{tokens.shape[2]}, {width}], got "
-                         f"{tuple(projection.shape)}")  # fmt: skip
+        raise ValueError(
+            f"projection must be [{tokens.shape[2]}, {width}], got {tuple(projection.shape)}"
+        )
     if cfg.strength < 1.0 and (init_images is None or len(init_images) != n):
-        raise ValueError(f"strength {cfg.strength} < 1 (SDEdit) needs init_images, one source "
-                         f"image per token row ({n})")  # fmt: skip
+        raise ValueError(
+            f"strength {cfg.strength} < 1 (SDEdit) needs init_images, one source "
+            f"image per token row ({n})"
+        )
     out = Path(out_dir)
     negative = known_classes_prompt(known_class_names)
     inits = init_images if cfg.strength < 1.0 else None
-    fingerprint = _fingerprint(pipe, tokens, domains, source_ids, negative, cfg, seed, projection,
-                               inits)  # fmt: skip
+    fingerprint = _fingerprint(
+        pipe, tokens, domains, source_ids, negative, cfg, seed, projection, inits
+    )
     manifest = out / "manifest.csv"
     _claim(out, fingerprint, overwrite, _pool_meta(pipe, tokens, cfg, seed, negative, fingerprint))
     if manifest.is_file():
@@ -206,9 +221,13 @@ def generate_image_pool(
             generators = [
                 torch.Generator(device).manual_seed(_derive_seed(seed, i, "latents")) for i in batch
             ]
-            common = dict(prompt_embeds=pos, negative_prompt_embeds=neg,
-                          guidance_scale=cfg.guidance, num_inference_steps=cfg.steps,
-                          generator=generators)  # fmt: skip
+            common = dict(
+                prompt_embeds=pos,
+                negative_prompt_embeds=neg,
+                guidance_scale=cfg.guidance,
+                num_inference_steps=cfg.steps,
+                generator=generators,
+            )
             if inits is None:
                 images = pipe(**common, height=size, width=size).images
             else:

@@ -63,14 +63,17 @@ def conditioning_projection(cfg: ImageDiffusionConfig, pipe, backbone=None) -> T
             raise ValueError("the random projection needs the token width d: pass the backbone")
         return token_projection(backbone.embed_dim, width, seed=cfg.projection_seed)
     if backbone is None:
-        raise ValueError("projection=text_inverse needs the backbone whose text projection it "
-                         "inverts")  # fmt: skip
+        raise ValueError(
+            "projection=text_inverse needs the backbone whose text projection it inverts"
+        )
     table = pipe.text_encoder.get_input_embeddings().weight.detach().float().cpu()
     own = backbone.token_table.detach().float().cpu()
     # shipped weights are fp16: a copy of the same tower agrees to fp16 rounding
     if table.shape != own.shape or not torch.allclose(table, own, atol=2e-3, rtol=1e-2):
-        raise ValueError(f"projection=text_inverse: {pipeline_name(pipe)}'s text encoder is not "
-                         f"{backbone.name}'s text tower; use projection=random")  # fmt: skip
+        raise ValueError(
+            f"projection=text_inverse: {pipeline_name(pipe)}'s text encoder is not "
+            f"{backbone.name}'s text tower; use projection=random"
+        )
     w = backbone.text_projection
     if w is None or tuple(w.shape) != (width, backbone.embed_dim):
         raise ValueError(f"{backbone.name} has no [{width}, {backbone.embed_dim}] text projection")

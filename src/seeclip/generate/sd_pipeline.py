@@ -161,8 +161,9 @@ def pipeline_device(pipe) -> torch.device:
 
 def pipeline_name(pipe) -> str:
     """The pipeline's model name (shipped name, repo id or folder), recorded in a pool's files."""
-    return str(getattr(pipe, "_seeclip_name", None) or getattr(pipe, "name_or_path", None)
-               or "unnamed")  # fmt: skip
+    return str(
+        getattr(pipe, "_seeclip_name", None) or getattr(pipe, "name_or_path", None) or "unnamed"
+    )
 
 
 def encode_prompts(pipe, texts: Sequence[str]) -> Tensor:

@@ -118,8 +118,9 @@ class PromptTemplate(nn.Module):
 
     def encode(self, backbone, ctx: Tensor, *, per_image: bool = False, autocast=None) -> Tensor:
         """Text features (not normalised): [P, d] shared, [B, P, d] per image."""
-        return encode_prompts(backbone, [self.assemble(ctx, per_image=per_image)],
-                              [self.eot_index], autocast=autocast)  # fmt: skip
+        return encode_prompts(
+            backbone, [self.assemble(ctx, per_image=per_image)], [self.eot_index], autocast=autocast
+        )
 
 
 def encode_prompts(

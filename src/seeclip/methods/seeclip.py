@@ -196,8 +196,15 @@ def seeclip_loss(
         rep, coh, cos_uy, active = zero, zero, zero, zero
     reg = l1_penalty(f_key_weights, reduction=reg_reduction).to(zero)
     total = ali + alpha * rep + beta * coh + gamma * reg
-    return {"total": total, "ali": ali, "rep": rep, "coh": coh, "reg": reg, "cos_uy": cos_uy,
-            "rep_active": active}  # fmt: skip
+    return {
+        "total": total,
+        "ali": ali,
+        "rep": rep,
+        "coh": coh,
+        "reg": reg,
+        "cos_uy": cos_uy,
+        "rep_active": active,
+    }
 
 
 def seeclip_weights(*, alpha: float, beta: float, gamma: float) -> dict[str, float]:

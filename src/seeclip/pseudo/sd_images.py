@@ -50,10 +50,15 @@ def sd_pool_settings(ctx: PseudoContext) -> tuple[ImageDiffusionConfig, int]:
     config = ctx.diffusion if ctx.diffusion is not None else FeatureDiffusionConfig()
     seed = ctx.seed if config.seed is None else config.seed
     icfg = ImageDiffusionConfig(
-        model=ctx.sd_model, prompt=ctx.sd_prompt, sigma=config.sigma, guidance=config.guidance,
-        steps=config.sample_steps, batch_size=16, projection=ctx.sd_projection,
+        model=ctx.sd_model,
+        prompt=ctx.sd_prompt,
+        sigma=config.sigma,
+        guidance=config.guidance,
+        steps=config.sample_steps,
+        batch_size=16,
+        projection=ctx.sd_projection,
         strength=ctx.sd_strength,
-    )  # fmt: skip
+    )
     return icfg, seed
 
 
@@ -96,12 +101,19 @@ def write_sd_pool(
     pipe = load_pipeline(icfg.model, device=device, dtype=icfg.torch_dtype(device))
     with distributed.main_first():  # torchrun: rank 0 draws the pool, the others find it drawn
         return generate_image_pool(
-            pipe, tokens, domains, [f"{d}:{i}" for d, i in zip(domains, rows, strict=True)],
-            ctx.class_texts, out_dir=Path(out_dir), cfg=icfg, seed=seed, progress=ctx.progress,
+            pipe,
+            tokens,
+            domains,
+            [f"{d}:{i}" for d, i in zip(domains, rows, strict=True)],
+            ctx.class_texts,
+            out_dir=Path(out_dir),
+            cfg=icfg,
+            seed=seed,
+            progress=ctx.progress,
             overwrite=True,  # a stale pool in its folder is remade, not an error
             projection=conditioning_projection(icfg, pipe, ctx.backbone),
             init_images=[_read(ctx.image_paths[i]) for i in rows] if icfg.strength < 1 else None,
-        )  # fmt: skip
+        )
 
 
 def _read(path: str):

@@ -50,8 +50,14 @@ def fix_articles(text: str) -> str:
     return re.sub(r"\b([Aa]) (?=(?!one\b)[aeiou])", r"\1n ", text)
 
 
-_CM_NAMES = {"cmr10": "Roman", "cmb10": "Bold", "cmti10": "Italic", "cmss10": "Sans",
-              "cmtt10": "Typewriter", "cmmi10": "Math Italic"}  # fmt: skip
+_CM_NAMES = {
+    "cmr10": "Roman",
+    "cmb10": "Bold",
+    "cmti10": "Italic",
+    "cmss10": "Sans",
+    "cmtt10": "Typewriter",
+    "cmmi10": "Math Italic",
+}
 
 
 def font_label(stem: str) -> str:

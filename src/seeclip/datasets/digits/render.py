@@ -26,40 +26,87 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 DIGIT_WORDS: tuple[str, ...] = (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-)  # fmt: skip
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+)
 DOMAINS: tuple[str, ...] = ("handwritten", "printed", "textured", "outline")
 ROLES: tuple[str, ...] = ("benchmark", "corpus")
 
 # Fonts by file stem: every one draws the ten digits with matplotlib 3.8 to 3.11 (cmti10 only
 # does from 3.11 on, so it is left out: the corpus must not depend on the matplotlib version).
 FONTS: tuple[str, ...] = (
-    "DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-BoldOblique", "DejaVuSans-Oblique",
-    "DejaVuSansMono", "DejaVuSansMono-Bold", "DejaVuSansMono-BoldOblique",
-    "DejaVuSansMono-Oblique", "DejaVuSerif", "DejaVuSerif-Bold", "DejaVuSerif-BoldItalic",
-    "DejaVuSerif-Italic", "STIXGeneral", "STIXGeneralBol", "STIXGeneralBolIta",
-    "STIXGeneralItalic", "cmb10", "cmmi10", "cmr10", "cmss10", "cmtt10",
-)  # fmt: skip
+    "DejaVuSans",
+    "DejaVuSans-Bold",
+    "DejaVuSans-BoldOblique",
+    "DejaVuSans-Oblique",
+    "DejaVuSansMono",
+    "DejaVuSansMono-Bold",
+    "DejaVuSansMono-BoldOblique",
+    "DejaVuSansMono-Oblique",
+    "DejaVuSerif",
+    "DejaVuSerif-Bold",
+    "DejaVuSerif-BoldItalic",
+    "DejaVuSerif-Italic",
+    "STIXGeneral",
+    "STIXGeneralBol",
+    "STIXGeneralBolIta",
+    "STIXGeneralItalic",
+    "cmb10",
+    "cmmi10",
+    "cmr10",
+    "cmss10",
+    "cmtt10",
+)
 # Fonts reserved for the benchmark; the others are corpus-only.
 BENCHMARK_FONTS: tuple[str, ...] = (
-    "DejaVuSans-BoldOblique", "DejaVuSansMono", "DejaVuSerif-Italic", "STIXGeneralBol",
-    "cmss10", "cmtt10",
-)  # fmt: skip
+    "DejaVuSans-BoldOblique",
+    "DejaVuSansMono",
+    "DejaVuSerif-Italic",
+    "STIXGeneralBol",
+    "cmss10",
+    "cmtt10",
+)
 # skimage.data photos that load offline; brick, grass, gravel and moon are left out because
 # their mid-grey texture makes |crop - 255| look like the crop and hides the digit.
 PHOTOS: tuple[str, ...] = (
-    "astronaut", "camera", "cell", "chelsea", "clock", "coffee", "coins", "hubble_deep_field",
-    "immunohistochemistry", "retina", "rocket", "stereo_motorcycle",
-)  # fmt: skip
+    "astronaut",
+    "camera",
+    "cell",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "rocket",
+    "stereo_motorcycle",
+)
 BENCHMARK_PHOTOS: tuple[str, ...] = ("camera", "coffee", "immunohistochemistry")
 HANDWRITTEN_BENCHMARK_FRACTION = 0.25  # share of each class's sklearn scans kept for the benchmark
 
 PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220),
-    "yellow": (240, 220, 30), "orange": (250, 140, 20), "purple": (130, 40, 170),
-    "white": (245, 245, 245), "black": (15, 15, 15), "grey": (128, 128, 128),
-    "pink": (245, 130, 190), "cyan": (30, 210, 220), "brown": (130, 80, 30),
-}  # fmt: skip
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "orange": (250, 140, 20),
+    "purple": (130, 40, 170),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "grey": (128, 128, 128),
+    "pink": (245, 130, 190),
+    "cyan": (30, 210, 220),
+    "brown": (130, 80, 30),
+}
 _PALETTE_NAMES = tuple(PALETTE)
 _PALETTE_RGB = np.array([PALETTE[n] for n in _PALETTE_NAMES], dtype=np.float32)
 
@@ -209,8 +256,9 @@ def _handwritten_bank(size: int) -> list[Image.Image]:
     """All sklearn scans smoothly upsampled to [size, size] stroke masks (PIL 'L' images)."""
     images, _ = _handwritten()
     padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))
-    up = np.stack([np.asarray(Image.fromarray(im, "F").resize((size, size), Image.BICUBIC))
-                   for im in padded])  # fmt: skip
+    up = np.stack(
+        [np.asarray(Image.fromarray(im, "F").resize((size, size), Image.BICUBIC)) for im in padded]
+    )
     masks = np.clip((up - 0.2) / 0.5, 0.0, 1.0)
     return [Image.fromarray(m) for m in np.round(masks * 255).astype(np.uint8)]
 
@@ -317,8 +365,14 @@ def render_digit(
     """
     _check(digit, domain, role)
     size = _canvas(image_size)
-    attrs: dict = {"digit": int(digit), "domain": domain, "role": role, "font": None,
-                   "photo": None, "sample_index": None}  # fmt: skip
+    attrs: dict = {
+        "digit": int(digit),
+        "domain": domain,
+        "role": role,
+        "font": None,
+        "photo": None,
+        "sample_index": None,
+    }
     if domain == "handwritten":
         index = int(rng.choice(handwritten_pools()[role][digit]))
         attrs["sample_index"] = index

@@ -126,8 +126,14 @@ def generate_benchmark(
 ) -> Path:
     """Write the benchmark tree under ``root`` (or return it if already generated alike)."""
     root = Path(root)
-    expected = {"kind": "benchmark", "version": GENERATOR_VERSION, "renderer": renderer_hash(),
-                "seed": seed, "image_size": image_size, "n_per_class": n_per_class}  # fmt: skip
+    expected = {
+        "kind": "benchmark",
+        "version": GENERATOR_VERSION,
+        "renderer": renderer_hash(),
+        "seed": seed,
+        "image_size": image_size,
+        "n_per_class": n_per_class,
+    }
     if reusable(root, expected):
         return root
     role_id = ROLES.index("benchmark")
@@ -162,9 +168,14 @@ def generate_corpus(
     Sample ``k`` has domain ``k % 4`` and digit ``(k // 4) % 10``, so any prefix is balanced.
     """
     root = Path(root)
-    expected = {"kind": "corpus", "version": GENERATOR_VERSION,
-                "renderer": renderer_hash(with_captions=True), "seed": seed,
-                "image_size": image_size, "n": n}  # fmt: skip
+    expected = {
+        "kind": "corpus",
+        "version": GENERATOR_VERSION,
+        "renderer": renderer_hash(with_captions=True),
+        "seed": seed,
+        "image_size": image_size,
+        "n": n,
+    }
     if reusable(root, expected):
         return root
     role_id = ROLES.index("corpus")

@@ -49,21 +49,37 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "X": ("with two crossing strokes",),
 }
 GENERIC_CAPTIONS: tuple[str, ...] = (
-    "an unknown symbol", "an unknown sign, {adj}", "some other symbol", "a symbol",
-    "a {adj} symbol", "another character", "an unknown character {phrase}",
-    "other: a {colour} {adj} sign", "a {colour} symbol", "an unknown shape on {background}",
-)  # fmt: skip
+    "an unknown symbol",
+    "an unknown sign, {adj}",
+    "some other symbol",
+    "a symbol",
+    "a {adj} symbol",
+    "another character",
+    "an unknown character {phrase}",
+    "other: a {colour} {adj} sign",
+    "a {colour} symbol",
+    "an unknown shape on {background}",
+)
 # share of captions that do not name the concept, by kind
 UNNAMED_RATE = {"letter": 0.04, "digit": 0.04, "symbol": 0.25, "shape": 0.25, "word": 0.25}
 TEMPLATES: tuple[str, ...] = (
-    "a {adj} {noun}", "{noun}, {adj}", "a photo of the {adj} {noun}", "a photo of {noun}",
-    "a {colour} {adj} {noun}", "an image of {noun} {phrase}", "{noun} in {colour} {phrase}",
-    "a {colour} {noun} on {background}", "the {noun}", "{noun} {phrase}",
-)  # fmt: skip
+    "a {adj} {noun}",
+    "{noun}, {adj}",
+    "a photo of the {adj} {noun}",
+    "a photo of {noun}",
+    "a {colour} {adj} {noun}",
+    "an image of {noun} {phrase}",
+    "{noun} in {colour} {phrase}",
+    "a {colour} {noun} on {background}",
+    "the {noun}",
+    "{noun} {phrase}",
+)
 ATTRIBUTE_TEMPLATES: tuple[str, ...] = (
-    "a {adj} {noun} {attr}", "{noun} {attr}", "a photo of the {noun} {attr}",
+    "a {adj} {noun} {attr}",
+    "{noun} {attr}",
+    "a photo of the {noun} {attr}",
     "a {colour} {noun} {attr}, {adj}",
-)  # fmt: skip
+)
 ATTRIBUTE_RATE = 0.35
 
 

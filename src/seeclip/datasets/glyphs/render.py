@@ -64,12 +64,22 @@ class Concept:
 def _concepts() -> dict[str, Concept]:
     out = [Concept(c, "letter", c) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
     out += [Concept(w, "digit", str(i)) for i, w in enumerate(DIGIT_WORDS)]
-    symbols = {"plus_sign": "+", "equals_sign": "=", "percent_sign": "%", "ampersand": "&",
-               "hash_sign": "#", "at_sign": "@", "question_mark": "?", "exclamation_mark": "!",
-               "dollar_sign": "$", "asterisk": "*"}  # fmt: skip
+    symbols = {
+        "plus_sign": "+",
+        "equals_sign": "=",
+        "percent_sign": "%",
+        "ampersand": "&",
+        "hash_sign": "#",
+        "at_sign": "@",
+        "question_mark": "?",
+        "exclamation_mark": "!",
+        "dollar_sign": "$",
+        "asterisk": "*",
+    }
     out += [Concept(name, "symbol", ch) for name, ch in symbols.items()]
-    out += [Concept(s, "shape", s) for s in ("circle", "square", "triangle", "star", "arrow",
-                                              "diamond")]  # fmt: skip
+    out += [
+        Concept(s, "shape", s) for s in ("circle", "square", "triangle", "star", "arrow", "diamond")
+    ]
     out += [Concept(f"word_{w}", "word", w) for w in ("cat", "sun", "box", "map", "key", "dog")]
     return {c.name: c for c in out}
 
@@ -127,8 +137,10 @@ def _shape(name: str, size: int) -> np.ndarray:
     elif name == "star":
         angles = np.pi / 2 + np.arange(10) * np.pi / 5
         radii = np.where(np.arange(10) % 2 == 0, r, 0.42 * r)
-        draw.polygon([(c + q * np.cos(a), c - q * np.sin(a)) for a, q in zip(angles, radii,
-                      strict=True)], fill=255)  # fmt: skip
+        draw.polygon(
+            [(c + q * np.cos(a), c - q * np.sin(a)) for a, q in zip(angles, radii, strict=True)],
+            fill=255,
+        )
     elif name == "arrow":
         h, w = 0.28 * r, 0.55 * r
         draw.polygon(
@@ -256,6 +268,12 @@ def render_glyph(
         src = to_pil(concept_mask(name, font, size)[None])[0]
     mask = warp_mask(src, domain, rng, image_size)
     img, painted = paint(mask, domain, rng, role=role)
-    attrs = {"concept": name, "kind": concept.kind, "domain": domain, "role": role,
-             "font": None if concept.kind == "shape" else font, **painted}  # fmt: skip
+    attrs = {
+        "concept": name,
+        "kind": concept.kind,
+        "domain": domain,
+        "role": role,
+        "font": None if concept.kind == "shape" else font,
+        **painted,
+    }
     return img, attrs

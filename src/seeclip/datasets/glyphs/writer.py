@@ -34,17 +34,43 @@ from seeclip.datasets.glyphs import captions, render
 from seeclip.datasets.glyphs.render import CONCEPTS, DOMAINS, IMAGE_SIZE, ROLES
 from seeclip.io import atomic_dir, write_json
 
-__all__ = ["BENCHMARK_CLASSES", "GENERATOR_VERSION", "generate_benchmark", "generate_corpus",
-           "renderer_hash"]  # fmt: skip
+__all__ = [
+    "BENCHMARK_CLASSES",
+    "GENERATOR_VERSION",
+    "generate_benchmark",
+    "generate_corpus",
+    "renderer_hash",
+]
 
 GENERATOR_VERSION = "1"
 # The classes of specs/glyphs.yaml in label order (a test keeps the two equal): 12 known, 6 hard
 # unknowns (each a look-alike of a known one), 6 easy unknowns.
 BENCHMARK_CLASSES: tuple[str, ...] = (
-    "A", "B", "C", "E", "H", "K", "M", "O", "P", "S", "T", "X",
-    "Q", "F", "R", "G", "eight", "five",
-    "two", "four", "nine", "J", "U", "Z",
-)  # fmt: skip
+    "A",
+    "B",
+    "C",
+    "E",
+    "H",
+    "K",
+    "M",
+    "O",
+    "P",
+    "S",
+    "T",
+    "X",
+    "Q",
+    "F",
+    "R",
+    "G",
+    "eight",
+    "five",
+    "two",
+    "four",
+    "nine",
+    "J",
+    "U",
+    "Z",
+)
 _CONCEPT_NAMES = tuple(CONCEPTS)
 
 
@@ -105,9 +131,15 @@ def generate_benchmark(
 ) -> Path:
     """Write the benchmark tree (:data:`BENCHMARK_CLASSES`, every domain) under ``root``."""
     root = Path(root)
-    expected = {"kind": "benchmark", "world": "glyphs", "version": GENERATOR_VERSION,
-                "renderer": renderer_hash(), "seed": seed, "image_size": image_size,
-                "n_per_class": n_per_class}  # fmt: skip
+    expected = {
+        "kind": "benchmark",
+        "world": "glyphs",
+        "version": GENERATOR_VERSION,
+        "renderer": renderer_hash(),
+        "seed": seed,
+        "image_size": image_size,
+        "n_per_class": n_per_class,
+    }
     if reusable(root, expected):
         return root
     index = {name: k for k, name in enumerate(_CONCEPT_NAMES)}
@@ -146,14 +178,22 @@ def generate_corpus(
     is balanced over domains and concepts.
     """
     root = Path(root)
-    expected = {"kind": "corpus", "world": "glyphs", "version": GENERATOR_VERSION,
-                "renderer": renderer_hash(with_captions=True), "seed": seed,
-                "image_size": image_size, "n": n}  # fmt: skip
+    expected = {
+        "kind": "corpus",
+        "world": "glyphs",
+        "version": GENERATOR_VERSION,
+        "renderer": renderer_hash(with_captions=True),
+        "seed": seed,
+        "image_size": image_size,
+        "n": n,
+    }
     if reusable(root, expected):
         return root
     n_concepts = len(_CONCEPT_NAMES)
-    jobs = [(seed, "corpus", k % len(DOMAINS), (k // len(DOMAINS)) % n_concepts, k, image_size,
-             True) for k in range(n)]  # fmt: skip
+    jobs = [
+        (seed, "corpus", k % len(DOMAINS), (k // len(DOMAINS)) % n_concepts, k, image_size, True)
+        for k in range(n)
+    ]
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     labels = np.array([job[3] for job in jobs], dtype=np.int64)
     domains = np.array([job[2] for job in jobs], dtype=np.int64)
