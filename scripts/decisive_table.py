@@ -318,8 +318,7 @@ def module_effects(records, benchmark: str) -> str:
 def loss_shares(records, runs_dir, order) -> str:
     """Each SeeCLIP-family variant's last-epoch loss terms and gradient shares (mean over runs),
     read from the runs' epoch records: which terms act at which setting."""
-    from seeclip.records import read_records
-    from seeclip.report_files import run_dir_of
+    from seeclip.records import read_records, run_dir_of
 
     keys = (
         "grad_share_ali",

@@ -19,11 +19,11 @@ CLASSES = ("dog", "hot dog stand", "cat", "tree")  # different lengths -> differ
 B, C = 3, len(CLASSES)
 
 BUILDERS = {
-    "seeclip": lambda bb: SeeCLIPModel(bb, CLASSES, k=3, m=2),
-    "seeclip_plain": lambda bb: SeeCLIPModel(bb, CLASSES, semantic_tokens=False),
-    "coop": lambda bb: CoOpModel(bb, CLASSES),
-    "coop_unknown": lambda bb: CoOpModel(bb, CLASSES, unknown_prompt=True, m=2),
-    "cocoop": lambda bb: CoCoOpModel(bb, CLASSES),
+    "seeclip": lambda bb, **kw: SeeCLIPModel(bb, CLASSES, k=3, m=2, **kw),
+    "seeclip_plain": lambda bb, **kw: SeeCLIPModel(bb, CLASSES, semantic_tokens=False, **kw),
+    "coop": lambda bb, **kw: CoOpModel(bb, CLASSES, **kw),
+    "coop_unknown": lambda bb, **kw: CoOpModel(bb, CLASSES, unknown_prompt=True, m=2, **kw),
+    "cocoop": lambda bb, **kw: CoCoOpModel(bb, CLASSES, **kw),
 }
 WITH_UNKNOWN = {"seeclip", "seeclip_plain", "coop_unknown"}
 PER_IMAGE = {"seeclip", "seeclip_plain", "cocoop"}
@@ -41,9 +41,9 @@ def features(backbone):
         return backbone.encode_image(images)
 
 
-def _build(name, backbone, seed=0):
+def _build(name, backbone, seed=0, **kw):
     torch.manual_seed(seed)
-    return BUILDERS[name](backbone)
+    return BUILDERS[name](backbone, **kw)
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
@@ -216,7 +216,8 @@ def test_bf16_text_tower_is_close_to_fp32_and_trains(name, backbone, features):
     g, t = features
     model = _build(name, backbone)
     full = model(g, t)
-    model.text_autocast = torch.bfloat16
+    model = _build(name, backbone, text_precision="bf16")  # the same seed: the same weights
+    assert model.text_autocast is torch.bfloat16
     half = model(g, t)
     assert half.text.dtype == torch.float32 == half.logits.dtype  # cast back
     cos = (full.text * half.text).sum(-1)  # both L2-normalised

@@ -11,8 +11,8 @@ from PIL import Image
 import seeclip
 from seeclip.cli import main
 from seeclip.datasets import get_benchmark, load_manifest
+from seeclip.records import run_dir_of
 from seeclip.report import read_records
-from seeclip.report_files import run_dir_of
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from PIL import Image
 
 from seeclip.cli import main
 from seeclip.metrics import h_score, oracle_h_score
+from seeclip.records import run_dir_of
 from seeclip.report import METRICS, paper_tables, read_records
-from seeclip.report_files import run_dir_of, write_report
+from seeclip.report_files import write_report
 
 PRESET = (
     "data: {benchmark: digits, protocol: full}\n"

@@ -21,7 +21,6 @@ from seeclip.sweep import (
     load_sweep,
     parse_variant,
     plan,
-    run_dir_of,
     run_lock,
     run_sweep,
 )
@@ -121,7 +120,7 @@ def test_a_run_locked_by_another_process_is_not_computed_twice(
         c for c in plan(SweepSpec(str(preset), (parse_variant("zeroshot"),), targets=("printed",)))
     ]
     runs = str(tmp_path / "runs")
-    run_dir = run_dir_of(cfg, runs)
+    run_dir = cfg.run_dir(runs)
     ctx = multiprocessing.get_context("spawn")
     ready, release = ctx.Event(), ctx.Event()
     holder = ctx.Process(target=_hold_lock, args=(run_dir, ready, release))
@@ -187,7 +186,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(
     result = run_sweep([bad, cfgs[1]], runs_dir=str(tmp_path), progress=False, log=lambda s: None)
     assert [o.status for o in result.outcomes] == ["failed", "ran"]
     assert "no-such-arch" in result.failed[0].error
-    record = json.loads((run_dir_of(cfgs[1], tmp_path) / "results.jsonl").read_text())
+    record = json.loads((cfgs[1].run_dir(tmp_path) / "results.jsonl").read_text())
     assert record["seed"] == 1
 
 

@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from seeclip.cli import main
-from seeclip.sweep import SweepSpec, parse_variant, plan, run_dir_of, run_lock
+from seeclip.sweep import SweepSpec, parse_variant, plan, run_lock
 
 PRESET = (
     "data: {benchmark: digits, protocol: full}\n"
@@ -252,7 +252,7 @@ def test_a_run_held_by_another_process_is_waited_for_and_not_recomputed(
     preset.write_text(PRESET)
     runs = tmp_path / "runs"
     held_cfg, free_cfg = plan(SweepSpec(str(preset), (parse_variant("zeroshot"),), targets=TARGETS))
-    held, free = run_dir_of(held_cfg, runs), run_dir_of(free_cfg, runs)
+    held, free = held_cfg.run_dir(runs), free_cfg.run_dir(runs)
     argv = [
         "sweep",
         "--config",

@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar, get_args
 import yaml
 
 from seeclip.generate.feature_config import FeatureDiffusionConfig
+from seeclip.records import run_folder, run_name
 
 T = TypeVar("T")
 
@@ -222,7 +223,11 @@ class RunConfig:
 
     def run_name(self) -> str:
         d = self.data
-        return f"{d.benchmark}_{d.protocol}_{d.target}_{self.label or self.method}"
+        return run_name(d.benchmark, d.protocol, d.target, self.label or self.method)
+
+    def run_dir(self, runs_dir: str | Path) -> Path:
+        """This run's folder under ``runs_dir`` (:func:`seeclip.records.run_folder`)."""
+        return run_folder(runs_dir, self.run_name(), self.hash())
 
 
 # Keys added after runs existed: at these values a config is the experiment it was before the

@@ -31,6 +31,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 __all__ = [
+    "METRICS",
     "acc_known",
     "acc_unknown",
     "acc_unknown_by_group",
@@ -43,6 +44,8 @@ __all__ = [
 ]
 
 NAN = float("nan")
+# the six metrics of every record and table, in table order (:func:`open_set_report`'s keys)
+METRICS = ("acc_known", "acc_unknown", "h_score", "closed_set_acc", "auroc", "oscr")
 
 
 def _to_1d(name: str, x: Any) -> np.ndarray:

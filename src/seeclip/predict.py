@@ -23,13 +23,12 @@ from PIL import Image
 from seeclip import distributed
 from seeclip.config import RunConfig
 from seeclip.datasets import get_benchmark, make_split
-from seeclip.datasets.images import ImageReadError, load_image, to_rgb
+from seeclip.datasets.images import IMAGE_EXTENSIONS, ImageReadError, load_image, to_rgb
 from seeclip.features import Features, PseudoSources
 from seeclip.io import load_tensors
 from seeclip.methods import Method
 from seeclip.runner import BACKBONES, default_data_root, method_for, run_config
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 UNKNOWN = "unknown"
 
 
@@ -153,7 +152,7 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
         if p.is_dir():
             out.extend(
                 sorted(
-                    f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                    f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
                 )
             )
         else:

@@ -20,6 +20,22 @@ EPOCH = "epoch"
 KINDS = (FINAL, EPOCH)
 
 
+def run_name(benchmark: str, protocol: str, target: str | None, label: str) -> str:
+    """The name of a run's parent folder: ``<benchmark>_<protocol>_<target>_<label>``."""
+    return f"{benchmark}_{protocol}_{target}_{label}"
+
+
+def run_folder(runs_dir: str | Path, name: str, config_hash: str) -> Path:
+    """Where a run lives: ``<runs_dir>/<run name>/<config hash>`` (the one place that says so)."""
+    return Path(runs_dir) / name / config_hash
+
+
+def run_dir_of(runs_dir: str | Path, record: dict) -> Path:
+    """The folder a final record was written to."""
+    name = run_name(record["benchmark"], record["protocol"], record["target"], record["method"])
+    return run_folder(runs_dir, name, record["config_hash"])
+
+
 def read_records(run_dir: str | Path) -> list[dict]:
     """Every record of one run folder, in file order ([] when it has none)."""
     path = Path(run_dir) / RESULTS
@@ -48,4 +64,15 @@ def write_records(run_dir: str | Path, final: dict, epochs: Iterable[dict] | Non
     write_text(Path(run_dir) / RESULTS, "\n".join(lines) + "\n")
 
 
-__all__ = ["EPOCH", "FINAL", "KINDS", "RESULTS", "final_record", "read_records", "write_records"]
+__all__ = [
+    "EPOCH",
+    "FINAL",
+    "KINDS",
+    "RESULTS",
+    "final_record",
+    "read_records",
+    "run_dir_of",
+    "run_folder",
+    "run_name",
+    "write_records",
+]

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from seeclip import metrics
 from seeclip.records import FINAL, final_record
 
-METRICS = ("acc_known", "acc_unknown", "h_score", "closed_set_acc", "auroc", "oscr")
+METRICS = metrics.METRICS
 # shown after AccU when some record has them (benchmarks that name look-alikes, e.g. glyphs)
 GROUP_METRICS = ("acc_unknown_hard", "acc_unknown_easy")
 HEADERS = {

@@ -19,6 +19,7 @@ import numpy as np
 
 from seeclip import figures, metrics
 from seeclip.io import write_text
+from seeclip.records import run_dir_of
 from seeclip.report import HEADERS, INCOMPLETE, Table, dedupe, default_metrics, paper_tables
 
 FORMATS = ("md", "csv", "tex")
@@ -27,12 +28,6 @@ ORACLE_NOTE = (
     "MEDIC's published H does; they are not valid results, only a like-for-like comparison "
     "with those tables (whose Acc is `Closed` here)."
 )
-
-
-def run_dir_of(runs_dir: str | Path, record: dict) -> Path:
-    """The folder a final record was written to (``runs/<name>/<config-hash>``)."""
-    name = f"{record['benchmark']}_{record['protocol']}_{record['target']}_{record['method']}"
-    return Path(runs_dir) / name / record["config_hash"]
 
 
 def load_predictions(runs_dir: str | Path, record: dict) -> dict[str, np.ndarray] | None:

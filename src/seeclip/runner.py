@@ -378,7 +378,7 @@ def run_eval(
     Training writes ``train_state.pt`` in the run folder every ``checkpoint_every`` epochs
     (0: never); an unfinished run with one resumes from it, and it is deleted once the run is
     done. ``force`` starts afresh."""
-    run_dir = Path(runs_dir) / cfg.run_name() / cfg.hash()
+    run_dir = cfg.run_dir(runs_dir)
     ckpt = run_dir / TRAIN_STATE
     if force:
         ckpt.unlink(missing_ok=True)

@@ -191,13 +191,9 @@ def plan(spec: SweepSpec) -> list[RunConfig]:
     ]
 
 
-def run_dir_of(cfg: RunConfig, runs_dir: str | Path) -> Path:
-    return Path(runs_dir) / cfg.run_name() / cfg.hash()
-
-
 def is_done(cfg: RunConfig, runs_dir: str | Path, validate=None) -> bool:
     """Finished, and validated when ``validate`` (LODO settings) asks for it."""
-    run_dir = run_dir_of(cfg, runs_dir)
+    run_dir = cfg.run_dir(runs_dir)
     if not (run_dir / "done").exists():
         return False
     if validate is None:
@@ -239,7 +235,7 @@ def execute(
     """One run under its lock (validated on the sources too when ``validate`` is given)."""
     from seeclip.runner import run_eval
 
-    run_dir = run_dir_of(cfg, runs_dir)
+    run_dir = cfg.run_dir(runs_dir)
     start = time.perf_counter()
     try:
         with run_lock(run_dir, wait=wait) as locked:
@@ -381,7 +377,7 @@ def run_sweep(
         if is_done(cfg, runs_dir, validate):
             from seeclip.records import final_record
 
-            run_dir = run_dir_of(cfg, runs_dir)
+            run_dir = cfg.run_dir(runs_dir)
             result.outcomes.append(Outcome(cfg, "reused", run_dir, final_record(run_dir)))
         else:
             todo.append(cfg)

@@ -67,7 +67,7 @@ __all__ = [
 # pseudo-unknown sources that are rebuilt from each fold's training features; a stored pool
 # was made from every source domain (the pseudo-target's images and held-out classes included)
 FOLD_SOURCES = ("none", "mixup", "diffusion", "sd_images")
-METRICS = ("acc_known", "acc_unknown", "h_score", "closed_set_acc", "auroc", "oscr")
+METRICS = metrics.METRICS
 VALIDATION_FILE = "validation.json"
 RULE = "lodo_threshold"  # records name the operating rule calibrated on the folds
 

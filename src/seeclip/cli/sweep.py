@@ -80,7 +80,7 @@ def spec_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from seeclip.report import summarize
-    from seeclip.sweep import is_done, plan, run_dir_of, run_sweep
+    from seeclip.sweep import is_done, plan, run_sweep
 
     if args.jobs < 1 or args.threads < 1:
         raise ConfigError("--jobs and --threads must be at least 1")
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         for cfg in configs:
             mark = "done" if is_done(cfg, args.runs_dir, validate) else "todo"
-            print(f"{mark}  {run_dir_of(cfg, args.runs_dir)}  seed {cfg.seed}")
+            print(f"{mark}  {cfg.run_dir(args.runs_dir)}  seed {cfg.seed}")
         return 0
     result = run_sweep(
         configs,

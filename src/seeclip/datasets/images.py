@@ -10,6 +10,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+# what `seeclip prepare` lists as images and `seeclip predict` picks up from a folder
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
 
 class ImageReadError(RuntimeError):
     """An image file could not be decoded."""

@@ -1,12 +1,12 @@
 """Loaders that turn a dataset tree on disk into samples, one loader per layout (``LAYOUTS``).
 
 - ``domain_folders`` (PACS, VLCS, Office-Home, Digits-DG, digits, folder): DomainBed style
-  ``<root>/<Dataset>/<domain>/<class>/*.{jpg,jpeg,png,bmp}``; the data root may be the folder
-  holding ``<Dataset>`` or ``<Dataset>`` itself (the spec's ``dirnames`` are tried, then the
-  root). A domain may hold split subfolders instead of class folders: ``train`` -> "train",
-  ``val`` and ``crossval`` -> "val", ``test`` -> "test" (a ``full`` folder next to them repeats
-  them and is skipped). Without split subfolders every image is "all". A lone ``images``
-  subfolder (Office-31) is descended into.
+  ``<root>/<Dataset>/<domain>/<class>/<image>`` (suffixes: ``IMAGE_EXTENSIONS``); the data root
+  may be the folder holding ``<Dataset>`` or ``<Dataset>`` itself (the spec's ``dirnames`` are
+  tried, then the root). A domain may hold split subfolders instead of class folders: ``train``
+  -> "train", ``val`` and ``crossval`` -> "val", ``test`` -> "test" (a ``full`` folder next to
+  them repeats them and is skipped). Without split subfolders every image is "all". A lone
+  ``images`` subfolder (Office-31) is descended into.
 - ``mini_domainnet``: ``<root>/domainnet/splits_mini/<domain>_{train,test}.txt``, lines
   ``<domain>/<class>/<file> <label>``, images under ``<root>/domainnet/``. The class is the
   path's class folder; the file's labels are only checked for consistency (one label per class),
@@ -31,11 +31,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
+from seeclip.datasets.images import IMAGE_EXTENSIONS
 from seeclip.datasets.specs import BENCHMARKS, FOLDER_KEYS, BenchmarkSpec
 from seeclip.paths import data_folders
 from seeclip.registry import Registry
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 SPLITS = ("train", "val", "test", "all")
 _SPLIT_DIRS = {"train": "train", "val": "val", "crossval": "val", "test": "test"}
 _LIST_NAMES = ("{}.txt", "{}_list.txt", "lists/{}.txt", "lists/{}_list.txt")

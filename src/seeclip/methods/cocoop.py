@@ -33,8 +33,15 @@ class CoCoOpModel(PromptModel):
     feature; prompts ``[SOS][v_1 + pi(x)..v_n + pi(x)] <class> .`` are built per image.
     """
 
-    def __init__(self, backbone, class_texts: Sequence[str], *, n_ctx: int = 4) -> None:
-        super().__init__(backbone, len(class_texts), has_unknown_prompt=False)
+    def __init__(
+        self,
+        backbone,
+        class_texts: Sequence[str],
+        *,
+        n_ctx: int = 4,
+        text_precision: str = "fp32",
+    ) -> None:
+        super().__init__(backbone, len(class_texts), False, text_precision)
         d, w = backbone.embed_dim, backbone.text_width
         hidden = max(1, d // 16)
         self.ctx = normal_parameter(n_ctx, w)
@@ -53,6 +60,14 @@ class CoCoOpModel(PromptModel):
 
 def build(env: MethodEnv, *, prompt: PromptConfig, train: TrainConfig) -> PromptTrainer:
     """CoCoOp: instance-conditional context, unknown by max-softmax threshold on source val."""
-    model = seeded(env.seed, lambda: CoCoOpModel(env.backbone, env.class_texts, n_ctx=prompt.n_ctx))
+    model = seeded(
+        env.seed,
+        lambda: CoCoOpModel(
+            env.backbone,
+            env.class_texts,
+            n_ctx=prompt.n_ctx,
+            text_precision=prompt.text_precision,
+        ),
+    )
     rule = MaxSoftmaxThreshold(prompt.threshold_quantile)
     return learner(env, model, alignment_terms, rule, prompt=prompt, train=train)

@@ -43,8 +43,9 @@ class CoOpModel(PromptModel):
         unknown_prompt: bool = False,
         m: int = 4,
         unknown_word: str = "unknown",
+        text_precision: str = "fp32",
     ) -> None:
-        super().__init__(backbone, len(class_texts), has_unknown_prompt=unknown_prompt)
+        super().__init__(backbone, len(class_texts), unknown_prompt, text_precision)
         w = backbone.text_width
         self.ctx = normal_parameter(n_ctx, w)
         self.known_prompts = PromptTemplate(backbone, class_texts, n_ctx)
@@ -68,6 +69,14 @@ class CoOpModel(PromptModel):
 
 def build(env: MethodEnv, *, prompt: PromptConfig, train: TrainConfig) -> PromptTrainer:
     """CoOp: shared learned context, unknown by max-softmax threshold on source val."""
-    model = seeded(env.seed, lambda: CoOpModel(env.backbone, env.class_texts, n_ctx=prompt.n_ctx))
+    model = seeded(
+        env.seed,
+        lambda: CoOpModel(
+            env.backbone,
+            env.class_texts,
+            n_ctx=prompt.n_ctx,
+            text_precision=prompt.text_precision,
+        ),
+    )
     rule = MaxSoftmaxThreshold(prompt.threshold_quantile)
     return learner(env, model, alignment_terms, rule, prompt=prompt, train=train)

@@ -29,7 +29,12 @@ def build(env: MethodEnv, *, prompt: PromptConfig, train: TrainConfig) -> Prompt
     model = seeded(
         env.seed,
         lambda: CoOpModel(
-            env.backbone, env.class_texts, n_ctx=prompt.n_ctx, unknown_prompt=True, m=prompt.m
+            env.backbone,
+            env.class_texts,
+            n_ctx=prompt.n_ctx,
+            unknown_prompt=True,
+            m=prompt.m,
+            text_precision=prompt.text_precision,
         ),
     )
     return learner(env, model, alignment_terms, RULE, prompt=prompt, train=train)

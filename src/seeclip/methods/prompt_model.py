@@ -24,6 +24,8 @@ from seeclip.trainer import LossFn, PromptTrainer
 __all__ = ["PromptModel", "PromptOutput", "learner", "normal_parameter", "seeded"]
 
 _BACKBONE = "backbone."
+# prompt.text_precision -> the autocast dtype of the frozen text tower while prompts train
+TEXT_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def normal_parameter(*shape: int) -> nn.Parameter:
@@ -49,7 +51,6 @@ def learner(
     term_weights: Mapping[str, float] | None = None,
 ) -> PromptTrainer:
     """``model`` trained on ``loss_fn`` by the shared loop and decided by ``rule``: a method."""
-    model.text_autocast = torch.bfloat16 if prompt.text_precision == "bf16" else None
     return PromptTrainer(
         model,
         loss_fn,
@@ -73,7 +74,9 @@ class PromptModel(nn.Module):
     num_known: int
     has_unknown_prompt: bool
 
-    def __init__(self, backbone, num_known: int, has_unknown_prompt: bool) -> None:
+    def __init__(
+        self, backbone, num_known: int, has_unknown_prompt: bool, text_precision: str = "fp32"
+    ) -> None:
         super().__init__()
         backbone.requires_grad_(False)
         self.backbone = backbone.eval()
@@ -81,7 +84,9 @@ class PromptModel(nn.Module):
         self.has_unknown_prompt = has_unknown_prompt
         self.logit_scale = backbone.logit_scale  # tau, a frozen float
         # dtype of torch.autocast around the frozen text tower (None: full precision)
-        self.text_autocast: torch.dtype | None = None
+        if text_precision not in TEXT_PRECISIONS:
+            raise ValueError(f"text_precision must be one of {', '.join(TEXT_PRECISIONS)}")
+        self.text_autocast: torch.dtype | None = TEXT_PRECISIONS[text_precision]
 
     def train(self, mode: bool = True) -> PromptModel:
         """Switches the learnable parts; the frozen backbone stays in eval mode."""

@@ -114,8 +114,9 @@ class SeeCLIPModel(PromptModel):
         m: int = 4,
         semantic_tokens: bool = True,
         unknown_word: str = "unknown",
+        text_precision: str = "fp32",
     ) -> None:
-        super().__init__(backbone, len(class_texts), has_unknown_prompt=True)
+        super().__init__(backbone, len(class_texts), True, text_precision)
         d, w = backbone.embed_dim, backbone.text_width
         self.semantic: SemanticTokens | None = SemanticTokens(d, w, k) if semantic_tokens else None
         self.ctx = None if semantic_tokens else normal_parameter(k, w)
@@ -239,6 +240,7 @@ def build(
             k=prompt.k,
             m=prompt.m,
             semantic_tokens=prompt.semantic_tokens,
+            text_precision=prompt.text_precision,
         ),
     )
     loss_fn = partial(seeclip_terms, model=model, loss=loss)
