@@ -233,7 +233,7 @@ def execute(
     progress: bool = False,
 ) -> Outcome:
     """One run under its lock (validated on the sources too when ``validate`` is given)."""
-    from seeclip.runner import run_eval
+    from seeclip.validation import evaluate
 
     run_dir = cfg.run_dir(runs_dir)
     start = time.perf_counter()
@@ -241,13 +241,9 @@ def execute(
         with run_lock(run_dir, wait=wait) as locked:
             if not locked:
                 return Outcome(cfg, "busy", run_dir)
-            result = run_eval(cfg, runs_dir=runs_dir, cache_dir=cache_dir, progress=progress)
-            if validate is not None:
-                from seeclip.validation import validate_run
-
-                result, _ = validate_run(
-                    result, cfg, validate, cache_dir=cache_dir, progress=progress
-                )
+            result, _ = evaluate(
+                cfg, runs_dir=runs_dir, cache_dir=cache_dir, progress=progress, validate=validate
+            )
     except Exception as err:  # one bad run must not stop the others; reported at the end
         return Outcome(
             cfg,

@@ -56,6 +56,7 @@ __all__ = [
     "apply_threshold",
     "attach_validation",
     "cached_lodo",
+    "evaluate",
     "fit_threshold",
     "held_out_thresholds",
     "load_grid",
@@ -332,6 +333,47 @@ def validate_run(
         validation = run_lodo(cfg, settings, cache_dir=cache_dir, progress=progress)
     record = attach_validation(result.run_dir, validation)
     return dataclasses.replace(result, record=record), validation
+
+
+def evaluate(
+    cfg: RunConfig,
+    *,
+    runs_dir: str | Path = "runs",
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    checkpoint_every: int = 1,
+    validate: LodoSettings | None = None,
+    grid: dict[str, tuple[str, ...]] | None = None,
+) -> tuple[RunResult, dict | None]:
+    """One run the whole way, as `seeclip train`/`eval` and sweeps do it: fit and evaluate on
+    the target (or reuse the finished run), then, with ``validate``, its LODO validation on the
+    sources; with ``grid`` too, the setting itself is chosen by the folds
+    (:func:`select_by_lodo`). Returns (the run, its validation report or None)."""
+    if grid is not None:
+        if validate is None:
+            raise ConfigError("a grid chooses a setting by validation folds: add --validate lodo")
+        result = select_by_lodo(
+            cfg,
+            grid,
+            validate,
+            runs_dir=runs_dir,
+            cache_dir=cache_dir,
+            force=force,
+            progress=progress,
+        )
+        return result, read_validation(result.run_dir)
+    result = run_eval(
+        cfg,
+        runs_dir=runs_dir,
+        cache_dir=cache_dir,
+        force=force,
+        progress=progress,
+        checkpoint_every=checkpoint_every,
+    )
+    if validate is None:
+        return result, None
+    return validate_run(result, cfg, validate, cache_dir=cache_dir, force=force, progress=progress)
 
 
 def read_validation(run_dir: str | Path) -> dict | None:

@@ -175,39 +175,31 @@ def evaluate_all(
     grid: dict | None = None,
     checkpoint_every: int = 1,
 ) -> int:
-    """Run every config, print a line per run and the table of this invocation's runs.
+    """Run every config (:func:`seeclip.validation.evaluate`), print a line per run and the
+    table of this invocation's runs.
 
     ``validate``: :class:`seeclip.validation.LodoSettings` to validate each run on its sources;
     with ``grid`` (label -> overrides) the setting itself is chosen by those folds.
     """
-    from seeclip.runner import run_eval
+    from seeclip import distributed
+    from seeclip.validation import evaluate
 
     def one(cfg: RunConfig):
-        if grid is not None:
-            return _selected(
-                cfg,
-                grid,
-                validate,
-                runs_dir=runs_dir,
-                cache_dir=cache_dir,
-                force=force,
-                progress=progress,
-            )
-        result = run_eval(
+        result, validation = evaluate(
             cfg,
             runs_dir=runs_dir,
             cache_dir=cache_dir,
             force=force,
             progress=progress,
             checkpoint_every=checkpoint_every,
+            validate=validate,
+            grid=grid,
         )
-        if validate is None:
-            return result
-        return _validated(
-            result, cfg, validate, cache_dir=cache_dir, force=force, progress=progress
-        )
-
-    from seeclip import distributed
+        if grid is not None:
+            _print_selection(cfg, result)
+        elif validation is not None:
+            _print_validation(cfg, result, validation)
+        return result
 
     if not distributed.is_main():  # torchrun: rank 0 reports
         for cfg in configs:
@@ -216,10 +208,7 @@ def evaluate_all(
     return print_results(one(cfg) for cfg in configs)
 
 
-def _selected(cfg: RunConfig, grid: dict, settings, **kw):
-    from seeclip.validation import select_by_lodo
-
-    result = select_by_lodo(cfg, grid, settings, **kw)
+def _print_selection(cfg: RunConfig, result) -> None:
     sel = result.record["setting_selection"]
     scores = ", ".join(
         f"{lab} {_num(g['h_score'])}/{_num(g['h_score_lodo_threshold'])}"
@@ -230,16 +219,11 @@ def _selected(cfg: RunConfig, grid: dict, settings, **kw):
         f"chosen {sel['chosen']} with rule {sel['operating_rule']} -> target H "
         f"{_num(result.record['validated']['h_score'])}"
     )
-    return result
 
 
-def _validated(result, cfg: RunConfig, settings, *, cache_dir, force: bool, progress: bool):
-    """The run with its LODO validation (reused when its folder has one for these settings)."""
-    from seeclip.validation import RULE, validate_run
+def _print_validation(cfg: RunConfig, result, validation: dict) -> None:
+    from seeclip.validation import RULE
 
-    result, validation = validate_run(
-        result, cfg, settings, cache_dir=cache_dir, force=force, progress=progress
-    )
     mean, std = validation["mean"], validation["std"]
     print(
         f"{cfg.data.target:<14} seed {cfg.seed}: LODO on the sources, "
@@ -247,7 +231,6 @@ def _validated(result, cfg: RunConfig, settings, *, cache_dir, force: bool, prog
         f"  AUROC {_num(mean['auroc'])}  OSCR {_num(mean['oscr'])}; {RULE} threshold "
         f"{validation['threshold']:.4f} -> target H {_num(result.record['rules'][RULE]['h_score'])}"
     )
-    return result
 
 
 def print_results(results) -> int:
