@@ -14,9 +14,9 @@ import torch
 
 from seeclip.datasets.digits import DOMAINS, read_meta
 from seeclip.paths import seeclip_home
-from seeclip.pretrain import PRIMARY_TEMPLATE, PretrainConfig, load_benchmark_arrays
-from seeclip.pretrain import zero_shot_accuracy as accuracy
-from seeclip.tiny_clip import TINY_DIGITS_WEIGHTS, build_tiny_digits
+from seeclip.zoo.pretrain import PRIMARY_TEMPLATE, PretrainConfig, load_benchmark_arrays
+from seeclip.zoo.pretrain import zero_shot_accuracy as accuracy
+from seeclip.zoo.tiny_clip import TINY_DIGITS_WEIGHTS, build_tiny_digits
 
 
 def main() -> None:

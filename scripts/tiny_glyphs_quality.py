@@ -31,9 +31,9 @@ from seeclip.datasets import get_benchmark
 from seeclip.datasets.digits import read_meta
 from seeclip.datasets.glyphs import DOMAINS, render_glyph
 from seeclip.paths import seeclip_home
-from seeclip.pretrain import default_config, load_benchmark_arrays, to_input
-from seeclip.pretrain import zero_shot_accuracy as accuracy
-from seeclip.tiny_clip import TINY_MODELS
+from seeclip.zoo.pretrain import default_config, load_benchmark_arrays, to_input
+from seeclip.zoo.pretrain import zero_shot_accuracy as accuracy
+from seeclip.zoo.tiny_clip import TINY_MODELS
 
 N_FIT, N_TEST = 400, 200  # images per class of a pair (over the four styles)
 

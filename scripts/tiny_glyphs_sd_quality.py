@@ -43,8 +43,8 @@ from seeclip.generate.image_pool import generate_image_pool, load_image_pool
 from seeclip.generate.sd_conditioning import conditioning_projection
 from seeclip.generate.sd_pipeline import ImageDiffusionConfig, load_pipeline
 from seeclip.paths import seeclip_home
-from seeclip.pretrain import default_config, load_benchmark_arrays, to_input
 from seeclip.pseudo.sd_images import pick_sources
+from seeclip.zoo.pretrain import default_config, load_benchmark_arrays, to_input
 
 ROOT = Path(__file__).parents[1]
 IMG = ROOT / "docs" / "img"

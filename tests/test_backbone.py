@@ -293,7 +293,7 @@ def _text_keys(state: dict) -> set[str]:
 def test_missing_shipped_weights_name_the_fix(name, tmp_path, monkeypatch):
     import dataclasses
 
-    from seeclip.pretrain import WORLDS
+    from seeclip.zoo.pretrain import WORLDS
 
     spec = BACKBONES.get(name)
     assert spec.weights is not None and spec.weights.is_file()

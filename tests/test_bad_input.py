@@ -143,7 +143,7 @@ def test_a_crafted_pickle_never_runs(tmp_path, capsys):
     # every path that loads a file: --pretrained, pretrain-clip's resume file, run weights
     with pytest.raises(UnreadableFileError):
         build_backbone("tiny-rn", pretrained=str(evil))
-    from seeclip.pretrain import default_config, pretrain_clip
+    from seeclip.zoo.pretrain import default_config, pretrain_clip
 
     cfg = default_config("digits")
     with pytest.raises(UnreadableFileError):

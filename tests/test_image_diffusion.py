@@ -142,7 +142,7 @@ def test_text_inverse_projection_maps_tokens_to_states_the_text_tower_projects_b
     from types import SimpleNamespace
 
     from seeclip.backbone import build_backbone
-    from seeclip.sd_export import text_encoder_from_clip
+    from seeclip.zoo.sd_export import text_encoder_from_clip
 
     backbone = build_backbone("tiny-glyphs-random")
     same = SimpleNamespace(text_encoder=text_encoder_from_clip(backbone.model))

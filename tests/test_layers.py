@@ -30,11 +30,7 @@ LAYERS = {
     "seeclip.datasets": 2,
     "seeclip.backbone": 2,
     "seeclip.hub": 2,
-    "seeclip.tiny_clip": 2,
-    "seeclip.tiny_card": 2,
-    "seeclip.pretrain": 2,
-    "seeclip.sd_export": 2,
-    "seeclip.pretrain_diffusion": 2,
+    "seeclip.zoo": 2,  # the shipped tiny models and their training
     "seeclip.cache": 2,
     # 3. the training loop and the loss terms (knows no method by name)
     "seeclip.trainer": 3,

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from seeclip.cli.pretrain import add_parser, config_from_args
 from seeclip.config import ConfigError
 from seeclip.datasets.digits import DIGIT_WORDS
-from seeclip.pretrain import (
+from seeclip.zoo.pretrain import (
     PretrainConfig,
     _batch_indices,
     augment,
@@ -21,8 +21,8 @@ from seeclip.pretrain import (
     to_input,
     zero_shot_accuracy,
 )
-from seeclip.tiny_card import load_card
-from seeclip.tiny_clip import (
+from seeclip.zoo.tiny_card import load_card
+from seeclip.zoo.tiny_clip import (
     ARCH,
     TINY_DIGITS_WEIGHTS,
     _register_configs,

@@ -14,15 +14,15 @@ from seeclip.datasets.digits import generate_corpus
 from seeclip.generate.image_pool import generate_image_pool, load_image_pool
 from seeclip.generate.sd_pipeline import ImageDiffusionConfig, encode_prompts, load_pipeline
 from seeclip.io import UnreadableFileError
-from seeclip.pretrain_diffusion import (
+from seeclip.zoo.pretrain_diffusion import (
     DiffusionPretrainConfig,
     build_unet,
     build_vae,
     pretrain_diffusion,
     sample,
 )
-from seeclip.sd_export import clip_tokenizer, text_encoder_from_clip
-from seeclip.tiny_clip import TINY_DIGITS_WEIGHTS, build_tiny_digits
+from seeclip.zoo.sd_export import clip_tokenizer, text_encoder_from_clip
+from seeclip.zoo.tiny_clip import TINY_DIGITS_WEIGHTS, build_tiny_digits
 
 CAPTIONS = [
     "a photo of the digit one.",

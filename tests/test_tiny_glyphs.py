@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from seeclip.backbone import build_backbone
 from seeclip.cli.pretrain import config_from_args
 from seeclip.datasets import get_benchmark
-from seeclip.pretrain import default_config, load_benchmark_arrays, pretrain_clip, token_loss
-from seeclip.pretrain import zero_shot_accuracy as accuracy
-from seeclip.tiny_card import load_card
-from seeclip.tiny_clip import TINY_MODELS, PooledAttentionPool2d, build_tiny_clip
+from seeclip.zoo.pretrain import default_config, load_benchmark_arrays, pretrain_clip, token_loss
+from seeclip.zoo.pretrain import zero_shot_accuracy as accuracy
+from seeclip.zoo.tiny_card import load_card
+from seeclip.zoo.tiny_clip import TINY_MODELS, PooledAttentionPool2d, build_tiny_clip
 
 WEIGHTS = TINY_MODELS["tiny-glyphs"].weights
 SPEC = get_benchmark("glyphs")

@@ -29,10 +29,11 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
-from seeclip import hub, tiny_clip
+from seeclip import hub
 from seeclip.hub import WeightsUnavailableError
 from seeclip.io import UnreadableFileError, load_checkpoint, load_tensors
 from seeclip.registry import Registry
+from seeclip.zoo import tiny_clip
 
 __all__ = [
     "BACKBONES",

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from seeclip.pretrain import WORLDS, PretrainConfig
+from seeclip.zoo.pretrain import WORLDS, PretrainConfig
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def config_from_args(
     import yaml
 
     from seeclip.config import ConfigError, apply_overrides, from_dict
-    from seeclip.pretrain import default_config
+    from seeclip.zoo.pretrain import default_config
 
     raw = {k: v for k, v in dataclasses.asdict(default_config(world)).items()}
     if config is not None:
@@ -66,7 +66,7 @@ def config_from_args(
 
 
 def run(args: argparse.Namespace) -> int:
-    from seeclip.pretrain import pretrain_clip
+    from seeclip.zoo.pretrain import pretrain_clip
 
     cfg = config_from_args(args.config, args.overrides, args.world)
     parts = ["seeclip", "pretrain-clip", "--world", args.world, "--out", str(args.out)]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seeclip.io import load_checkpoint
-from seeclip.pretrain_diffusion import DiffusionPretrainConfig
+from seeclip.zoo.pretrain_diffusion import DiffusionPretrainConfig
 
 WORLDS = ("digits", "glyphs")  # the choices of --world; each has an entry in _world_inputs
 
@@ -30,9 +30,9 @@ def _world_inputs(world: str) -> WorldInputs:
     """The default corpus and CLIP of ``world``: the ones ``pretrain-clip --world`` uses."""
     if world not in WORLDS:
         raise ValueError(f"unknown world {world!r}; choose one of {', '.join(WORLDS)}")
-    from seeclip.pretrain import WORLDS as CLIP_WORLDS
-    from seeclip.pretrain import corpus_for, default_config
-    from seeclip.tiny_clip import TINY_MODELS, build_tiny_clip
+    from seeclip.zoo.pretrain import WORLDS as CLIP_WORLDS
+    from seeclip.zoo.pretrain import corpus_for, default_config
+    from seeclip.zoo.tiny_clip import TINY_MODELS, build_tiny_clip
 
     spec = CLIP_WORLDS[world]
     cfg = default_config(world)
@@ -95,7 +95,7 @@ def config_from_args(config: Path | None, overrides: Sequence[str]) -> Diffusion
 
 
 def run(args: argparse.Namespace) -> int:
-    from seeclip.pretrain_diffusion import pretrain_diffusion
+    from seeclip.zoo.pretrain_diffusion import pretrain_diffusion
 
     cfg = config_from_args(args.config, args.overrides)
     inputs = _world_inputs(args.world)

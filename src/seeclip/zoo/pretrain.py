@@ -14,7 +14,8 @@ image's spatial tokens, so the local detail a caption names ("with a tail") has 
 from single tokens. It starts from the first stage's weights rounded to fp16, exactly as they
 are shipped, so it can also start from a shipped file (``init``) without rerunning the first
 stage.
-The model is :mod:`seeclip.tiny_clip`'s; the card written at the end is :mod:`seeclip.tiny_card`'s.
+The model is :mod:`seeclip.zoo.tiny_clip`'s; the card written at the end is
+:mod:`seeclip.zoo.tiny_card`'s.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from seeclip import tiny_card
 from seeclip.io import load_checkpoint, write_with
 from seeclip.paths import seeclip_home
-from seeclip.tiny_clip import SURGERY, build_tiny_clip, resnet_tokens
+from seeclip.zoo import tiny_card
+from seeclip.zoo.tiny_clip import SURGERY, build_tiny_clip, resnet_tokens
 
 __all__ = [
     "WORLDS",
@@ -61,7 +62,7 @@ class World:
     """An embedded world a tiny CLIP is pretrained on: its model, corpus and benchmark."""
 
     name: str
-    model: str  # a key of seeclip.tiny_clip.TINY_MODELS
+    model: str  # a key of seeclip.zoo.tiny_clip.TINY_MODELS
     benchmark: str  # the benchmark spec whose classes the card's zero-shot accuracy covers
     defaults: dict  # PretrainConfig fields that differ from the digits defaults
 

@@ -9,7 +9,7 @@ map is 1/8 of the input side instead of 1/32:
   attention pool computes only the pooled query (same output, less work).
 
 The weights (fp16 safetensors) and their cards ship in ``weights/``; see ``docs/tiny_clip.md``.
-The card is :mod:`seeclip.tiny_card`'s, the training loop :mod:`seeclip.pretrain`'s.
+The card is :mod:`seeclip.zoo.tiny_card`'s, the training loop :mod:`seeclip.zoo.pretrain`'s.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ __all__ = [
 
 ARCH = "tiny-digits"  # the open_clip config name (model_configs/tiny-digits.json)
 SURGERY = "output_stride8"  # recorded in the weights' metadata; loading checks it
-_CONFIG_DIR = Path(__file__).parent / "model_configs"
-_WEIGHTS_DIR = Path(__file__).parent / "weights"
+_CONFIG_DIR = Path(__file__).parents[1] / "model_configs"
+_WEIGHTS_DIR = Path(__file__).parents[1] / "weights"
 
 
 @dataclass(frozen=True)

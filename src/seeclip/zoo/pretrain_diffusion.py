@@ -8,7 +8,7 @@ and ``meta.json`` as written by ``generate_corpus``) and saved as a diffusers
    ``scaling_factor`` is 1/std of the corpus latents, as SD computed its 0.18215;
 2. a ``UNet2DConditionModel`` trained with DDPM's epsilon objective (SD-1.5's noise schedule),
    cross-attending to the last hidden states of the frozen text tower of a tiny open_clip CLIP
-   (copied into a ``CLIPTextModel`` by :mod:`seeclip.sd_export`), with 10% of the captions
+   (copied into a ``CLIPTextModel`` by :mod:`seeclip.zoo.sd_export`), with 10% of the captions
    dropped to "" for classifier-free guidance and an EMA of the weights as the exported UNet.
 
 Every batch, noise draw and caption dropout is a function of ``(seed, step)`` and the latents
@@ -68,8 +68,8 @@ import torch
 from torch import Tensor, nn
 
 from seeclip.io import atomic_dir, load_checkpoint, write_json, write_with
-from seeclip.pretrain import _batch_indices
-from seeclip.sd_export import clip_tokenizer, text_encoder_from_clip, write_tokenizer
+from seeclip.zoo.pretrain import _batch_indices
+from seeclip.zoo.sd_export import clip_tokenizer, text_encoder_from_clip, write_tokenizer
 
 __all__ = ["DiffusionPretrainConfig", "pretrain_diffusion", "sample"]
 

@@ -3,7 +3,7 @@
 A card holds the architecture (open_clip config, surgery, size), the recipe (command, seed, full
 config), the data (corpus generator and what it used), the training statistics (steps, time,
 throughput, losses, machine) and the zero-shot section (accuracies and class-name separation).
-:mod:`seeclip.pretrain` measures; this module only assembles, writes and reads the record.
+:mod:`seeclip.zoo.pretrain` measures; this module only assembles, writes and reads the record.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from seeclip.io import write_json
-from seeclip.tiny_clip import ARCH, SURGERY, TINY_DIGITS_CARD, model_config
+from seeclip.zoo.tiny_clip import ARCH, SURGERY, TINY_DIGITS_CARD, model_config
 
 __all__ = [
     "architecture_summary",
