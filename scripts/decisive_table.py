@@ -40,7 +40,7 @@ from scipy.stats import spearmanr
 
 from seeclip.report import dedupe, paper_tables, read_records, under_rule
 from seeclip.report_files import table_md
-from seeclip.runner import prepare_benchmark
+from seeclip.run_data import prepare_benchmark
 from seeclip.selection import OWN_RULE, SETTING_SELECTIONS
 from seeclip.sweep import load_sweep, plan, run_sweep
 from seeclip.validation import LodoSettings

@@ -25,7 +25,8 @@ from scipy.stats import spearmanr
 
 from seeclip.config import apply_overrides, load_config
 from seeclip.datasets import get_benchmark
-from seeclip.runner import prepare_benchmark, run_eval
+from seeclip.run_data import prepare_benchmark
+from seeclip.runner import run_eval
 from seeclip.selection import SETTING_SELECTIONS
 from seeclip.validation import LodoSettings, attach_validation, cached_lodo
 

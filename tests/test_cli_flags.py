@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import seeclip
+from seeclip import run_data
 from seeclip.cli import main
 from seeclip.runner import TRAIN_STATE
 from seeclip.trainer import PromptTrainer
@@ -200,7 +201,6 @@ def own_digits(small_digits, tmp_path, monkeypatch):
 
 
 def test_verify_cache_sees_an_image_replaced_with_the_same_size_and_mtime(own_digits, tmp_path):
-    from seeclip import runner
 
     argv = [*EVAL, "--target", "printed", "--method", "zeroshot", "--runs-dir", str(tmp_path)]
     assert main(argv) == 0
@@ -218,10 +218,10 @@ def test_verify_cache_sees_an_image_replaced_with_the_same_size_and_mtime(own_di
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert victim.stat().st_size == st.st_size
 
-    runner.FEATURES.clear()  # what a new process starts with
+    run_data.FEATURES.clear()  # what a new process starts with
     assert main([*argv, "--force"]) == 0  # size and mtime trusted: the stale features
     np.testing.assert_array_equal(np.load(run_dir / "predictions.npz")["unknown_score"], before)
-    runner.FEATURES.clear()
+    run_data.FEATURES.clear()
     assert main([*argv, "--force", "--verify-cache"]) == 0  # contents compared: re-encoded
     after = np.load(run_dir / "predictions.npz")["unknown_score"]
     assert (after != before).sum() == 1  # exactly the replaced image scores differently

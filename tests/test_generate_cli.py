@@ -110,7 +110,8 @@ def _training_pool(preset, cache, *overrides):
     """The pool training builds for ``train.pseudo_unknowns``: its source, as a run makes it,
     with its pools under ``cache``."""
     from seeclip.config import load_config
-    from seeclip.runner import load_run_data, pseudo_sources
+    from seeclip.run_data import load_run_data
+    from seeclip.wiring import pseudo_sources
 
     cfg = load_config(preset, list(overrides))
     run = load_run_data(cfg, progress=False)

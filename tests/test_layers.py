@@ -44,6 +44,8 @@ LAYERS = {
     "seeclip.testing": 5,
     # 6. the experiment
     "seeclip.runner": 6,
+    "seeclip.run_data": 6,
+    "seeclip.wiring": 6,
     "seeclip.report": 6,
     "seeclip.validation": 6,
     "seeclip.sweep": 6,

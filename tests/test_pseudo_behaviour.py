@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from seeclip import runner
+from seeclip import run_data, wiring
 from seeclip.backbone import build_backbone
 from seeclip.cli import main
 from seeclip.config import RunConfig, apply_overrides
@@ -121,7 +121,7 @@ class Recorder:
 @dataclasses.dataclass
 class Trained:
     method: object
-    run: runner.RunData
+    run: run_data.RunData
     source: Recorder | None  # the training source, as the trainer saw it
     batches: list[tuple[torch.Tensor, torch.Tensor]]  # (global features, labels) of each step
 
@@ -133,12 +133,12 @@ class Trained:
 def _train(overrides: list[str]) -> Trained:
     """Fit seeclip on digits' sources with ``overrides``, recording every training batch."""
     cfg = apply_overrides(RunConfig(), [*BASE, *overrides])
-    run = runner.load_run_data(cfg, progress=False)
-    sources = runner.pseudo_sources(cfg, run, progress=False)
+    run = run_data.load_run_data(cfg, progress=False)
+    sources = wiring.pseudo_sources(cfg, run, progress=False)
     built = sources.train()
     recorder = None if built is None else Recorder(built)
     pseudo = PseudoSources(cfg.train.pseudo_unknowns, lambda: recorder, sources.val)
-    method = runner.make_method(cfg, run, progress=False, pseudo=pseudo)
+    method = wiring.make_method(cfg, run, progress=False, pseudo=pseudo)
     inputs, labels = [], []
     model, loss_fn = method.model, method.loss_fn
 
@@ -226,13 +226,13 @@ def test_each_source_trains_the_unknown_prompt_on_its_samples(
 # ------------------------------------------------ 2. stored pools hold the requested domains
 
 
-def _source_train(run: runner.RunData) -> Features:
+def _source_train(run: run_data.RunData) -> Features:
     return run.features(run.data.source_train)
 
 
 def test_generated_feature_pool_holds_the_source_domains_and_draws_within_one(digits, pools):
     cfg = apply_overrides(RunConfig(), BASE)
-    train = _source_train(runner.load_run_data(cfg, progress=False))
+    train = _source_train(run_data.load_run_data(cfg, progress=False))
     pool = load_pool(pools.feature)
     assert Counter(pool.domains) == {d: FEATURE_POOL_N for d in SOURCES}  # target left out
     # every sample was conditioned on a training image of its own domain
@@ -257,7 +257,7 @@ def test_generated_feature_pool_holds_the_source_domains_and_draws_within_one(di
 
 def test_generated_image_pool_holds_the_source_domains_and_draws_within_one(digits, pools):
     cfg = apply_overrides(RunConfig(), BASE)
-    run = runner.load_run_data(cfg, progress=False)
+    run = run_data.load_run_data(cfg, progress=False)
     with open(pools.image / "manifest.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert Counter(r["domain"] for r in rows) == {d: IMAGE_POOL_N for d in SOURCES}
@@ -318,8 +318,8 @@ def _sd_images_source(strength: float, cache_dir: Path):
         "diffusion.sample_steps=2",
     ]
     cfg = apply_overrides(RunConfig(), [*BASE, *over])
-    run = runner.load_run_data(cfg, progress=False)
-    sources = runner.pseudo_sources(cfg, run, cache_dir=cache_dir, progress=False)
+    run = run_data.load_run_data(cfg, progress=False)
+    sources = wiring.pseudo_sources(cfg, run, cache_dir=cache_dir, progress=False)
     return cfg, run, sources.train()
 
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from seeclip import runner
+from seeclip import run_data, runner, wiring
 from seeclip.backbone import build_backbone
 from seeclip.config import RunConfig, apply_overrides
 from seeclip.records import read_records
@@ -16,9 +16,9 @@ from seeclip.records import read_records
 
 def test_feature_memo_is_keyed_by_the_weights_not_the_object(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(runner, "encode_cached", lambda backbone, *a, **k: calls.append(backbone))
+    monkeypatch.setattr(run_data, "encode_cached", lambda backbone, *a, **k: calls.append(backbone))
     manifest = SimpleNamespace(root=tmp_path, samples=(SimpleNamespace(path="a.png"),))
-    memo = runner.FeatureMemo()
+    memo = run_data.FeatureMemo()
     a, same, other = (build_backbone("tiny-vit", seed=s) for s in (0, 0, 1))
     kw = {"cache_dir": tmp_path, "name": "x", "batch_size": 4, "progress": False}
     memo.get(a, manifest, **kw)
@@ -41,8 +41,8 @@ def _cfg(**over):
 def test_validation_pseudo_unknowns_come_from_source_val_images_only(small_digits, monkeypatch):
     monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
     cfg = _cfg()
-    run = runner.load_run_data(cfg, progress=False)
-    sources = runner.pseudo_sources(cfg, run, progress=False)
+    run = run_data.load_run_data(cfg, progress=False)
+    sources = wiring.pseudo_sources(cfg, run, progress=False)
     train, val = sources.train(), sources.val()
     val_feats = run.features(run.data.source_val)
     torch.testing.assert_close(val.features.global_, val_feats.global_)
@@ -85,16 +85,16 @@ def test_real_datasets_are_named_by_a_listing_hash(tmp_path):
         for p in ["d1/c1/a.png", "d1/c2/b.png"]
     )
     manifest = SimpleNamespace(root=tmp_path, samples=samples)
-    digest, kind = runner.data_hash(manifest)
+    digest, kind = run_data.data_hash(manifest)
     assert kind == "listing" and len(digest) == 64
     Image.fromarray(np.full((40, 40, 3), 9, np.uint8)).save(tmp_path / "d1/c2/b.png")
-    assert runner.data_hash(manifest)[0] != digest  # a file of another size changes the hash
+    assert run_data.data_hash(manifest)[0] != digest  # a file of another size changes the hash
 
 
 def test_backbone_memo_keeps_the_newest_and_rebuilds_after_eviction(monkeypatch):
     built = []
-    monkeypatch.setattr(runner, "build_backbone", lambda name, **kw: built.append(name) or name)
-    memo = runner.BackboneMemo(size=2)
+    monkeypatch.setattr(run_data, "build_backbone", lambda name, **kw: built.append(name) or name)
+    memo = run_data.BackboneMemo(size=2)
     for name in ("a", "b", "a", "c", "a", "b"):
         memo.get(name, None)
     assert built == ["a", "b", "c", "b"]  # "b" was the least recently used when "c" came

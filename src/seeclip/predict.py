@@ -27,7 +27,9 @@ from seeclip.datasets.images import IMAGE_EXTENSIONS, ImageReadError, load_image
 from seeclip.features import Features, PseudoSources
 from seeclip.io import load_tensors
 from seeclip.methods import Method
-from seeclip.runner import BACKBONES, default_data_root, method_for, run_config
+from seeclip.run_data import BACKBONES, default_data_root
+from seeclip.runner import run_config
+from seeclip.wiring import method_for
 
 UNKNOWN = "unknown"
 

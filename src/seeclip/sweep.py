@@ -265,7 +265,7 @@ def _init_worker(threads: int, device: str) -> None:
 
 def warm_feature_caches(configs: Sequence[RunConfig], *, cache_dir: str | None, progress: bool):
     """Build each (benchmark tree, backbone) feature cache once, here, before workers start."""
-    from seeclip.runner import load_run_data
+    from seeclip.run_data import load_run_data
 
     seen = set()
     for cfg in configs:

@@ -34,20 +34,18 @@ from seeclip.features import Prediction
 from seeclip.io import write_json
 from seeclip.methods.scoring import apply_threshold, fit_threshold, held_out_thresholds
 from seeclip.records import final_record, write_records
-from seeclip.runner import (
+from seeclip.run_data import (
     BACKBONES,
     FEATURES,
     RunData,
-    RunResult,
     cache_entry_name,
     cache_root,
     data_hash,
     default_data_root,
-    make_method,
-    run_eval,
-    set_seed,
 )
+from seeclip.runner import RunResult, run_eval, set_seed
 from seeclip.selection import OWN_RULE, SETTING_SELECTIONS
+from seeclip.wiring import make_method
 
 __all__ = [
     "FOLD_SOURCES",

@@ -73,7 +73,9 @@ def _config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from seeclip.runner import load_run_data, pseudo_context, set_seed
+    from seeclip.run_data import load_run_data
+    from seeclip.runner import set_seed
+    from seeclip.wiring import pseudo_context
 
     cfg = _config(args)
     set_seed(cfg.seed)
@@ -124,7 +126,8 @@ def _pool_key(args: argparse.Namespace) -> str:
 
 def _inspect(args, cfg, loaded, class_texts, pool_feats, progress) -> None:
     from seeclip.generate.inspect import rejection_rate, similarity_report
-    from seeclip.runner import make_method, restore_run
+    from seeclip.runner import restore_run
+    from seeclip.wiring import make_method
 
     data = loaded.data
     target = loaded.features(data.target)

@@ -35,7 +35,7 @@ def prepare_and_print(
     seed: int = 0,
     progress: bool = True,
 ) -> int:
-    from seeclip.runner import data_hash, prepare_benchmark
+    from seeclip.run_data import data_hash, prepare_benchmark
 
     manifest = prepare_benchmark(
         benchmark,

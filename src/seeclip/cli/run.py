@@ -150,7 +150,7 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
     cfg = apply_overrides(cfg, overrides)
     if not args.config and args.backbone is None and args.pretrained is None:
-        from seeclip.runner import WORLD_BACKBONES
+        from seeclip.run_data import WORLD_BACKBONES
 
         named = any(o.startswith("backbone.") for o in args.overrides)
         if not named and cfg.data.benchmark in WORLD_BACKBONES:  # not random tiny-vit weights
