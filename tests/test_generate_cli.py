@@ -71,7 +71,8 @@ def test_training_uses_the_diffusion_pool(preset, tmp_path, capsys):
 def test_image_backend_offline_error_names_the_fix(preset, capsys):
     assert main(_image_argv(preset, "--sd-model", "/nonexistent/sd")) == 2
     err = capsys.readouterr().err
-    assert "SD weights not found locally" in err and "--sd-model" in err
+    assert "no Stable Diffusion pipeline at /nonexistent/sd (no such folder)" in err
+    assert "--sd-model" in err and err.count("\n") == 1
 
 
 def test_image_pool_goes_through_the_cache_into_training(preset, tmp_path, capsys, monkeypatch):
@@ -193,3 +194,98 @@ def test_generate_and_training_draw_the_same_feature_pool(preset, tmp_path, caps
     assert torch.equal(trained.features().global_, stored.global_)
     assert torch.equal(trained.features().tokens, stored.tokens.to(trained.features().tokens))
     assert trained.features().domains == stored.domains
+
+
+def test_the_printed_train_command_runs_as_printed(preset, tmp_path, capsys, monkeypatch):
+    import shlex
+
+    from seeclip.generate import sd_pipeline
+    from seeclip.testing import build_tiny_pipeline
+
+    monkeypatch.setattr(sd_pipeline, "load_pipeline", lambda *a, **k: build_tiny_pipeline(0))
+    argv = [
+        "generate",
+        "--config",
+        str(preset),
+        "--backend",
+        "image",
+        "--target",
+        "printed",
+        "--n",
+        "2",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "pool"),
+        "train.epochs=1",
+    ]
+    assert main(argv) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("train with it"))
+    command = shlex.split(line.removeprefix("train with it: "))
+    assert command[:2] == ["seeclip", "train"] and "--target" in command
+    assert "train.epochs=1" in command
+    runs = tmp_path / "runs"
+    assert main([*command[1:], "--runs-dir", str(runs), "--no-progress"]) == 0
+    (run,) = runs.glob("*/*/done")
+    assert run.parent.parent.name.startswith("digits_full_printed_")
+    config = (run.parent / "config.yaml").read_text()
+    assert "pseudo_unknowns: images" in config and str(tmp_path / "pool") in config
+
+
+def test_a_pool_of_other_settings_in_out_is_replaced_only_with_overwrite(
+    preset, tmp_path, capsys, monkeypatch
+):
+    from seeclip.generate import sd_pipeline
+    from seeclip.testing import build_tiny_pipeline
+
+    monkeypatch.setattr(sd_pipeline, "load_pipeline", lambda *a, **k: build_tiny_pipeline(0))
+    out = ["--out", str(tmp_path / "pool")]
+    assert main(_image_argv(preset, *out, "diffusion.sigma=0.2")) == 0
+    first = _pool_images(tmp_path / "pool")
+    assert main(_image_argv(preset, *out, "diffusion.sigma=0.5")) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert _pool_images(tmp_path / "pool") == first  # nothing lost
+    assert main(_image_argv(preset, *out, "--overwrite", "diffusion.sigma=0.5")) == 0
+    assert _pool_images(tmp_path / "pool") != first
+
+
+def test_sd_image_size_sets_the_generated_side(preset, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from seeclip.config import ConfigError, TrainConfig
+    from seeclip.generate import sd_pipeline
+    from seeclip.generate.image_pool import load_image_pool
+    from seeclip.testing import build_tiny_pipeline
+
+    monkeypatch.setattr(sd_pipeline, "load_pipeline", lambda *a, **k: build_tiny_pipeline(0))
+    assert main(_image_argv(preset, "--out", str(tmp_path / "p"), "train.sd_image_size=16")) == 0
+    pool = load_image_pool(tmp_path / "p")
+    assert {Image.open(pool.root / p).size for p in pool.paths} == {(16, 16)}
+    with pytest.raises(ConfigError, match="train.sd_image_size must be a multiple of 8"):
+        TrainConfig(sd_image_size=20)
+
+
+def test_a_missing_generator_stops_the_run_before_any_data_or_folder(
+    preset, tmp_path, capsys, monkeypatch
+):
+    from seeclip import runner
+
+    monkeypatch.setattr(runner, "load_run_data", lambda *a, **k: pytest.fail("data was read"))
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model_index.json").write_text("{}")
+    for model, why in [(tmp_path / "nowhere", "no such folder"),
+                       (tmp_path / "half", "it has no unet/, vae/, text_encoder/")]:  # fmt: skip
+        argv = ["train", "--config", str(preset), "--runs-dir", str(tmp_path / "runs"),
+                "train.pseudo_unknowns=sd_images", f"train.sd_model={model}"]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert why in err and "point train.sd_model" in err and err.count("\n") == 1
+        assert not (tmp_path / "runs").exists()
+
+
+def test_no_progress_silences_the_pipeline_loading_bars(capfd):
+    from seeclip.generate.sd_pipeline import load_pipeline
+
+    load_pipeline("tiny-glyphs-sd", progress=False)
+    assert "Loading" not in capfd.readouterr().err
+    load_pipeline("tiny-glyphs-sd")
+    assert "Loading pipeline components" in capfd.readouterr().err  # the default keeps them

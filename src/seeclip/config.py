@@ -165,6 +165,9 @@ class TrainConfig:
     # sd_images: 1.0 = text-to-image from noise (the paper's); below 1 = SDEdit, each sample
     # starts from its source image noised to this share of the schedule (near misses)
     sd_strength: float = 1.0
+    # sd_images: side of the generated images in px (a multiple of 8); None = the model's own
+    # (512 for SD-1.5). Lower is much cheaper on a CPU; the CLIP resizes them anyway
+    sd_image_size: int | None = None
     # model selection (seeclip.selection): last | val_acc (source-val closed-set accuracy) |
     # val_h (H of source-val knowns and pseudo-unknowns made from source-val images)
     selection: Literal["last", "val_acc", "val_h"] = "last"
@@ -181,6 +184,10 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check_unit("train.pseudo_fraction", self.pseudo_fraction)
+        if self.sd_image_size is not None and (self.sd_image_size < 8 or self.sd_image_size % 8):
+            raise ConfigError(
+                f"train.sd_image_size must be a multiple of 8 (or null), got {self.sd_image_size}"
+            )
         if not 0.0 < self.sd_strength <= 1.0:
             raise ConfigError(f"train.sd_strength must be in (0, 1], got {self.sd_strength}")
         if "{domain}" not in self.sd_prompt:
@@ -232,7 +239,11 @@ class RunConfig:
 
 # Keys added after runs existed: at these values a config is the experiment it was before the
 # key existed, so they stay out of the hashes and earlier run folders keep their names.
-HASH_NEUTRAL = {("train", "sd_strength"): 1.0, ("prompt", "text_precision"): "fp32"}
+HASH_NEUTRAL = {
+    ("train", "sd_strength"): 1.0,
+    ("train", "sd_image_size"): None,
+    ("prompt", "text_precision"): "fp32",
+}
 
 
 def _hashed(cfg: RunConfig) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from seeclip.methods.registry import METHODS
 from seeclip.pseudo import draw
 from seeclip.records import FINAL, final_record, write_records
 from seeclip.run_data import RunData, load_run_data
-from seeclip.wiring import make_method, pseudo_sources
+from seeclip.wiring import check_inputs, make_method, pseudo_sources
 
 # the install a record names: what computes features, trains and scores
 RECORD_PACKAGES = ("seeclip", "torch", "open_clip_torch", "numpy", "scikit-learn", "pillow")
@@ -74,6 +74,7 @@ def run_eval(
         if record is not None:
             return RunResult(run_dir, record, cached=True)
     METHODS.get(cfg.method)  # fail on a bad method name before any work
+    check_inputs(cfg)  # and on a missing generator, before any data is read or folder made
     set_seed(cfg.seed)
     run = load_run_data(cfg, cache_dir=cache_dir, progress=progress)
     pseudo = pseudo_sources(cfg, run, cache_dir=cache_dir, progress=progress)

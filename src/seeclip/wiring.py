@@ -46,10 +46,20 @@ def pseudo_context(
         sd_prompt=cfg.train.sd_prompt,
         sd_projection=cfg.train.sd_projection,
         sd_strength=cfg.train.sd_strength,
+        sd_image_size=cfg.train.sd_image_size,
         image_paths=run.image_paths(indices) if cfg.train.sd_strength < 1 else (),
         cache_dir=cache_root(cache_dir),
         progress=progress,
     )
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Stop before any data is read when an input the config names is not on this machine
+    (today: the text-to-image model of ``train.pseudo_unknowns=sd_images``)."""
+    if cfg.train.pseudo_unknowns == "sd_images":
+        from seeclip.generate.sd_pipeline import locate_pipeline
+
+        locate_pipeline(cfg.train.sd_model)
 
 
 def pseudo_sources(

@@ -43,7 +43,16 @@ def add_parser(sub) -> None:
         "a cached repo id (default: train.sd_model)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="image: pool folder (default: <cache root>/pools/images/...)")
+    p.add_argument(
+        "--out",
+        help="image: pool folder (default: the cache folder that training with the same "
+        "settings reads, <cache root>/pools/images/sd-<hash>)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="image: replace a pool of other settings in --out (default: stop with an error)",
+    )
     p.add_argument(
         "--cache-dir",
         help="root of the feature cache and pseudo-unknown pools (default: $SEECLIP_HOME)",
@@ -96,28 +105,45 @@ def run(args: argparse.Namespace) -> int:
         pool = diffusion_unknowns(ctx)
         counts = {d: int(len(pool.rows(d))) for d in sorted(set(pool.domains))}
         print(f"feature pool: {len(pool)} pseudo-unknowns {counts} -> {pool.path}")
-        print(
-            f"train with it: seeclip train --config {args.config} train.pseudo_unknowns=pool "
-            f"train.{_pool_key(args)}={pool.path}"
-        )
+        print(f"train with it: {_train_command(args, cfg, 'pool', pool.path)}")
         pool_feats = pool.features()
     else:
         from seeclip.generate.image_pool import load_image_pool
         from seeclip.pseudo import image_pool_features
         from seeclip.pseudo.sd_images import write_sd_pool
 
-        manifest = write_sd_pool(ctx, out_dir=args.out, device=args.device)
+        overwrite = args.overwrite or args.out is None  # the cache folder is seeclip's own
+        manifest = write_sd_pool(ctx, out_dir=args.out, device=args.device, overwrite=overwrite)
         print(f"image pool: {len(load_image_pool(manifest).paths)} images -> {manifest}")
-        print(
-            f"train with it: seeclip train --config {args.config} train.pseudo_unknowns=images "
-            f"train.{_pool_key(args)}={manifest}"
-        )
+        print(f"train with it: {_train_command(args, cfg, 'images', manifest)}")
         pool_feats = image_pool_features(
             loaded.backbone, manifest, cache_dir=args.cache_dir, progress=progress
         )
     if args.inspect:
         _inspect(args, cfg, loaded, loaded.class_texts, pool_feats, progress)
     return 0
+
+
+def _train_command(args: argparse.Namespace, cfg, source: str, pool) -> str:
+    """The `seeclip train` line that uses this pool: the same config, target and overrides."""
+    import shlex
+
+    parts = ["seeclip", "train", "--config", args.config, "--target", cfg.data.target]
+    if args.protocol:
+        parts += ["--protocol", args.protocol]
+    if args.data_root:
+        parts += ["--data-root", args.data_root]
+    if args.seed is not None:
+        parts += ["--seed", str(args.seed)]
+    keep = [
+        o
+        for o in args.overrides
+        if not o.startswith(
+            ("train.pseudo_unknowns=", "train.pseudo_pool=", "train.val_pseudo_pool=")
+        )
+    ]
+    parts += [*keep, f"train.pseudo_unknowns={source}", f"train.{_pool_key(args)}={pool}"]
+    return shlex.join(str(p) for p in parts)
 
 
 def _pool_key(args: argparse.Namespace) -> str:

@@ -90,11 +90,93 @@ def _diffusers():
     return diffusers
 
 
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _fix(model: str) -> str:
+    return (
+        f"point train.sd_model (generate: --sd-model) at a local diffusers folder, or download "
+        f"{model} on a connected machine (`hf download {model}`) into the Hugging Face cache"
+    )
+
+
+def locate_pipeline(model: str) -> tuple[str, str | None]:
+    """Where ``model`` is on this machine, checked without loading it: (what to load, the
+    shipped name or None). Raises :class:`WeightsUnavailableError` naming the fix, so a run can
+    stop before it reads any data."""
+    if model in SHIPPED_SD_MODELS:
+        folder = SHIPPED_SD_MODELS[model]
+        if not (folder / "model_index.json").is_file():
+            raise WeightsUnavailableError(
+                f"{model}: the shipped pipeline {folder} is missing; reinstall seeclip or train "
+                f"it with `seeclip pretrain-diffusion --world glyphs --out DIR` and point "
+                f"train.sd_model at DIR/pipeline"
+            )
+        return str(folder), model
+    local = Path(model).expanduser()
+    if local.exists() or local.is_absolute() or model.startswith((".", "~")):
+        missing = [p for p in PIPELINE_PARTS if not (local / p).is_dir()]
+        if not local.is_dir():
+            why = "no such folder"
+        elif not (local / "model_index.json").is_file():
+            why = "it holds no model_index.json"
+        elif missing:
+            why = f"it has no {', '.join(f'{p}/' for p in missing)}"
+        else:
+            return str(local), None
+        raise WeightsUnavailableError(
+            f"no Stable Diffusion pipeline at {local} ({why}): point train.sd_model (generate: "
+            f"--sd-model) at a diffusers folder with model_index.json and "
+            f"{', '.join(f'{p}/' for p in PIPELINE_PARTS)}"
+        )
+    from seeclip.hub import hf_cache_dir
+
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - diffusers brings huggingface_hub
+        return model, None
+    found = try_to_load_from_cache(model, "model_index.json", cache_dir=str(hf_cache_dir()))
+    if not isinstance(found, str):
+        raise WeightsUnavailableError(
+            f"SD weights not found locally: {model} is not in the Hugging Face cache "
+            f"({hf_cache_dir()}); {_fix(model)}"
+        )
+    return model, None
+
+
+class _loading_bars:
+    """Within it, diffusers' and transformers' loading bars are off unless ``progress``."""
+
+    def __init__(self, progress: bool) -> None:
+        self.progress = progress
+
+    def __enter__(self):
+        if not self.progress:
+            import diffusers.utils.logging as dlog
+            import transformers.utils.logging as tlog
+
+            self._was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+            dlog.disable_progress_bar()
+            tlog.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.progress:
+            import diffusers.utils.logging as dlog
+            import transformers.utils.logging as tlog
+
+            if self._was[0]:
+                dlog.enable_progress_bar()
+            if self._was[1]:
+                tlog.enable_progress_bar()
+
+
 def load_pipeline(
     model: str = DEFAULT_SD_MODEL,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    progress: bool = True,
 ):
     """A ``StableDiffusionPipeline`` from local files only (no download, no safety checker).
 
@@ -104,43 +186,32 @@ def load_pipeline(
             ``model_index.json``).
         device: where the pipeline runs.
         dtype: parameter dtype; None means float16 on CUDA, float32 elsewhere.
+        progress: False silences the diffusers and transformers loading bars.
 
     Raises:
         WeightsUnavailableError: the weights are not on this machine (fails without network).
     """
+    source, shipped = locate_pipeline(model)
     diffusers = _diffusers()
-    shipped = model if model in SHIPPED_SD_MODELS else None
-    if shipped:
-        if not (SHIPPED_SD_MODELS[model] / "model_index.json").is_file():
-            raise WeightsUnavailableError(
-                f"{model}: the shipped pipeline {SHIPPED_SD_MODELS[model]} is missing; reinstall "
-                f"seeclip or train it with `seeclip pretrain-diffusion --world glyphs --out DIR` "
-                f"and pass --sd-model DIR/pipeline"
-            )
-        model = str(SHIPPED_SD_MODELS[model])
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    hint = (
-        f"SD weights not found locally: download {model} on a connected machine "
-        f"(e.g. `hf download {model}`) or pass --sd-model /path"
-    )
-    local = Path(model).expanduser()
-    if local.exists() and not (local / "model_index.json").is_file():
-        raise WeightsUnavailableError(f"{hint} ({local} holds no model_index.json)")
     try:
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            str(local) if local.exists() else model,
-            local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            # accelerate's low-memory loading when it is installed; without it diffusers falls
-            # back to the same False after a warning on every load (one per run in a sweep)
-            low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
-        )
+        with _loading_bars(progress):
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+                source,
+                local_files_only=True,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+                # accelerate's low-memory loading when it is installed; without it diffusers
+                # falls back to the same False after a warning on every load (one per run)
+                low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
+            )
     except (OSError, ValueError) as err:  # HF's LocalEntryNotFoundError is an OSError
-        raise WeightsUnavailableError(f"{hint} ({type(err).__name__}: {err})") from err
+        raise WeightsUnavailableError(
+            f"could not load the SD pipeline {model} ({type(err).__name__}: {err}); {_fix(model)}"
+        ) from err
     pipe.set_progress_bar_config(disable=True)
     if shipped:  # its name, not the install folder: pools stay valid when the package moves
         pipe._seeclip_name = shipped

@@ -58,19 +58,25 @@ def sd_pool_settings(ctx: PseudoContext) -> tuple[ImageDiffusionConfig, int]:
         batch_size=16,
         projection=ctx.sd_projection,
         strength=ctx.sd_strength,
+        image_size=ctx.sd_image_size,
     )
     return icfg, seed
 
 
 def write_sd_pool(
-    ctx: PseudoContext, *, out_dir: str | Path | None = None, device: str | None = None
+    ctx: PseudoContext,
+    *,
+    out_dir: str | Path | None = None,
+    device: str | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Draw ``ctx``'s image pool and return its ``manifest.csv``: the one generation path of
     ``train.pseudo_unknowns=sd_images`` and ``seeclip generate --backend image``.
 
     ``out_dir`` None: the pool's cache folder, ``<cache root>/pools/images/sd-<hash>`` keyed by
     the semantic tokens, domains, class texts, settings and seed (training finds a pool that
-    ``generate`` drew ahead of time there); a named folder holds the same images.
+    ``generate`` drew ahead of time there); a named folder holds the same images, and a pool
+    of other inputs in it is replaced only with ``overwrite``.
     """
     from seeclip.generate.denoiser import semantic_queries, semantic_summaries
     from seeclip.generate.image_pool import generate_image_pool
@@ -98,7 +104,9 @@ def write_sd_pool(
             del settings["strength"]
         key.update(json.dumps([domains, ctx.class_texts, settings, seed]).encode())
         out_dir = root / "pools" / "images" / f"sd-{key.hexdigest()[:16]}"
-    pipe = load_pipeline(icfg.model, device=device, dtype=icfg.torch_dtype(device))
+    pipe = load_pipeline(
+        icfg.model, device=device, dtype=icfg.torch_dtype(device), progress=ctx.progress
+    )
     with distributed.main_first():  # torchrun: rank 0 draws the pool, the others find it drawn
         return generate_image_pool(
             pipe,
@@ -110,7 +118,7 @@ def write_sd_pool(
             cfg=icfg,
             seed=seed,
             progress=ctx.progress,
-            overwrite=True,  # a stale pool in its folder is remade, not an error
+            overwrite=overwrite,  # the cache folder: a stale pool there is remade
             projection=conditioning_projection(icfg, pipe, ctx.backbone),
             init_images=[_read(ctx.image_paths[i]) for i in rows] if icfg.strength < 1 else None,
         )
