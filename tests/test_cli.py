@@ -282,3 +282,25 @@ def test_demo_trains_three_methods_on_every_target_and_writes_the_report(tmp_pat
     assert kinds == {"roc", "scores", "h", "confusion"}
     assert main(["demo", "--runs-dir", str(runs), "--no-progress", *small]) == 0  # all reused
     assert "all 12 runs finished earlier" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["eval", "train", "sweep"])
+def test_random_weights_on_a_real_benchmark_are_refused_up_front(command, tmp_path, capsys):
+    root = tmp_path / "pacs_images"  # exists; its contents are never read
+    root.mkdir()
+    argv = {
+        "eval": ["eval", "--benchmark", "pacs", "--target", "photo", "--data-root", str(root)],
+        "train": ["train", "--config", "pacs", "--target", "photo", "--data-root", str(root),
+                  "backbone.pretrained=null"],
+        "sweep": ["sweep", f"data.data_root={root}", "backbone.pretrained=null", "--config",
+                  "pacs", "--methods", "zeroshot", "--targets", "photo"],
+    }[command]  # fmt: skip
+    assert main([*argv, "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "pacs with random" in err and "backbone.pretrained=PATH" in err
+    assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
+    # a shipped tiny model or an explicit checkpoint is not random
+    from seeclip.backbone import has_weights
+
+    assert has_weights("tiny-digits", None) and has_weights("ViT-B-16", "/w.safetensors")
+    assert not has_weights("ViT-B-16", None) and not has_weights("tiny-vit", None)

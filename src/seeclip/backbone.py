@@ -112,6 +112,14 @@ BACKBONES.add(
 )
 
 
+def has_weights(name: str, pretrained: str | None) -> bool:
+    """False when :func:`build_backbone` would draw ``name``'s weights at random."""
+    if pretrained is not None or name.startswith("hf-hub:"):
+        return True
+    spec = BACKBONES.get(name) if name in BACKBONES else None
+    return spec is not None and spec.weights is not None
+
+
 def list_backbones() -> list[tuple[str, str]]:
     """(name, one-line description) pairs for `seeclip list`."""
     rows = [(name, spec.description) for name, spec in BACKBONES.items()]

@@ -149,6 +149,7 @@ def plan(spec: SweepSpec) -> list[RunConfig]:
     of fewer seeds rather than some rows with every seed and others with none."""
     from seeclip.datasets import get_benchmark
     from seeclip.methods.registry import METHODS
+    from seeclip.wiring import check_inputs
 
     base = load_config(spec.config, spec.overrides)
     per_variant = []
@@ -161,6 +162,7 @@ def plan(spec: SweepSpec) -> list[RunConfig]:
                 "the sweep file)"
             )
         cfg = dataclasses.replace(cfg, label=None if variant.label == cfg.method else variant.label)
+        check_inputs(cfg)  # random weights on a real benchmark, a missing generator: up front
         cells = []
         for protocol in spec.protocols:
             data = dataclasses.replace(cfg.data, protocol=protocol)

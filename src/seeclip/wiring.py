@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seeclip.backbone import Backbone
-from seeclip.config import RunConfig
+from seeclip.backbone import Backbone, has_weights
+from seeclip.config import ConfigError, RunConfig
+from seeclip.datasets import BENCHMARKS
 from seeclip.features import PseudoSources
 from seeclip.methods import Method, MethodEnv
 from seeclip.methods.registry import build_method
 from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoContext
-from seeclip.run_data import RunData, cache_root
+from seeclip.run_data import EMBEDDED, RunData, cache_root, default_data_root
 
 
 def pseudo_context(
@@ -54,8 +55,19 @@ def pseudo_context(
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Stop before any data is read when an input the config names is not on this machine
-    (today: the text-to-image model of ``train.pseudo_unknowns=sd_images``)."""
+    """Stop before any data is read when the config cannot give a meaningful run here: a real
+    benchmark without its data root or with random CLIP weights, or the text-to-image model of
+    ``train.pseudo_unknowns=sd_images`` not on this machine."""
+    d = cfg.data
+    if d.benchmark not in EMBEDDED and BENCHMARKS.get(d.benchmark).spec is not None:
+        if d.data_root is None:
+            default_data_root(d.benchmark)  # raises: the images are the user's
+        if not has_weights(cfg.backbone.name, cfg.backbone.pretrained):
+            raise ConfigError(
+                f"{d.benchmark} with random {cfg.backbone.name} weights would measure nothing: "
+                f"pass real CLIP weights, e.g. --backbone ViT-B-16 --pretrained openai, or "
+                f"backbone.pretrained=PATH (a local checkpoint)"
+            )
     if cfg.train.pseudo_unknowns == "sd_images":
         from seeclip.generate.sd_pipeline import locate_pipeline
 
