@@ -20,8 +20,7 @@ import time
 import torch
 
 from seeclip.backbone import build_backbone
-from seeclip.config import LossConfig
-from seeclip.methods.seeclip import SeeCLIPModel, seeclip_terms
+from seeclip.methods.seeclip import LossConfig, SeeCLIPModel, seeclip_terms
 
 
 def _names(c: int) -> tuple[str, ...]:

@@ -16,10 +16,10 @@ import time
 import torch
 
 from seeclip.backbone import build_backbone
-from seeclip.config import LossConfig, TrainConfig
+from seeclip.config import TrainConfig
 from seeclip.losses import alignment_terms
 from seeclip.methods.coop import CoOpModel
-from seeclip.methods.seeclip import SeeCLIPModel, seeclip_terms
+from seeclip.methods.seeclip import LossConfig, SeeCLIPModel, seeclip_terms
 
 PACS_KNOWN = ("dog", "elephant", "giraffe", "guitar", "horse", "house")
 

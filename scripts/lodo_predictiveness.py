@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from seeclip.config import apply_overrides, load_config
+from seeclip.config import apply_overrides
 from seeclip.datasets import get_benchmark
+from seeclip.run_config import load_config
 from seeclip.run_data import prepare_benchmark
 from seeclip.runner import run_eval
 from seeclip.selection import SETTING_SELECTIONS

@@ -35,7 +35,6 @@ from PIL import Image
 from torch import nn
 
 from seeclip.backbone import build_backbone
-from seeclip.config import load_config
 from seeclip.datasets import get_benchmark
 from seeclip.datasets.glyphs import CONCEPTS
 from seeclip.generate.denoiser import semantic_queries, semantic_summaries
@@ -44,6 +43,7 @@ from seeclip.generate.sd_conditioning import conditioning_projection
 from seeclip.generate.sd_pipeline import ImageDiffusionConfig, load_pipeline
 from seeclip.paths import seeclip_home
 from seeclip.pseudo.sd_images import pick_sources
+from seeclip.run_config import load_config
 from seeclip.zoo.pretrain import default_config, load_benchmark_arrays, to_input
 
 ROOT = Path(__file__).parents[1]

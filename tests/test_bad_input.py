@@ -20,11 +20,12 @@ from seeclip import cli
 from seeclip.backbone import build_backbone
 from seeclip.cache import encode_cached
 from seeclip.cli.run import expand_configs
-from seeclip.config import RunConfig, apply_overrides
+from seeclip.config import apply_overrides
 from seeclip.datasets import get_benchmark, prepare
 from seeclip.datasets.images import ImageReadError, load_image
 from seeclip.datasets.layouts import DataLayoutError
 from seeclip.io import NoSpaceError, UnreadableFileError, load_checkpoint, load_tensors
+from seeclip.run_config import RunConfig
 
 torch.set_num_threads(1)
 

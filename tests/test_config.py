@@ -1,13 +1,7 @@
 import pytest
 
-from seeclip.config import (
-    ConfigError,
-    RunConfig,
-    apply_overrides,
-    from_dict,
-    load_config,
-    save_config,
-)
+from seeclip.config import ConfigError, apply_overrides, from_dict
+from seeclip.run_config import RunConfig, load_config, save_config
 
 
 def test_overrides_parse_yaml_scalars_and_nested_keys():
@@ -60,7 +54,8 @@ def test_shipped_presets_by_name_and_hash_neutral_keys():
     import hashlib
     import json
 
-    from seeclip.config import RunConfig, apply_overrides, load_config, to_dict
+    from seeclip.config import apply_overrides, to_dict
+    from seeclip.run_config import RunConfig, load_config
 
     by_name = load_config("digits")
     assert by_name == load_config("configs/digits.yaml")

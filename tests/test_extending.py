@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 
 import seeclip
 from seeclip.cli import main
-from seeclip.config import ZeroShotConfig
 from seeclip.features import Features, Prediction
 from seeclip.methods.base import MethodEnv
 from seeclip.methods.registry import METHODS
 from seeclip.methods.scoring import MaxSoftmaxThreshold
+from seeclip.methods.zeroshot import ZeroShotConfig
 
 
 class NearestPrototype:

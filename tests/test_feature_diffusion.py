@@ -232,9 +232,10 @@ def test_diffusion_is_a_registered_pseudo_unknown_source(data):
 
 def test_prompt_trainer_trains_on_a_diffusion_pool_and_reuses_it(monkeypatch):
     from seeclip.backbone import build_backbone
-    from seeclip.config import PromptConfig, TrainConfig
+    from seeclip.config import TrainConfig
     from seeclip.features import PseudoSources
     from seeclip.methods import MethodEnv
+    from seeclip.methods.prompt_model import PromptConfig
     from seeclip.methods.registry import build_method
     from seeclip.paths import seeclip_home
     from seeclip.pseudo import diffusion_unknowns

@@ -110,7 +110,7 @@ def test_stored_feature_pools_train_and_select_with_a_held_out_val_pool(preset, 
 def _training_pool(preset, cache, *overrides):
     """The pool training builds for ``train.pseudo_unknowns``: its source, as a run makes it,
     with its pools under ``cache``."""
-    from seeclip.config import load_config
+    from seeclip.run_config import load_config
     from seeclip.run_data import load_run_data
     from seeclip.wiring import pseudo_sources
 

@@ -43,6 +43,7 @@ LAYERS = {
     "seeclip.generate": 5,
     "seeclip.testing": 5,
     # 6. the experiment
+    "seeclip.run_config": 6,  # the whole experiment config: sections of every layer below
     "seeclip.runner": 6,
     "seeclip.run_data": 6,
     "seeclip.wiring": 6,

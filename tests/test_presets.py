@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from seeclip.config import load_config
 from seeclip.datasets import BENCHMARKS, get_benchmark
 from seeclip.methods.registry import METHODS
 from seeclip.pseudo import PSEUDO_UNKNOWNS
+from seeclip.run_config import load_config
 
 PRESETS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

@@ -22,7 +22,7 @@ from PIL import Image
 from seeclip import run_data, wiring
 from seeclip.backbone import build_backbone
 from seeclip.cli import main
-from seeclip.config import RunConfig, apply_overrides
+from seeclip.config import apply_overrides
 from seeclip.features import Features, PseudoSources
 from seeclip.generate.feature_diffusion import (
     FeatureDiffusionConfig,
@@ -32,6 +32,7 @@ from seeclip.generate.feature_diffusion import (
     sample_pool,
 )
 from seeclip.pseudo import PseudoContext, draw, feature_pool_unknowns, image_pool_unknowns
+from seeclip.run_config import RunConfig
 
 TARGET = "printed"
 SOURCES = ("handwritten", "outline", "textured")  # digits' other domains, sorted

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from seeclip.backbone import build_backbone
-from seeclip.config import RunConfig, TrainConfig, ZeroShotConfig
+from seeclip.config import TrainConfig
 from seeclip.features import Features, PseudoSources
 from seeclip.methods import MethodEnv
 from seeclip.methods.registry import METHODS, build_method, sections_of
+from seeclip.methods.zeroshot import ZeroShotConfig
 from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoContext
+from seeclip.run_config import RunConfig
 from seeclip.selection import SELECTIONS
 
 DOMAINS = ("a", "b")

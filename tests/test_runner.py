@@ -10,8 +10,9 @@ import torch
 
 from seeclip import run_data, runner, wiring
 from seeclip.backbone import build_backbone
-from seeclip.config import RunConfig, apply_overrides
+from seeclip.config import apply_overrides
 from seeclip.records import read_records
+from seeclip.run_config import RunConfig
 
 
 def test_feature_memo_is_keyed_by_the_weights_not_the_object(monkeypatch, tmp_path):

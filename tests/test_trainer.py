@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from seeclip.backbone import build_backbone
-from seeclip.config import ConfigError, LossConfig, PromptConfig, TrainConfig
+from seeclip.config import ConfigError, TrainConfig
 from seeclip.features import PseudoSources
 from seeclip.methods import Features, MethodEnv
+from seeclip.methods.prompt_model import PromptConfig
 from seeclip.methods.registry import build_method
+from seeclip.methods.seeclip import LossConfig
 from seeclip.pseudo import MixupUnknowns
 from seeclip.trainer import BalancedBatches, PromptTrainer
 

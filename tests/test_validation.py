@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from seeclip.cli import main
-from seeclip.config import RunConfig, apply_overrides
+from seeclip.config import apply_overrides
 from seeclip.datasets import get_benchmark, make_split
 from seeclip.features import Prediction
+from seeclip.run_config import RunConfig
 from seeclip.validation import (
     LodoSettings,
     apply_threshold,

@@ -1,27 +1,25 @@
-"""Typed experiment configs: frozen dataclasses, YAML presets, ``key=value`` overrides.
+"""Typed configs: the machinery (frozen dataclasses from YAML, ``key=value`` overrides) and the
+sections every run has (data, backbone, training).
 
-Only the CLI and the runner see a whole :class:`RunConfig`; every other module takes explicit
-arguments. Unknown keys are an error that lists the allowed ones, so a typo never silently
-falls back to a default.
+A method's own section lives in its module (``methods/zeroshot.py``: ``ZeroShotConfig``,
+``methods/prompt_model.py``: ``PromptConfig``, ``methods/seeclip.py``: ``LossConfig``); the
+whole experiment config, :class:`seeclip.run_config.RunConfig`, assembles them at the run
+layer. Unknown keys are an error that lists the allowed ones, so a typo never silently falls
+back to a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-
-from seeclip.generate.feature_config import FeatureDiffusionConfig
-from seeclip.records import run_folder, run_name
 
 T = TypeVar("T")
 
@@ -30,7 +28,7 @@ class ConfigError(ValueError):
     """A config file or override that does not match the config dataclasses."""
 
 
-def _check_choices(cfg: Any, section: str) -> None:
+def check_choices(cfg: Any, section: str) -> None:
     """Every ``Literal`` field of dataclass ``cfg`` holds one of its choices."""
     for name, tp in typing.get_type_hints(type(cfg)).items():
         if typing.get_origin(tp) is Literal and getattr(cfg, name) not in get_args(tp):
@@ -40,12 +38,12 @@ def _check_choices(cfg: Any, section: str) -> None:
             )
 
 
-def _check_min(name: str, value: int, low: int) -> None:
+def check_min(name: str, value: int, low: int) -> None:
     if value < low:
         raise ConfigError(f"{name} must be >= {low}, got {value}")
 
 
-def _check_unit(name: str, value: float) -> None:
+def check_unit(name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ConfigError(f"{name} must be in [0, 1), got {value}")
 
@@ -90,57 +88,6 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True)
-class ZeroShotConfig:
-    score: Literal["msp", "mcm"] = "msp"  # msp (max softmax prob.) | mcm (max concept matching)
-    mcm_temperature: float = 1.0  # softmax temperature on cosines for mcm (Ming et al. 2022)
-    threshold_quantile: float = 0.05  # share of source-val known images allowed to be rejected
-    template: str | None = None  # prompt template with one {}; None = the benchmark's
-
-    def __post_init__(self) -> None:
-        _check_choices(self, "zeroshot")
-        _check_unit("zeroshot.threshold_quantile", self.threshold_quantile)
-        if self.mcm_temperature <= 0:
-            raise ConfigError(f"zeroshot.mcm_temperature must be > 0, got {self.mcm_temperature}")
-        if self.template is not None and self.template.count("{}") != 1:
-            raise ConfigError(f"zeroshot.template needs exactly one {{}}, got {self.template!r}")
-
-
-@dataclass(frozen=True)
-class PromptConfig:
-    n_ctx: int = 4  # learned context vectors per prompt (CoOp, CoCoOp)
-    k: int = 4  # SeeCLIP semantic tokens (queries over patch tokens); paper's best of 2..8
-    m: int = 4  # learnable vectors of the "unknown" prompt
-    semantic_tokens: bool = True  # False = ablation: plain learned context instead
-    threshold_quantile: float = 0.05  # methods without an unknown prompt: MSP threshold on val
-    # the frozen text tower's arithmetic while training prompts: fp32 | bf16 (torch.autocast;
-    # error and speed in docs/performance.md)
-    text_precision: Literal["fp32", "bf16"] = "fp32"
-
-    def __post_init__(self) -> None:
-        _check_choices(self, "prompt")
-        for name in ("n_ctx", "k", "m"):
-            _check_min(f"prompt.{name}", getattr(self, name), 1)
-        _check_unit("prompt.threshold_quantile", self.threshold_quantile)
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    alpha: float = 1.0  # weight of L_rep (repulsion of the unknown prompt)
-    beta: float = 0.5  # weight of L_coh (cohesion of unknown and known prompts)
-    gamma: float = 0.01  # weight of L_reg (L1 on F_key)
-    margin: float = 0.5  # L_rep hinge margin on cos(t_u, t_y)
-    # L_reg over the F_key entries: mean (gamma independent of the widths; gamma L_reg ~5e-4 on
-    # tiny-digits) or sum (the paper's L1 norm as written; at gamma 0.01 it dominates L_ali)
-    reg_reduction: Literal["mean", "sum"] = "mean"
-
-    def __post_init__(self) -> None:
-        _check_choices(self, "loss")
-        for name in ("alpha", "beta", "gamma"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 20  # passes over the source training images
     lr: float = 1e-3  # AdamW learning rate
@@ -175,15 +122,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("pseudo_pool", "val_pseudo_pool", "sd_model"):
             object.__setattr__(self, key, existing_path(getattr(self, key)))
-        _check_choices(self, "train")
-        _check_min("train.epochs", self.epochs, 1)
-        _check_min("train.batch_size", self.batch_size, 1)
+        check_choices(self, "train")
+        check_min("train.epochs", self.epochs, 1)
+        check_min("train.batch_size", self.batch_size, 1)
         for name in ("lr", "grad_clip"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
-        _check_unit("train.pseudo_fraction", self.pseudo_fraction)
+        check_unit("train.pseudo_fraction", self.pseudo_fraction)
         if self.sd_image_size is not None and (self.sd_image_size < 8 or self.sd_image_size % 8):
             raise ConfigError(
                 f"train.sd_image_size must be a multiple of 8 (or null), got {self.sd_image_size}"
@@ -197,61 +144,6 @@ class TrainConfig:
                 f"train.pseudo_unknowns={self.pseudo_unknowns} needs train.pseudo_pool=PATH "
                 f"(a manifest.csv or pool folder written by `seeclip generate`)"
             )
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    method: str = "zeroshot"  # a name from `seeclip list` (methods)
-    label: str | None = None  # name shown in tables (e.g. an ablation); None = method
-    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    diffusion: FeatureDiffusionConfig = field(default_factory=FeatureDiffusionConfig)
-    seed: int = 0  # seeds everything random in the run
-    encode_batch_size: int = 64  # image-encoder batch size when the feature cache is built
-
-    def __post_init__(self) -> None:
-        _check_min("encode_batch_size", self.encode_batch_size, 1)
-
-    def hash(self) -> str:
-        """A short stable hash of every field: the run folder's name."""
-        blob = json.dumps(_hashed(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
-
-    def setting_hash(self) -> str:
-        """The hash of every field but the seed and the target: what seeds of one row share."""
-        data = _hashed(self)
-        data["seed"] = None
-        data["data"]["target"] = None
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
-
-    def run_name(self) -> str:
-        d = self.data
-        return run_name(d.benchmark, d.protocol, d.target, self.label or self.method)
-
-    def run_dir(self, runs_dir: str | Path) -> Path:
-        """This run's folder under ``runs_dir`` (:func:`seeclip.records.run_folder`)."""
-        return run_folder(runs_dir, self.run_name(), self.hash())
-
-
-# Keys added after runs existed: at these values a config is the experiment it was before the
-# key existed, so they stay out of the hashes and earlier run folders keep their names.
-HASH_NEUTRAL = {
-    ("train", "sd_strength"): 1.0,
-    ("train", "sd_image_size"): None,
-    ("prompt", "text_precision"): "fp32",
-}
-
-
-def _hashed(cfg: RunConfig) -> dict[str, Any]:
-    data = to_dict(cfg)
-    for (section, key), neutral in HASH_NEUTRAL.items():
-        if data[section].get(key) == neutral:
-            del data[section][key]
-    return data
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -333,13 +225,6 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
     return from_dict(type(cfg), data)
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML preset (missing keys keep their defaults) and apply overrides."""
-    path = preset_path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
-    return apply_overrides(from_dict(RunConfig, raw, where=""), overrides)
-
-
 PRESETS = Path(__file__).parent / "presets"  # shipped presets (the repo's configs/ links here)
 
 
@@ -354,7 +239,3 @@ def preset_path(name: str | Path) -> Path:
             return shipped
     names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
     raise ConfigError(f"config file {path} does not exist (shipped presets: {names})")
-
-
-def save_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -21,12 +21,12 @@ import torch
 from PIL import Image
 
 from seeclip import distributed
-from seeclip.config import RunConfig
 from seeclip.datasets import get_benchmark, make_split
 from seeclip.datasets.images import IMAGE_EXTENSIONS, ImageReadError, load_image, to_rgb
 from seeclip.features import Features, PseudoSources
 from seeclip.io import load_tensors
 from seeclip.methods import Method
+from seeclip.run_config import RunConfig
 from seeclip.run_data import BACKBONES, default_data_root
 from seeclip.runner import run_config
 from seeclip.wiring import method_for

@@ -16,7 +16,6 @@ import torch
 
 from seeclip.backbone import Backbone, build_backbone
 from seeclip.cache import CachedFeatures, encode_cached
-from seeclip.config import RunConfig
 from seeclip.datasets import (
     BenchmarkSpec,
     Manifest,
@@ -33,6 +32,7 @@ from seeclip.datasets import (
 from seeclip.datasets.digits import read_meta
 from seeclip.features import Features
 from seeclip.paths import seeclip_home
+from seeclip.run_config import RunConfig
 
 # the embedded benchmarks and what generates each (seeclip prepare NAME [--seed N])
 EMBEDDED = {"digits": digits.generate_benchmark, "glyphs": glyphs.generate_benchmark}

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from seeclip import distributed, metrics
-from seeclip.config import RunConfig, load_config, save_config, to_dict
+from seeclip.config import to_dict
 from seeclip.datasets.digits import installed_versions
 from seeclip.features import Features, Prediction, PseudoUnknownSource
 from seeclip.io import atomic_path, load_tensors, write_text
@@ -28,6 +28,7 @@ from seeclip.methods import Method
 from seeclip.methods.registry import METHODS
 from seeclip.pseudo import draw
 from seeclip.records import FINAL, final_record, write_records
+from seeclip.run_config import RunConfig, load_config, save_config
 from seeclip.run_data import RunData, load_run_data
 from seeclip.wiring import check_inputs, make_method, pseudo_sources
 

@@ -44,8 +44,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from seeclip import distributed
-from seeclip.config import ConfigError, RunConfig, apply_overrides, load_config
+from seeclip.config import ConfigError, apply_overrides
 from seeclip.io import file_lock
+from seeclip.run_config import RunConfig, load_config
 
 LOCK = "lock"  # the file a run folder is locked by while a process computes it
 

@@ -28,12 +28,13 @@ import numpy as np
 import torch
 
 from seeclip import metrics
-from seeclip.config import ConfigError, RunConfig, apply_overrides
+from seeclip.config import ConfigError, apply_overrides
 from seeclip.datasets import Manifest, OSDGSplit, get_benchmark, load_manifest, make_split, select
 from seeclip.features import Prediction
 from seeclip.io import write_json
 from seeclip.methods.scoring import apply_threshold, fit_threshold, held_out_thresholds
 from seeclip.records import final_record, write_records
+from seeclip.run_config import RunConfig
 from seeclip.run_data import (
     BACKBONES,
     FEATURES,

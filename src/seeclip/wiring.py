@@ -1,6 +1,6 @@
 """From the experiment config to typed arguments: a run's method and its pseudo-unknown sources.
 
-The whole :class:`~seeclip.config.RunConfig` stops here; :mod:`seeclip.methods` and
+The whole :class:`~seeclip.run_config.RunConfig` stops here; :mod:`seeclip.methods` and
 :mod:`seeclip.pseudo` get only the sections and values they name.
 """
 
@@ -12,12 +12,13 @@ import numpy as np
 import torch
 
 from seeclip.backbone import Backbone, has_weights
-from seeclip.config import ConfigError, RunConfig
+from seeclip.config import ConfigError
 from seeclip.datasets import BENCHMARKS
 from seeclip.features import PseudoSources
 from seeclip.methods import Method, MethodEnv
 from seeclip.methods.registry import build_method
 from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoContext
+from seeclip.run_config import RunConfig
 from seeclip.run_data import EMBEDDED, RunData, cache_root, default_data_root
 
 

@@ -63,7 +63,7 @@ def add_parser(sub) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from seeclip.config import load_config
+    from seeclip.run_config import load_config
 
     flags = {"data.protocol": args.protocol, "data.data_root": args.data_root}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)

@@ -7,7 +7,8 @@ import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 
-from seeclip.config import ConfigError, RunConfig, apply_overrides, load_config
+from seeclip.config import ConfigError, apply_overrides
+from seeclip.run_config import RunConfig, load_config
 
 HELP = {
     "eval": "fit (if needed) and evaluate a method on target domain(s); --run re-evaluates",

@@ -14,11 +14,17 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from seeclip.config import PromptConfig, TrainConfig
+from seeclip.config import TrainConfig
 from seeclip.features import PromptOutput
 from seeclip.losses import alignment_terms
 from seeclip.methods.base import MethodEnv
-from seeclip.methods.prompt_model import PromptModel, learner, normal_parameter, seeded
+from seeclip.methods.prompt_model import (
+    PromptConfig,
+    PromptModel,
+    learner,
+    normal_parameter,
+    seeded,
+)
 from seeclip.methods.prompts import PromptTemplate, encode_prompts
 from seeclip.methods.scoring import MaxSoftmaxThreshold
 from seeclip.trainer import PromptTrainer

@@ -11,11 +11,11 @@
 
 from __future__ import annotations
 
-from seeclip.config import PromptConfig, TrainConfig
+from seeclip.config import TrainConfig
 from seeclip.losses import alignment_terms
 from seeclip.methods.base import MethodEnv
 from seeclip.methods.coop import CoOpModel
-from seeclip.methods.prompt_model import learner, seeded
+from seeclip.methods.prompt_model import PromptConfig, learner, seeded
 from seeclip.methods.scoring import UnknownPromptArgmax
 from seeclip.trainer import PromptTrainer
 

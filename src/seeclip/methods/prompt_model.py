@@ -9,23 +9,43 @@ nor in :meth:`PromptModel.state_dict_learnable`, and it stays in eval mode.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seeclip.config import PromptConfig, TrainConfig
+from seeclip.config import TrainConfig, check_choices, check_min, check_unit
 from seeclip.features import PromptOutput
 from seeclip.methods.base import MethodEnv
 from seeclip.methods.scoring import DecisionRule
 from seeclip.selection import get_selection
 from seeclip.trainer import LossFn, PromptTrainer
 
-__all__ = ["PromptModel", "PromptOutput", "learner", "normal_parameter", "seeded"]
+__all__ = ["PromptConfig", "PromptModel", "PromptOutput", "learner", "normal_parameter", "seeded"]
 
 _BACKBONE = "backbone."
 # prompt.text_precision -> the autocast dtype of the frozen text tower while prompts train
 TEXT_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    n_ctx: int = 4  # learned context vectors per prompt (CoOp, CoCoOp)
+    k: int = 4  # SeeCLIP semantic tokens (queries over patch tokens); paper's best of 2..8
+    m: int = 4  # learnable vectors of the "unknown" prompt
+    semantic_tokens: bool = True  # False = ablation: plain learned context instead
+    threshold_quantile: float = 0.05  # methods without an unknown prompt: MSP threshold on val
+    # the frozen text tower's arithmetic while training prompts: fp32 | bf16 (torch.autocast;
+    # error and speed in docs/performance.md)
+    text_precision: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        check_choices(self, "prompt")
+        for name in ("n_ctx", "k", "m"):
+            check_min(f"prompt.{name}", getattr(self, name), 1)
+        check_unit("prompt.threshold_quantile", self.threshold_quantile)
 
 
 def normal_parameter(*shape: int) -> nn.Parameter:

@@ -15,22 +15,31 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seeclip.config import LossConfig, PromptConfig, TrainConfig
+from seeclip.config import ConfigError, TrainConfig, check_choices
 from seeclip.features import PromptOutput
 from seeclip.losses import alignment_loss, cohesion_loss, l1_penalty, repulsion_loss
 from seeclip.methods.base import MethodEnv
-from seeclip.methods.prompt_model import PromptModel, learner, normal_parameter, seeded
+from seeclip.methods.prompt_model import (
+    PromptConfig,
+    PromptModel,
+    learner,
+    normal_parameter,
+    seeded,
+)
 from seeclip.methods.prompts import PromptTemplate, encode_prompts
 from seeclip.methods.scoring import UnknownPromptArgmax
 from seeclip.trainer import PromptTrainer
 
 __all__ = [
+    "LossConfig",
     "RULE",
     "DomainToken",
     "SeeCLIPModel",
@@ -40,6 +49,24 @@ __all__ = [
     "seeclip_terms",
     "seeclip_weights",
 ]
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    alpha: float = 1.0  # weight of L_rep (repulsion of the unknown prompt)
+    beta: float = 0.5  # weight of L_coh (cohesion of unknown and known prompts)
+    gamma: float = 0.01  # weight of L_reg (L1 on F_key)
+    margin: float = 0.5  # L_rep hinge margin on cos(t_u, t_y)
+    # L_reg over the F_key entries: mean (gamma independent of the widths; gamma L_reg ~5e-4 on
+    # tiny-digits) or sum (the paper's L1 norm as written; at gamma 0.01 it dominates L_ali)
+    reg_reduction: Literal["mean", "sum"] = "mean"
+
+    def __post_init__(self) -> None:
+        check_choices(self, "loss")
+        for name in ("alpha", "beta", "gamma"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+
 
 RULE = UnknownPromptArgmax()  # the paper's decision: argmax over C known + 1 unknown prompt
 

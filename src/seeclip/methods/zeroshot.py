@@ -10,12 +10,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import open_clip
 import torch
 
-from seeclip.config import ZeroShotConfig
+from seeclip.config import ConfigError, check_choices, check_unit
 from seeclip.methods.base import Features, MethodEnv, Prediction
 from seeclip.methods.scoring import MaxSoftmaxThreshold
+
+
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    score: Literal["msp", "mcm"] = "msp"  # msp (max softmax prob.) | mcm (max concept matching)
+    mcm_temperature: float = 1.0  # softmax temperature on cosines for mcm (Ming et al. 2022)
+    threshold_quantile: float = 0.05  # share of source-val known images allowed to be rejected
+    template: str | None = None  # prompt template with one {}; None = the benchmark's
+
+    def __post_init__(self) -> None:
+        check_choices(self, "zeroshot")
+        check_unit("zeroshot.threshold_quantile", self.threshold_quantile)
+        if self.mcm_temperature <= 0:
+            raise ConfigError(f"zeroshot.mcm_temperature must be > 0, got {self.mcm_temperature}")
+        if self.template is not None and self.template.count("{}") != 1:
+            raise ConfigError(f"zeroshot.template needs exactly one {{}}, got {self.template!r}")
+
 
 SCORES = ("msp", "mcm")
 
@@ -106,4 +126,4 @@ def build(env: MethodEnv, *, zeroshot: ZeroShotConfig) -> ZeroShot:
     )
 
 
-__all__ = ["ZeroShot", "build"]
+__all__ = ["ZeroShotConfig", "ZeroShot", "build"]
