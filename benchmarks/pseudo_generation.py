@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from seeclip.config import FeatureDiffusionConfig
 from seeclip.features import Features
+from seeclip.generate.feature_config import FeatureDiffusionConfig
 from seeclip.generate.feature_diffusion import sample_pool
 from seeclip.generate.feature_generator import FeatureGenerator
 from seeclip.generate.image_pool import generate_image_pool
