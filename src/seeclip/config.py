@@ -239,3 +239,15 @@ def preset_path(name: str | Path) -> Path:
             return shipped
     names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
     raise ConfigError(f"config file {path} does not exist (shipped presets: {names})")
+
+
+def parse_variants(variants: Any, where: str | Path) -> dict[str, tuple[str, ...]]:
+    """A file's ``variants:`` mapping, label -> [key=value, ...] (sweeps and selection grids)."""
+    if not isinstance(variants, Mapping) or not variants:
+        raise ConfigError(f"{where}: variants is a mapping label -> [key=value, ...]")
+    out = {}
+    for label, overrides in variants.items():
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise ConfigError(f"{where}: variant {label!r} must be a list of key=value strings")
+        out[str(label)] = tuple(overrides)
+    return out

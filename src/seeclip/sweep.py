@@ -44,7 +44,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from seeclip import distributed
-from seeclip.config import ConfigError, apply_overrides
+from seeclip.config import ConfigError, apply_overrides, parse_variants
 from seeclip.io import file_lock
 from seeclip.run_config import RunConfig, load_config
 
@@ -120,14 +120,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         )
     if "config" not in raw:
         raise ConfigError(f"{path}: name the preset, e.g. `config: configs/digits.yaml`")
-    variants = raw["variants"]
-    if not isinstance(variants, dict) or not variants:
-        raise ConfigError(f"{path}: variants is a mapping label -> [key=value, ...]")
-    out = []
-    for label, ov in variants.items():
-        if not isinstance(ov, list) or not all(isinstance(o, str) for o in ov):
-            raise ConfigError(f"{path}: variant {label!r} must be a list of key=value strings")
-        out.append(Variant(str(label), tuple(ov)))
+    out = [Variant(label, ov) for label, ov in parse_variants(raw["variants"], path).items()]
     targets = raw.get("targets", "all")
     return SweepSpec(
         config=str(raw["config"]),

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from seeclip import metrics
-from seeclip.config import ConfigError, apply_overrides
+from seeclip.config import ConfigError, apply_overrides, parse_variants
 from seeclip.datasets import Manifest, OSDGSplit, get_benchmark, load_manifest, make_split, select
 from seeclip.features import Prediction
 from seeclip.io import write_json
@@ -397,12 +397,7 @@ def load_grid(path: str | Path) -> dict[str, tuple[str, ...]]:
         raise ConfigError(
             f"{path}: a grid is `variants: {{label: [key=value, ...]}}` and nothing else"
         )
-    out = {}
-    for label, overrides in variants.items():
-        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-            raise ConfigError(f"{path}: variant {label!r} must be a list of key=value strings")
-        out[str(label)] = tuple(overrides)
-    return out
+    return parse_variants(variants, path)
 
 
 def cached_lodo(cfg: RunConfig, settings: LodoSettings, store: Path, **kw) -> dict:
