@@ -74,3 +74,20 @@ def test_shipped_presets_by_name_and_hash_neutral_keys():
     assert apply_overrides(cfg, ["train.sd_image_size=256"]).hash() != old
     with pytest.raises(ConfigError, match="sd_strength must be in"):
         apply_overrides(cfg, ["train.sd_strength=0"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.alpha=nan", "loss.alpha: expected a finite number, got nan"),
+        ("train.lr=.inf", "train.lr: expected a finite number, got inf"),
+        ("train.lr=-.inf", "train.lr: expected a finite number, got -inf"),
+        ("train.epochs=true", "train.epochs: expected int, got True"),
+        ("diffusion.sigma=false", "diffusion.sigma: expected float, got False"),
+    ],
+)
+def test_non_finite_and_boolean_numbers_are_refused_with_the_key(override, message):
+    from seeclip.run_config import RunConfig
+
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(RunConfig(), [override])

@@ -2,6 +2,7 @@
 
 import csv
 import io
+import shutil
 
 import numpy as np
 import pytest
@@ -126,3 +127,28 @@ def test_cli_predict_folder_with_a_corrupt_file(trained, tmp_path, monkeypatch, 
     assert all(r["error"] and not r["prediction"] for r in bad)
     assert main(["predict", "--run", str(tmp_path), str(folder)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_an_unfinished_or_diverged_run_is_refused(trained, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file, save_file
+
+    run_dir, home = trained
+    monkeypatch.setenv("SEECLIP_HOME", str(home))
+    image = str(_target_paths(home, run_dir)[0][0])
+    unfinished = tmp_path / "a" / run_dir.parent.name / run_dir.name  # folder name = hash
+    shutil.copytree(run_dir, unfinished)
+    (unfinished / "done").unlink()
+    assert main(["predict", "--run", str(unfinished), image]) == 2
+    err = capsys.readouterr().err
+    assert "is not a finished run (no done marker)" in err and err.count("\n") == 1
+    diverged = tmp_path / "b" / run_dir.parent.name / run_dir.name
+    shutil.copytree(run_dir, diverged)
+    state = load_file(str(diverged / "model.safetensors"))
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() > 0)
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, str(diverged / "model.safetensors"))
+    assert main(["predict", "--run", str(diverged), image]) == 2
+    err = capsys.readouterr().err
+    assert f"holds non-finite values ({name})" in err and "smaller train.lr" in err
+    assert main(["predict", "--run", str(run_dir), image]) == 0  # the finished run still serves

@@ -184,3 +184,17 @@ def test_every_format_shows_the_same_numbers_for_the_same_records(tmp_path):
     assert float(by_method["n"]["mean"]) == pytest.approx(0.45)
     assert float(by_method["n"]["std"]) == pytest.approx(0.25)
     assert (by_method["n"]["seeds"], by_method["n"]["missing"]) == ("2", "")
+
+
+@pytest.mark.parametrize("garbage", ['{"kind": "final", "h_sc', "[1, 2]", "\x00\x01"])
+def test_a_damaged_results_file_is_named_with_its_line(tmp_path, capsys, garbage):
+    from seeclip.cli import main
+
+    run = tmp_path / "runs" / "digits_full_printed_zeroshot" / "abc"
+    run.mkdir(parents=True)
+    (run / "done").write_text("")
+    (run / "results.jsonl").write_text('{"kind": "epoch", "epoch": 1}\n' + garbage + "\n")
+    assert main(["report", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'results.jsonl'}, line 2: not a JSON record" in err
+    assert err.count("\n") == 1 and (run / "results.jsonl").exists()  # nothing deleted

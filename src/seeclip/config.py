@@ -11,6 +11,7 @@ back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -189,12 +190,16 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return _coerce(inner[0], value, where)
     if origin in (tuple, Sequence):
         return tuple(value)
+    if tp in (int, float) and isinstance(value, bool):  # bool is an int to Python, not here
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     if tp in (int, float) and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" as a string
             value = tp(value)
         except ValueError:
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+    if tp is float and isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp in (int, float, str, bool) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")

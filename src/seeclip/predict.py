@@ -128,9 +128,15 @@ class Predictor:
 
 
 def load(run_dir: str | Path) -> Predictor:
-    """A finished (or at least trained) run folder, ready to predict new images."""
+    """A finished run folder, ready to predict new images. A run without its ``done`` marker or
+    with weights that are not all finite is refused: it would serve wrong answers."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
+    if not (run_dir / "done").is_file():
+        raise ValueError(
+            f"{run_dir} is not a finished run (no done marker): finish it with the command that "
+            f"made it (it resumes), or pass a finished run"
+        )
     d = cfg.data
     root = Path(d.data_root) if d.data_root else default_data_root(d.benchmark)
     spec = get_benchmark(d.benchmark, classes_file=d.classes_file, data_root=root)
@@ -139,8 +145,15 @@ def load(run_dir: str | Path) -> Predictor:
     texts = tuple(spec.class_text(c) for c in known)
     pseudo = PseudoSources("none", _no_pseudo, _no_pseudo)
     method = method_for(cfg, backbone, texts, spec.template, pseudo=pseudo, progress=False)
+    state = load_tensors(run_dir / "model.safetensors")
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all())
+    if bad:
+        raise ValueError(
+            f"{run_dir}/model.safetensors holds non-finite values ({', '.join(bad[:3])}): the "
+            f"training diverged; rerun it with --force and a smaller train.lr"
+        )
     try:
-        method.load_state(load_tensors(run_dir / "model.safetensors"))
+        method.load_state(state)
     except (RuntimeError, KeyError) as err:
         raise ValueError(f"{run_dir}/model.safetensors does not fit its config: {err}") from err
     return Predictor(run_dir, cfg, tuple(known), method, backbone)

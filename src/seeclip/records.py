@@ -41,7 +41,21 @@ def read_records(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / RESULTS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            record = err
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}, line {number}: not a JSON record; delete that run folder (or rerun it "
+                f"with --force) and the reports and sweeps read the others again"
+            )
+        records.append(record)
+    return records
 
 
 def final_record(run_dir: str | Path) -> dict | None:
