@@ -7,6 +7,7 @@ import errno
 import io
 import os
 import pickle
+import re
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from seeclip import cli
@@ -346,3 +348,15 @@ def test_a_crafted_training_checkpoint_is_refused(tmp_path):
     with pytest.raises(UnreadableFileError):
         t.fit(feats, labels, feats, labels, checkpoint=tmp_path / "train_state.pt")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "name"),
+    [("known", "../outside"), ("unknown", "a/b"), ("domains", ".."), ("known", " ")],
+)
+def test_folder_spec_names_must_be_plain_folder_names(tmp_path, key, name):
+    lists = {"domains": ["art", "photo"], "known": ["cat", "dog"], "unknown": ["fox"]}
+    lists[key] = [*lists[key], name]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(lists))
+    with pytest.raises(ValueError, match=f"`{key}:` entry '{re.escape(name)}' is not a plain"):
+        get_benchmark("folder", classes_file=tmp_path / "c.yaml", data_root=tmp_path)

@@ -304,3 +304,11 @@ def test_random_weights_on_a_real_benchmark_are_refused_up_front(command, tmp_pa
 
     assert has_weights("tiny-digits", None) and has_weights("ViT-B-16", "/w.safetensors")
     assert not has_weights("ViT-B-16", None) and not has_weights("tiny-vit", None)
+
+
+@pytest.mark.parametrize("command", [["eval", "--threads", "-3"], ["sweep", "--jobs", "0"]])
+def test_threads_and_jobs_must_be_positive(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(command)
+    assert exit_.value.code == 2
+    assert "expected a whole number >= 1" in capsys.readouterr().err

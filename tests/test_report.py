@@ -198,3 +198,23 @@ def test_a_damaged_results_file_is_named_with_its_line(tmp_path, capsys, garbage
     err = capsys.readouterr().err
     assert f"{run / 'results.jsonl'}, line 2: not a JSON record" in err
     assert err.count("\n") == 1 and (run / "results.jsonl").exists()  # nothing deleted
+
+
+def test_report_out_is_swapped_in_whole_and_never_replaces_a_foreign_folder(tmp_path):
+    records = [_hashed("m", "t1", 0, 0.2), _hashed("m", "t2", 0, 0.6)]
+    out = tmp_path / "report"
+    write_report(records, out, runs_dir=tmp_path, plots=False)
+    (out / "figures").mkdir()
+    (out / "figures" / "roc_old_run.png").write_bytes(b"stale")  # of a run no longer reported
+    write_report(records, out, runs_dir=tmp_path, plots=False, formats=("csv",))
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "index.md", "tables.csv"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    with pytest.raises(FileExistsError, match="not written by seeclip"):
+        write_report(records, mine, runs_dir=tmp_path, plots=False)
+    assert (mine / "thesis.tex").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert write_report(records, empty, runs_dir=tmp_path, plots=False) == empty / "index.html"

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from seeclip import figures, metrics
-from seeclip.io import write_text
+from seeclip.io import atomic_dir, write_text
 from seeclip.records import run_dir_of
 from seeclip.report import HEADERS, INCOMPLETE, Table, dedupe, default_metrics, paper_tables
 
@@ -256,15 +256,26 @@ def write_report(
     plots: bool = True,
 ) -> Path:
     """Write the report folder for ``records`` (final records of runs under ``runs_dir``);
-    returns the path of ``index.html``."""
+    returns the path of ``index.html``.
+
+    The folder is built beside ``out_dir`` and swapped in whole: a report is never half
+    written, and nothing of an earlier report (e.g. figures of runs no longer reported) stays.
+    An existing folder that is not a seeclip report is refused, never deleted."""
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise ValueError(f"unknown report format {bad[0]!r}; choose from {', '.join(FORMATS)}")
     records = dedupe(records)
     if not records:
         raise FileNotFoundError(f"no finished runs to report under {runs_dir}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    if final.is_dir() and not any(final.iterdir()):
+        final.rmdir()  # an empty folder made for it
+    with atomic_dir(final, marker="index.html") as out:
+        _write_report(records, out, runs_dir, formats, oracle, title, plots)
+    return final / "index.html"
+
+
+def _write_report(records, out: Path, runs_dir, formats, oracle: bool, title: str, plots: bool):
     metric_list = list(default_metrics(records))
     if oracle:
         records = with_oracle(records, runs_dir)
@@ -294,9 +305,7 @@ def write_report(
         f"in %; the mean column averages the targets within each seed first."
     )
     write_text(out / "index.md", _index_md(title, meta, tables, figs, out, oracle))
-    index = out / "index.html"
-    write_text(index, _index_html(title, meta, tables, figs, oracle))
-    return index
+    write_text(out / "index.html", _index_html(title, meta, tables, figs, oracle))
 
 
 def _index_md(title, meta, tables, figs, out: Path, oracle: bool) -> str:

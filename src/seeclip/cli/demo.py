@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from seeclip.cli.args import positive_int
+
 DEMO_METHODS = ("zeroshot", "coop", "seeclip")
 
 
@@ -16,8 +18,10 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--runs-dir", default="runs/demo", help="where the runs go (default runs/demo)")
     p.add_argument("--report", help="report folder (default: RUNS_DIR/report)")
-    p.add_argument("--jobs", type=int, default=1, help="processes at once (default 1)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per process (default 2)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="processes at once (default 1)")
+    p.add_argument(
+        "--threads", type=positive_int, default=2, help="torch threads per process (default 2)"
+    )
     p.add_argument(
         "--n-per-class",
         type=int,

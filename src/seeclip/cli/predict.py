@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from seeclip.cli.args import positive_int
 from seeclip.cli.run import add_device
 
 
@@ -13,7 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("--run", required=True, help="a run folder, runs/<name>/<config-hash>")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--out", help="write the CSV here (default: print it)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     add_device(p)
     p.set_defaults(func=run)
 

@@ -7,6 +7,7 @@ import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 
+from seeclip.cli.args import positive_int
 from seeclip.config import ConfigError, apply_overrides
 from seeclip.run_config import RunConfig, load_config
 
@@ -59,7 +60,7 @@ def _add(sub, command: str) -> None:
         help="write the training state every N epochs (default 1; 0: never)",
     )
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--threads", type=int, help="torch CPU threads (1 suits tiny models)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (1 suits tiny models)")
     if command == "train":
         p.add_argument(
             "--validate",

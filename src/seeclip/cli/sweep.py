@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from seeclip.cli.args import positive_int
 from seeclip.cli.run import add_device, add_verify_cache, use_verify_cache
 from seeclip.config import ConfigError
 
@@ -28,8 +29,10 @@ def add_parser(sub) -> None:
     p.add_argument("--protocols", nargs="+", help="split families (default: the sweep's, or full)")
     p.add_argument("--targets", nargs="+", help="target domains, or `all` (default)")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the sweep's, or 0)")
-    p.add_argument("--jobs", type=int, default=1, help="processes at once (default 1)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="processes at once (default 1)")
+    p.add_argument(
+        "--threads", type=positive_int, default=1, help="torch threads per process (default 1)"
+    )
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--cache-dir", help="feature cache and pool root (default: $SEECLIP_HOME)")
     add_verify_cache(p)

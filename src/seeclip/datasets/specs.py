@@ -239,6 +239,17 @@ def _names(value: Any, what: str = "names", where: str = "spec") -> tuple[str, .
     return tuple(str(v) for v in value)
 
 
+def _folder_names(names: Sequence[str], what: str, where: str) -> None:
+    """Names that become folder and run-folder names must be one plain path component: a ``/``
+    or ``..`` would read outside the data root and write outside the runs folder."""
+    for name in names:
+        if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError(
+                f"{where}: `{what}:` entry {name!r} is not a plain folder name (no '/', '\\', "
+                f"'..' or empty names); name the folder itself, e.g. {Path(name).name or 'photo'!r}"
+            )
+
+
 def _protocol(name: str, data: Mapping[str, Any], sources: Sequence[str] | None, where: str):
     _check_keys(data, _PROTOCOL_KEYS, f"{where} protocol {name!r}")
     groups = data.get("source_classes")
@@ -324,6 +335,8 @@ def load_folder_spec(yaml_path: Path | str, data_root: Path | str | None = None)
         list(_names(data["known"], "known", where)),
         list(_names(data["unknown"], "unknown", where)),
     )
+    for what, names in (("domains", domains), ("known", known), ("unknown", unknown)):
+        _folder_names(names, what, where)
     protocols: dict[str, Any] = {"full": {"known": known, "unknown": unknown}}
     if "daml" in data:
         daml = data["daml"] or {}
