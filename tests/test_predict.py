@@ -152,3 +152,25 @@ def test_an_unfinished_or_diverged_run_is_refused(trained, tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert f"holds non-finite values ({name})" in err and "smaller train.lr" in err
     assert main(["predict", "--run", str(run_dir), image]) == 0  # the finished run still serves
+
+
+def test_predict_uses_the_runs_own_classes_not_the_benchmark_files(trained, monkeypatch):
+    """A run keeps its class names and prompts: predict does not re-read the benchmark's spec
+    (an edited class YAML would rename the predictions; a moved data root would break it)."""
+    from seeclip import predict
+    from seeclip.records import final_record
+
+    run_dir, home = trained
+    monkeypatch.setenv("SEECLIP_HOME", str(home))
+    facts = final_record(run_dir)["classes"]
+    assert facts["known"] == ["zero", "one", "two", "three", "four", "five"]
+    assert sorted(facts["sources"]) == ["handwritten", "outline", "textured"]  # not printed
+
+    def no_spec(*args, **kwargs):
+        raise AssertionError("predict read the benchmark's spec")
+
+    monkeypatch.setattr(predict, "get_benchmark", no_spec)
+    paths, z = _target_paths(home, run_dir)
+    rows = seeclip.load(run_dir).predict(paths[:6])
+    names = [*facts["known"], "unknown"]
+    assert [r.label for r in rows] == [names[i] for i in z["y_pred"][:6]]

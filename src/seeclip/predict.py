@@ -26,6 +26,7 @@ from seeclip.datasets.images import IMAGE_EXTENSIONS, ImageReadError, load_image
 from seeclip.features import Features, PseudoSources
 from seeclip.io import load_tensors
 from seeclip.methods import Method
+from seeclip.records import final_record
 from seeclip.run_config import RunConfig
 from seeclip.run_data import BACKBONES, default_data_root
 from seeclip.runner import run_config
@@ -137,14 +138,18 @@ def load(run_dir: str | Path) -> Predictor:
             f"{run_dir} is not a finished run (no done marker): finish it with the command that "
             f"made it (it resumes), or pass a finished run"
         )
-    d = cfg.data
-    root = Path(d.data_root) if d.data_root else default_data_root(d.benchmark)
-    spec = get_benchmark(d.benchmark, classes_file=d.classes_file, data_root=root)
-    known = make_split(spec, d.protocol, d.target).known
+    facts = (final_record(run_dir) or {}).get("classes")
+    if facts:  # the run's own class names and prompts: an edited or moved spec changes nothing
+        known, texts, template = tuple(facts["known"]), tuple(facts["texts"]), facts["template"]
+    else:  # a run recorded before runs kept them: read the benchmark's spec
+        d = cfg.data
+        root = Path(d.data_root) if d.data_root else default_data_root(d.benchmark)
+        spec = get_benchmark(d.benchmark, classes_file=d.classes_file, data_root=root)
+        known = tuple(make_split(spec, d.protocol, d.target).known)
+        texts, template = tuple(spec.class_text(c) for c in known), spec.template
     backbone = BACKBONES.get(cfg.backbone.name, cfg.backbone.pretrained)
-    texts = tuple(spec.class_text(c) for c in known)
     pseudo = PseudoSources("none", _no_pseudo, _no_pseudo)
-    method = method_for(cfg, backbone, texts, spec.template, pseudo=pseudo, progress=False)
+    method = method_for(cfg, backbone, texts, template, pseudo=pseudo, progress=False)
     state = load_tensors(run_dir / "model.safetensors")
     bad = sorted(k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all())
     if bad:
@@ -156,7 +161,7 @@ def load(run_dir: str | Path) -> Predictor:
         method.load_state(state)
     except (RuntimeError, KeyError) as err:
         raise ValueError(f"{run_dir}/model.safetensors does not fit its config: {err}") from err
-    return Predictor(run_dir, cfg, tuple(known), method, backbone)
+    return Predictor(run_dir, cfg, known, method, backbone)
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:

@@ -225,6 +225,13 @@ def _evaluate(
             run.spec.unknown_kinds(split.protocol),
             num_known=num_known,
         ),
+        # what predict needs to rebuild the method without re-reading the benchmark's files
+        "classes": {
+            "known": list(split.known),
+            "texts": list(run.class_texts),
+            "template": run.spec.template,
+            "sources": list(split.source_domains),
+        },
         "data_hash": run.data_hash,
         "data_hash_kind": run.data_hash_kind,
         "install": installed_versions(RECORD_PACKAGES),
