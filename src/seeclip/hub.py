@@ -89,7 +89,8 @@ def _require_network(what: str, host: str, cache: Path) -> None:
     )
 
 
-def _cached_hf_file(repo_id: str, filenames: list[str]) -> str | None:
+def cached_hf_file(repo_id: str, filenames: list[str]) -> str | None:
+    """The first of ``filenames`` of ``repo_id`` in the local Hugging Face cache (no network)."""
     from huggingface_hub import try_to_load_from_cache
 
     for filename in filenames:
@@ -127,7 +128,7 @@ def resolve_tag(arch: str, tag: str) -> dict:
     hub_id = cfg.get("hf_hub", "")
     if hub_id:
         repo_id, filename = os.path.split(hub_id)
-        path = _cached_hf_file(repo_id, _hub_filenames(filename))
+        path = cached_hf_file(repo_id, _hub_filenames(filename))
         if path:
             return {**kwargs, "pretrained": path}
         _require_network(what, _hf_endpoint_host(), hf_cache_dir())
@@ -143,8 +144,8 @@ def resolve_tag(arch: str, tag: str) -> dict:
 def resolve_hf_hub_name(name: str) -> str:
     """``hf-hub:org/repo`` -> ``local-dir:<cached snapshot>`` when config and weights are cached."""
     repo_id = name[len("hf-hub:") :]
-    config = _cached_hf_file(repo_id, ["open_clip_config.json"])
-    weights = _cached_hf_file(repo_id, list(_HF_WEIGHTS))
+    config = cached_hf_file(repo_id, ["open_clip_config.json"])
+    weights = cached_hf_file(repo_id, list(_HF_WEIGHTS))
     if config and weights and Path(config).parent == Path(weights).parent:
         return f"local-dir:{Path(config).parent}"
     _require_network(f"model {name}", _hf_endpoint_host(), hf_cache_dir())

@@ -253,8 +253,12 @@ def paper_tables(records: Iterable[dict], metrics: Sequence[str] | None = None) 
     records = list(records)
     if metrics is None:
         metrics = default_metrics(records)
+    return _tables(_group_runs(records), metrics)
+
+
+def _tables(groups: dict[tuple[str, str], dict[str, Runs]], metrics: Sequence[str]) -> list[Table]:
     tables = []
-    for (bench, protocol), methods in _group_runs(records).items():
+    for (bench, protocol), methods in groups.items():
         targets = tuple(sorted({t for runs in methods.values() for t in runs}))
         for metric in metrics:
             cells = {
@@ -283,7 +287,8 @@ def summarize(
     records = list(records)
     if metrics is None:
         metrics = default_metrics(records)
-    tables = {(t.benchmark, t.protocol, t.metric): t for t in paper_tables(records, metrics)}
+    groups = _group_runs(records)
+    tables = {(t.benchmark, t.protocol, t.metric): t for t in _tables(groups, metrics)}
     lines = [
         "| benchmark | protocol | method | target | seeds | "
         + " | ".join(HEADERS[m] for m in metrics)
@@ -291,7 +296,7 @@ def summarize(
         "|" + "---|" * (5 + len(metrics)),
     ]
     mean_lines, notes = [], []
-    for (bench, protocol), methods in sorted(_group_runs(records).items()):
+    for (bench, protocol), methods in sorted(groups.items()):
         targets = sorted({t for runs in methods.values() for t in runs})
         for method in sorted(methods):
             runs = methods[method]

@@ -129,14 +129,9 @@ def locate_pipeline(model: str) -> tuple[str, str | None]:
             f"--sd-model) at a diffusers folder with model_index.json and "
             f"{', '.join(f'{p}/' for p in PIPELINE_PARTS)}"
         )
-    from seeclip.hub import hf_cache_dir
+    from seeclip.hub import cached_hf_file, hf_cache_dir
 
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - diffusers brings huggingface_hub
-        return model, None
-    found = try_to_load_from_cache(model, "model_index.json", cache_dir=str(hf_cache_dir()))
-    if not isinstance(found, str):
+    if cached_hf_file(model, ["model_index.json"]) is None:
         raise WeightsUnavailableError(
             f"SD weights not found locally: {model} is not in the Hugging Face cache "
             f"({hf_cache_dir()}); {_fix(model)}"

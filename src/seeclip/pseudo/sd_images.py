@@ -24,7 +24,7 @@ from seeclip.paths import seeclip_home
 from seeclip.pseudo.base import PseudoContext
 from seeclip.pseudo.pools import DomainPool, image_pool_features
 
-__all__ = ["pick_sources", "sd_image_unknowns", "sd_pool_settings", "write_sd_pool"]
+__all__ = ["pick_sources", "sd_image_unknowns", "write_sd_pool"]
 
 
 def pick_sources(domains: tuple[str, ...], n: int, generator: torch.Generator) -> list[int]:
@@ -43,24 +43,6 @@ def sd_image_unknowns(ctx: PseudoContext) -> DomainPool:
         ctx.backbone, manifest, cache_dir=ctx.cache_dir, progress=ctx.progress
     )
     return DomainPool(feats)
-
-
-def sd_pool_settings(ctx: PseudoContext) -> tuple[ImageDiffusionConfig, int]:
-    """The sampling settings and seed ``ctx`` asks for (``diffusion.seed`` wins over the run's)."""
-    config = ctx.diffusion if ctx.diffusion is not None else FeatureDiffusionConfig()
-    seed = ctx.seed if config.seed is None else config.seed
-    icfg = ImageDiffusionConfig(
-        model=ctx.sd_model,
-        prompt=ctx.sd_prompt,
-        sigma=config.sigma,
-        guidance=config.guidance,
-        steps=config.sample_steps,
-        batch_size=16,
-        projection=ctx.sd_projection,
-        strength=ctx.sd_strength,
-        image_size=ctx.sd_image_size,
-    )
-    return icfg, seed
 
 
 def write_sd_pool(
@@ -85,8 +67,19 @@ def write_sd_pool(
 
     if ctx.backbone is None or not ctx.class_texts or not ctx.sd_model:
         raise ValueError("sd_images pseudo-unknowns need the backbone, class texts and sd_model")
-    icfg, seed = sd_pool_settings(ctx)
     config = ctx.diffusion if ctx.diffusion is not None else FeatureDiffusionConfig()
+    seed = ctx.seed if config.seed is None else config.seed  # diffusion.seed wins over the run's
+    icfg = ImageDiffusionConfig(
+        model=ctx.sd_model,
+        prompt=ctx.sd_prompt,
+        sigma=config.sigma,
+        guidance=config.guidance,
+        steps=config.sample_steps,
+        batch_size=16,
+        projection=ctx.sd_projection,
+        strength=ctx.sd_strength,
+        image_size=ctx.sd_image_size,
+    )
     device = device or distributed.device()  # --device
     if icfg.strength < 1.0 and len(ctx.image_paths) != len(ctx.features):
         raise ValueError("sd_strength < 1 (SDEdit) needs the source image of every feature row")
