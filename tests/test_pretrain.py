@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from seeclip.cli.pretrain import add_parser, config_from_args
 from seeclip.config import ConfigError
 from seeclip.datasets.digits import DIGIT_WORDS
+from seeclip.zoo.loop import batch_indices
 from seeclip.zoo.pretrain import (
     PretrainConfig,
-    _batch_indices,
     augment,
     load_benchmark_arrays,
     pretrain_clip,
@@ -77,7 +77,7 @@ def test_augment_is_seeded_and_batches_cycle_the_corpus():
     assert a.shape == (8, 3, 32, 32) and torch.equal(a, b)
     assert not torch.equal(a, augment(imgs, cfg, torch.Generator().manual_seed(2)))
     # 10 samples, batch 4: the first epoch is a permutation, then the next one starts
-    idx = torch.cat([_batch_indices(s, 10, 4, seed=0) for s in range(5)])
+    idx = torch.cat([batch_indices(s, 10, 4, seed=0) for s in range(5)])
     assert sorted(idx[:10].tolist()) == list(range(10))
     assert sorted(idx[10:20].tolist()) == list(range(10))
 

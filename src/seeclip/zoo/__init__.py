@@ -6,6 +6,8 @@
   corpus (``seeclip pretrain-clip``).
 - :mod:`~seeclip.zoo.pretrain_diffusion`: the tiny text-to-image model ``tiny-glyphs-sd``
   (``seeclip pretrain-diffusion``); :mod:`~seeclip.zoo.sd_export`: its diffusers export.
+- :mod:`~seeclip.zoo.loop`: the one resumable, staged training loop both pretrainings run on
+  (checkpoint, ``stop_at``, bit-for-bit resume).
 
 The weights themselves live in ``seeclip/weights/`` (package data).
 """

@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from seeclip.io import load_checkpoint, write_with
+from seeclip.io import write_with
 from seeclip.paths import seeclip_home
 from seeclip.zoo import tiny_card
+from seeclip.zoo.loop import Stage, batch_indices, cosine_warmup, run_stages
 from seeclip.zoo.tiny_clip import SURGERY, build_tiny_clip, resnet_tokens
 
 __all__ = [
@@ -193,19 +195,6 @@ def augment(images: Tensor, cfg: PretrainConfig, generator: torch.Generator) -> 
     return _normalize(x)
 
 
-def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
-    """Indices of step ``step``: epochs are seeded permutations of the corpus, cycled."""
-    start, stop = step * batch_size, (step + 1) * batch_size
-    out = []
-    while start < stop:
-        epoch, offset = divmod(start, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 10007 + epoch))
-        take = perm[offset : offset + stop - start]
-        out.append(take)
-        start += len(take)
-    return torch.cat(out)
-
-
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -215,16 +204,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0},
     ]
-
-
-def _lr_lambda(cfg: PretrainConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return f
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
@@ -354,7 +333,7 @@ def pretrain_clip(
             them), if there, goes into this card as the first stage's record.
 
     Returns:
-        the card (also written to ``out/card.json``); ``{"step", "losses"}`` if stopped early.
+        the card (also written to ``out/card.json``); ``{"stage", "step"}`` if stopped early.
     """
     if init is not None and cfg.token_steps <= 0:
         raise ValueError(
@@ -425,14 +404,8 @@ def _token_optimizer(cfg: PretrainConfig, model: nn.Module):
         eps=cfg.eps,
     )
     warmup = max(1, cfg.token_steps // 10)
-
-    def f(k: int) -> float:
-        if k < warmup:
-            return (k + 1) / warmup
-        t = (k - warmup) / max(1, cfg.token_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+    schedule = partial(cosine_warmup, warmup=warmup, total=cfg.token_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 @torch.no_grad()
@@ -450,130 +423,157 @@ def _caption_features(
     return torch.cat(feats), torch.tensor([row[c] for c in captions])
 
 
+_RUNTIME_FIELDS = ("num_threads", "checkpoint_every")  # may change when a run resumes
+
+
+class _ClipStage(Stage):
+    """Stage 1: contrastive pretraining of both towers."""
+
+    name = "clip"
+
+    def __init__(self, cfg, model, images: Tensor, tokens: Tensor, arch: str, stage1: Path | None):
+        self.cfg, self.model, self.images, self.tokens = cfg, model, images, tokens
+        self.arch, self.stage1 = arch, stage1  # where the stage's own weights go (None: nowhere)
+        self.steps = cfg.steps
+        self.max_scale = math.log(cfg.max_logit_scale)
+
+    def begin(self, live: dict | None, kept: dict[str, dict]) -> None:
+        cfg, model = self.cfg, self.model
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+        )
+        schedule = partial(cosine_warmup, warmup=cfg.warmup_steps, total=cfg.steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        if live is not None:
+            _load_live(live, model, self.optimizer, self.scheduler)
+
+    def step(self, k: int) -> tuple[float, dict[str, str]]:
+        cfg, model = self.cfg, self.model
+        t0 = time.perf_counter()
+        idx = batch_indices(k, len(self.images), cfg.batch_size, cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
+        x = augment(self.images[idx], cfg, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            img = model.encode_image(x)
+            txt = model.encode_text(self.tokens[idx])
+        loss = clip_loss(
+            F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1), model.logit_scale
+        )
+        _step(loss, self.optimizer, self.scheduler, model.parameters(), cfg.grad_clip)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, self.max_scale)
+        pairs = cfg.batch_size / (time.perf_counter() - t0)
+        scale = model.logit_scale.exp().item()
+        return loss.item(), {
+            "loss": f"{loss.item():.3f}",
+            "pairs_s": f"{pairs:.0f}",
+            "scale": f"{scale:.1f}",
+        }
+
+    def state(self) -> dict:
+        return _live(self.model, self.optimizer, self.scheduler)
+
+    def end(self) -> dict:
+        if self.stage1 is not None:
+            _save_weights(self.model, self.stage1, self.arch)
+        return {"model": _copy(self.model.state_dict())}
+
+
+class _TokenStage(Stage):
+    """Stage 2: the image tower alone, CLIP loss + token loss, from stage 1's fp16 weights."""
+
+    name = "tokens"
+
+    def __init__(self, cfg, model, images: Tensor, tokenizer, captions: Sequence[str]):
+        self.cfg, self.model, self.images = cfg, model, images
+        self.tokenizer, self.captions = tokenizer, captions
+        self.steps = cfg.token_steps
+
+    def begin(self, live: dict | None, kept: dict[str, dict]) -> None:
+        model = self.model
+        if live is None:  # the stage boundary: stage 1's weights, as shipped (fp16)
+            if "clip" in kept:  # (absent when the run starts from --init)
+                model.load_state_dict(kept["clip"]["model"])
+            _round_to_fp16(model)
+        self.optimizer, self.scheduler = _token_optimizer(self.cfg, model)
+        if live is not None:
+            _load_live(live, model, self.optimizer, self.scheduler)
+        model.eval()  # the text tower only encodes the captions here
+        self.text, self.row = _caption_features(model, self.tokenizer, self.captions)
+        model.train()
+        self.scale = model.logit_scale.detach()
+
+    def step(self, k: int) -> tuple[float, dict[str, str]]:
+        cfg, model = self.cfg, self.model
+        t0 = time.perf_counter()
+        idx = batch_indices(k, len(self.images), cfg.token_batch_size, cfg.seed + 1)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + cfg.steps + k)
+        x = augment(self.images[idx], cfg, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            pooled, spatial = resnet_tokens(model.visual, x)
+        txt = self.text[self.row[idx]]
+        loss = clip_loss(F.normalize(pooled.float(), dim=-1), txt, self.scale)
+        loss = loss + cfg.token_weight * token_loss(spatial.float(), txt, self.scale)
+        _step(loss, self.optimizer, self.scheduler, model.visual.parameters(), cfg.grad_clip)
+        pairs = cfg.token_batch_size / (time.perf_counter() - t0)
+        return loss.item(), {"token_stage_loss": f"{loss.item():.3f}", "pairs_s": f"{pairs:.0f}"}
+
+    def state(self) -> dict:
+        return _live(self.model, self.optimizer, self.scheduler)
+
+    def end(self) -> dict:
+        return {"model": _copy(self.model.state_dict())}
+
+
+def _live(model: nn.Module, optimizer, scheduler) -> dict:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
+
+
+def _load_live(live: dict, model: nn.Module, optimizer, scheduler) -> None:
+    model.load_state_dict(live["model"])
+    optimizer.load_state_dict(live["optimizer"])
+    scheduler.load_state_dict(live["scheduler"])
+
+
+def _copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
 def _run(cfg, out, *, progress, command, stop_at, benchmark, init) -> dict:
     corpus = corpus_for(cfg, progress)
     images = torch.from_numpy(np.load(corpus / "images.npy"))
     captions = json.loads((corpus / "captions.json").read_text())
     world = WORLDS[cfg.world]
     model, _, tokenizer = build_tiny_clip(world.model, init, seed=cfg.seed)
-    tokens = tokenizer(captions)
     model.train()
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     if init is None:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1 / cfg.init_temperature))
     init_record = None if init is None else {"path": str(init), "sha256": _file_sha256(init)}
-
-    step = cfg.steps if init is not None else 0
-    losses, train_seconds, token_losses, token_seconds = [], 0.0, [], 0.0
-    ckpt = out / "last.pt"
-    if ckpt.exists():
-        state = load_checkpoint(ckpt)
-        if state["config"] != _plain(asdict(cfg)) or state.get("init") != init_record:
-            raise ValueError(f"{ckpt} was written with another config or --init; use a new --out")
-        if state["step"] > cfg.steps:  # in the token stage: its optimiser, not the first one's
-            optimizer, scheduler = _token_optimizer(cfg, model)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        step, losses, train_seconds = state["step"], state["losses"], state["train_seconds"]
-        token_losses, token_seconds = state.get("token_losses", []), state.get("token_seconds", 0.0)
-
-    def checkpoint() -> None:
-        state = {
-            "config": _plain(asdict(cfg)),
-            "init": init_record,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "step": step,
-            "losses": losses,
-            "train_seconds": train_seconds,
-            "token_losses": token_losses,
-            "token_seconds": token_seconds,
-        }
-        write_with(ckpt, lambda tmp: torch.save(state, tmp))
-
-    total = cfg.steps + cfg.token_steps
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=step, desc="pretrain-clip", unit="step")
-    max_scale = math.log(cfg.max_logit_scale)
-    end = total if stop_at is None else min(stop_at, total)
-    while step < min(end, cfg.steps):
-        t0 = time.perf_counter()
-        idx = _batch_indices(step, len(images), cfg.batch_size, cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        x = augment(images[idx], cfg, gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            img = model.encode_image(x)
-            txt = model.encode_text(tokens[idx])
-        loss = clip_loss(
-            F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1), model.logit_scale
-        )
-        _step(loss, optimizer, scheduler, model.parameters(), cfg.grad_clip)
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, max_scale)
-        step += 1
-        losses.append(loss.item())
-        dt = time.perf_counter() - t0
-        train_seconds += dt
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{losses[-1]:.3f}",
-                pairs_s=f"{cfg.batch_size / dt:.0f}",
-                scale=f"{model.logit_scale.exp().item():.1f}",
-            )
-        if step % cfg.checkpoint_every == 0 or step == end:
-            checkpoint()
-
-    if cfg.token_steps > 0 and cfg.steps <= step < end:
-        if step == cfg.steps:  # the stage boundary (not a resume inside the token stage)
-            if init is None:
-                _save_weights(model, out / f"{world.model}.stage1.safetensors", world.model)
-            _round_to_fp16(model)
-            optimizer, scheduler = _token_optimizer(cfg, model)
-        model.eval()  # the text tower only encodes the captions here
-        text, row = _caption_features(model, tokenizer, captions)
-        model.train()
-        scale = model.logit_scale.detach()
-    while cfg.steps <= step < end:
-        t0 = time.perf_counter()
-        k = step - cfg.steps
-        idx = _batch_indices(k, len(images), cfg.token_batch_size, cfg.seed + 1)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        x = augment(images[idx], cfg, gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            pooled, spatial = resnet_tokens(model.visual, x)
-        txt = text[row[idx]]
-        loss = clip_loss(F.normalize(pooled.float(), dim=-1), txt, scale)
-        loss = loss + cfg.token_weight * token_loss(spatial.float(), txt, scale)
-        _step(loss, optimizer, scheduler, model.visual.parameters(), cfg.grad_clip)
-        step += 1
-        token_losses.append(loss.item())
-        dt = time.perf_counter() - t0
-        token_seconds += dt
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(
-                token_stage_loss=f"{token_losses[-1]:.3f}",
-                pairs_s=f"{cfg.token_batch_size / dt:.0f}",
-            )
-        if step % cfg.checkpoint_every == 0 or step == end:
-            checkpoint()
-    if bar is not None:
-        bar.close()
-    if step < total:
-        return {"step": step, "losses": losses + token_losses}
-
+    stages: list[Stage] = []
+    if init is None:
+        stage1 = out / f"{world.model}.stage1.safetensors" if cfg.token_steps > 0 else None
+        stages.append(_ClipStage(cfg, model, images, tokenizer(captions), world.model, stage1))
+    if cfg.token_steps > 0:
+        stages.append(_TokenStage(cfg, model, images, tokenizer, captions))
+    recipe = {k: v for k, v in _plain(asdict(cfg)).items() if k not in _RUNTIME_FIELDS}
+    state = run_stages(
+        stages,
+        out / "last.pt",
+        {"config": recipe, "init": init_record},
+        skipped=0 if init is None else cfg.steps,
+        stop_at=stop_at,
+        checkpoint_every=cfg.checkpoint_every,
+        progress=progress,
+        desc="pretrain-clip",
+    )
+    if not state.done:
+        return {"stage": state.stage, "step": state.step}
+    model.load_state_dict(state.kept[stages[-1].name]["model"])
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -585,15 +585,15 @@ def _run(cfg, out, *, progress, command, stop_at, benchmark, init) -> dict:
         config=asdict(cfg),
         command=command,
         corpus_meta=json.loads((corpus / "meta.json").read_text()),
-        losses=losses,
-        train_seconds=train_seconds,
+        losses=state.losses.get("clip", []),
+        train_seconds=state.seconds.get("clip", 0.0),
         zero_shot=_zero_shot_section(cfg, model, tokenizer, benchmark),
     )
     if cfg.token_steps > 0:
         card["token_stage"] = tiny_card.training_summary(
-            token_losses,
+            state.losses["tokens"],
             batch_size=cfg.token_batch_size,
-            train_seconds=token_seconds,
+            train_seconds=state.seconds["tokens"],
             logit_scale=model.logit_scale.detach().exp().item(),
             num_threads=cfg.num_threads,
         )

@@ -67,8 +67,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from seeclip.io import atomic_dir, load_checkpoint, write_json, write_with
-from seeclip.zoo.pretrain import _batch_indices
+from seeclip.io import atomic_dir, write_json, write_with
+from seeclip.zoo.loop import Stage, batch_indices, cosine_warmup, run_stages
 from seeclip.zoo.sd_export import clip_tokenizer, text_encoder_from_clip, write_tokenizer
 
 __all__ = ["DiffusionPretrainConfig", "pretrain_diffusion", "sample"]
@@ -223,12 +223,6 @@ def _sampler(cfg: DiffusionPretrainConfig):
 # ------------------------------------------------------------------------------------- helpers
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def _generator(seed: int, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 4 + stage)
 
@@ -373,8 +367,6 @@ class _Run:
             "corpus_hash": self.meta.get("content_hash"),
             "text_tower": tower,
         }
-        self.ckpt = out / "last.pt"
-        self.state = self._load()
 
     def _tokenize(self, texts: Sequence[str]) -> Tensor:
         tok = self.tokenizer
@@ -386,197 +378,31 @@ class _Run:
             return_tensors="pt",
         ).input_ids
 
-    # ------------------------------------------------------------------ checkpoint
-
-    def _load(self) -> dict:
-        if not self.ckpt.exists():
-            seconds = {"vae": 0.0, "encode": 0.0, "unet": 0.0}
-            return {
-                "identity": self.identity,
-                "stage": "vae",
-                "step": 0,
-                "vae_losses": [],
-                "unet_losses": [],
-                "seconds": seconds,
-            }
-        state = load_checkpoint(self.ckpt)
-        saved = state.get("identity")
-        if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
-            # checkpoints of earlier versions recorded the runtime fields too
-            config = {k: v for k, v in saved["config"].items() if k not in _RUNTIME_FIELDS}
-            saved = {**saved, "config": config}
-        if saved != self.identity:
-            raise ValueError(
-                f"{self.ckpt} was written with another config, corpus or CLIP; use a new --out"
-            )
-        return state
-
-    def _save(self, **modules) -> None:
-        self.state.update({name: obj.state_dict() for name, obj in modules.items()})
-        write_with(self.ckpt, lambda tmp: torch.save(self.state, tmp))
-
     # ---------------------------------------------------------------------- driver
 
     def run(self, command: str | None, stop_at: int | None) -> dict:
         cfg = self.cfg
-        total = cfg.vae_steps + cfg.steps
-        end = total if stop_at is None else min(stop_at, total)
         vae = build_vae(cfg, self.size)
-        if self.state["stage"] == "vae":
-            self._train_vae(vae, end)
-            if self.state["stage"] == "vae":
-                return {"stage": "vae", "step": self.state["step"]}
-        else:
-            vae.load_state_dict(self.state["vae"])
-        vae.register_to_config(scaling_factor=self.state["scaling_factor"])
-        vae.eval().requires_grad_(False)
-        unet = build_unet(cfg, self.latent_size, self.text_encoder.config.hidden_size)
-        ema = build_unet(cfg, self.latent_size, self.text_encoder.config.hidden_size)
-        if self.state["stage"] == "unet":
-            self._train_unet(vae, unet, ema, end - cfg.vae_steps)
-        if self.state["stage"] != "done":
-            return {"stage": "unet", "step": cfg.vae_steps + self.state["step"]}
-        ema.load_state_dict(self.state["ema"])
-        return self._finish(vae, ema.eval(), command)
-
-    def _bar(self, total: int, initial: int, desc: str):
-        if not self.progress:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=initial, desc=desc, unit="step")
-
-    # --------------------------------------------------------------------- stage 1
-
-    def _train_vae(self, vae, end: int) -> None:
-        cfg, st = self.cfg, self.state
-        optimizer = torch.optim.AdamW(
-            vae.parameters(), lr=cfg.vae_lr, weight_decay=cfg.weight_decay
+        width = self.text_encoder.config.hidden_size
+        unet = build_unet(cfg, self.latent_size, width)
+        ema = build_unet(cfg, self.latent_size, width)
+        vae_stage = _VaeStage(self, vae)
+        stages = [vae_stage, _UnetStage(self, vae, unet, ema, vae_stage)]
+        self.state = run_stages(
+            stages,
+            self.out / "last.pt",
+            self.identity,
+            stop_at=stop_at,
+            checkpoint_every=cfg.checkpoint_every,
+            progress=self.progress,
+            desc="tiny-sd",
         )
-        if st["step"] > 0:
-            vae.load_state_dict(st["vae"])
-            optimizer.load_state_dict(st["vae_optimizer"])
-        vae.train()
-        pixels = 3 * self.size**2
-        bar = self._bar(cfg.vae_steps, st["step"], "tiny-sd vae")
-        while st["step"] < min(end, cfg.vae_steps):
-            step, t0 = st["step"], time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.vae_lr * _lr_factor(step, cfg.vae_warmup_steps, cfg.vae_steps)
-            gen = _generator(cfg.seed, 1, step)
-            idx = _batch_indices(step, len(self.images), cfg.vae_batch_size, cfg.seed)
-            x = _to_unit(self.images[idx])
-            posterior = vae.encode(x).latent_dist
-            rec = vae.decode(posterior.sample(generator=gen)).sample
-            err = rec - x
-            loss = err.abs().mean() + err.pow(2).mean()
-            loss = loss + cfg.vae_kl_weight * posterior.kl().mean() / pixels
-            _step_optimizer(vae.parameters(), optimizer, loss, cfg.grad_clip)
-            st["step"] = step + 1
-            st["vae_losses"].append(loss.item())
-            st["seconds"]["vae"] += time.perf_counter() - t0
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            if st["step"] % cfg.checkpoint_every == 0 and st["step"] < cfg.vae_steps:
-                self._save(vae=vae, vae_optimizer=optimizer)
-        if bar is not None:
-            bar.close()
-        if st["step"] < cfg.vae_steps:
-            self._save(vae=vae, vae_optimizer=optimizer)
-            return
-        vae.eval()
-        t0 = time.perf_counter()
-        mean, std = _encode_corpus(vae, self.images, cfg.encode_batch_size)
-        k = min(4096, len(mean))  # SD: 1/std of sampled latents of a batch of the corpus
-        gen = _generator(cfg.seed, 0, 0)
-        z = mean[:k] + std[:k] * torch.randn(mean[:k].shape, generator=gen)
-        st["seconds"]["encode"] += time.perf_counter() - t0
-        st["scaling_factor"] = float(1.0 / z.std())
-        st["latent_stats"] = {
-            "mean": float(z.mean()),
-            "std": float(z.std()),
-            "posterior_std": float(std.mean()),
-        }
-        st["vae_psnr_db"] = _psnr(vae, self.images[-256:])
-        st.pop("vae_optimizer", None)
-        st["stage"], st["step"] = "unet", 0
-        self._latents = (mean, std)
-        self._save(vae=vae)
-
-    # --------------------------------------------------------------------- stage 2
-
-    def _train_unet(self, vae, unet, ema, end: int) -> None:
-        cfg, st = self.cfg, self.state
-        if st["step"] >= min(end, cfg.steps):
-            return
-        scheduler = _noise_scheduler(cfg)
-        alphas = scheduler.alphas_cumprod
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if st["step"] > 0:
-            unet.load_state_dict(st["unet"])
-            ema.load_state_dict(st["ema"])
-            optimizer.load_state_dict(st["unet_optimizer"])
-        else:
-            ema.load_state_dict(unet.state_dict())
-        ema.requires_grad_(False)
-        mean, std = getattr(self, "_latents", None) or self._encode(vae)
-        scale = st["scaling_factor"]
-        unet.train()
-        bar = self._bar(cfg.steps, st["step"], "tiny-sd unet")
-        while st["step"] < min(end, cfg.steps):
-            step, t0 = st["step"], time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(step, cfg.warmup_steps, cfg.steps)
-            gen = _generator(cfg.seed, 2, step)
-            idx = _batch_indices(step, len(mean), cfg.batch_size, cfg.seed + 1)
-            b = len(idx)
-            z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
-            drop = torch.rand(b, generator=gen) < cfg.caption_dropout
-            ids = torch.where(drop[:, None], self.empty_ids, self.ids[idx])
-            noise = torch.randn(z.shape, generator=gen)
-            t = torch.randint(0, cfg.train_timesteps, (b,), generator=gen)
-            with torch.no_grad():
-                cond = self.text_encoder(ids)[0]
-            noisy = scheduler.add_noise(z, noise, t)
-            eps = cfg.prediction_type == "epsilon"
-            target = noise if eps else scheduler.get_velocity(z, noise, t)
-            pred = unet(noisy, t, cond).sample
-            loss = (pred - target).pow(2).mean(dim=(1, 2, 3))
-            if cfg.snr_gamma > 0:  # min-SNR-gamma: w = min(SNR, g) / SNR (eps), / (SNR + 1) (v)
-                snr = alphas[t] / (1 - alphas[t])
-                loss = loss * snr.clamp(max=cfg.snr_gamma) / (snr if eps else snr + 1)
-            loss = loss.mean()
-            _step_optimizer(unet.parameters(), optimizer, loss, cfg.grad_clip)
-            self._update_ema(ema, unet, step)
-            st["step"] = step + 1
-            st["unet_losses"].append(loss.item())
-            dt = time.perf_counter() - t0
-            st["seconds"]["unet"] += dt
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{b / dt:.0f}")
-            if st["step"] % cfg.checkpoint_every == 0 or st["step"] == min(end, cfg.steps):
-                if st["step"] == cfg.steps:
-                    st["stage"] = "done"
-                self._save(unet=unet, ema=ema, unet_optimizer=optimizer)
-        if bar is not None:
-            bar.close()
-
-    def _encode(self, vae) -> tuple[Tensor, Tensor]:
-        t0 = time.perf_counter()
-        latents = _encode_corpus(vae, self.images, self.cfg.encode_batch_size)
-        self.state["seconds"]["encode"] += time.perf_counter() - t0
-        return latents
-
-    @torch.no_grad()
-    def _update_ema(self, ema, unet, step: int) -> None:
-        if self.cfg.ema_decay == 0:
-            ema.load_state_dict(unet.state_dict())
-            return
-        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))  # diffusers' EMA warm-up
-        for e, p in zip(ema.parameters(), unet.parameters(), strict=True):
-            e.lerp_(p, 1 - decay)
+        if not self.state.done:
+            return {"stage": self.state.stage, "step": self.state.step}
+        vae.load_state_dict(self.state.kept["vae"]["vae"])
+        vae.register_to_config(scaling_factor=self.state.kept["vae"]["scaling_factor"])
+        ema.load_state_dict(self.state.kept["unet"]["ema"])
+        return self._finish(vae.eval(), ema.eval(), command)
 
     # ---------------------------------------------------------------------- export
 
@@ -617,7 +443,7 @@ class _Run:
 
     def _card(self, vae, unet, command, prompts, sample_seconds, folder: Path) -> dict:
         cfg, st = self.cfg, self.state
-        secs = st["seconds"]
+        vae_kept = st.kept["vae"]
 
         def curve(losses: list[float], points: int = 50) -> list[float]:
             chunks = np.array_split(np.asarray(losses), min(points, len(losses)))
@@ -665,18 +491,18 @@ class _Run:
                     "context_length": self.tokenizer.model_max_length,
                     "fingerprint": self.identity["text_tower"],
                 },
-                "scaling_factor": st["scaling_factor"],
+                "scaling_factor": vae_kept["scaling_factor"],
                 "sampler": "DPMSolverMultistepScheduler (dpmsolver++, order 2)",
                 "pipeline_bytes": size,
                 "weights_dtype": "float16",
             },
             "vae": {
-                **stage(st["vae_losses"], secs["vae"], cfg.vae_batch_size),
-                "reconstruction_psnr_db": round(st["vae_psnr_db"], 2),
-                "latent_stats": st["latent_stats"],
+                **stage(st.losses["vae"], st.seconds["vae"], cfg.vae_batch_size),
+                "reconstruction_psnr_db": round(vae_kept["psnr_db"], 2),
+                "latent_stats": vae_kept["latent_stats"],
             },
-            "unet": stage(st["unet_losses"], secs["unet"], cfg.batch_size),
-            "encode_seconds": round(secs["encode"], 1),
+            "unet": stage(st.losses["unet"], st.seconds["unet"], cfg.batch_size),
+            "encode_seconds": round(vae_kept["encode_seconds"], 1),
             "samples": {"file": "samples.png", "prompts": prompts, "seconds": sample_seconds},
             "machine": {
                 "cpus": os.cpu_count(),
@@ -685,3 +511,150 @@ class _Run:
                 "torch": torch.__version__,
             },
         }
+
+
+# ---------------------------------------------------------------------------------- the stages
+
+
+class _VaeStage(Stage):
+    """Stage 1: the autoencoder (L1 + L2 + KL); at its end the corpus latents and SD's
+    scaling factor, 1/std of sampled latents of (up to) 4096 corpus images."""
+
+    name = "vae"
+
+    def __init__(self, run: _Run, vae) -> None:
+        self.run, self.vae, self.cfg = run, vae, run.cfg
+        self.steps = run.cfg.vae_steps
+        self.latents: tuple[Tensor, Tensor] | None = None  # what the UNet stage trains on
+
+    def begin(self, live: dict | None, kept: dict[str, dict]) -> None:
+        cfg = self.cfg
+        self.optimizer = torch.optim.AdamW(
+            self.vae.parameters(), lr=cfg.vae_lr, weight_decay=cfg.weight_decay
+        )
+        if live is not None:
+            self.vae.load_state_dict(live["vae"])
+            self.optimizer.load_state_dict(live["optimizer"])
+        self.vae.train()
+
+    def step(self, k: int) -> tuple[float, dict[str, str]]:
+        cfg, vae = self.cfg, self.vae
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.vae_lr * cosine_warmup(k, cfg.vae_warmup_steps, cfg.vae_steps)
+        gen = _generator(cfg.seed, 1, k)
+        idx = batch_indices(k, len(self.run.images), cfg.vae_batch_size, cfg.seed)
+        x = _to_unit(self.run.images[idx])
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample(generator=gen)).sample
+        err = rec - x
+        loss = err.abs().mean() + err.pow(2).mean()
+        loss = loss + cfg.vae_kl_weight * posterior.kl().mean() / (3 * self.run.size**2)
+        _step_optimizer(vae.parameters(), self.optimizer, loss, cfg.grad_clip)
+        return loss.item(), {"loss": f"{loss.item():.4f}"}
+
+    def state(self) -> dict:
+        return {"vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def end(self) -> dict:
+        cfg, vae = self.cfg, self.vae
+        vae.eval()
+        t0 = time.perf_counter()
+        mean, std = _encode_corpus(vae, self.run.images, cfg.encode_batch_size)
+        k = min(4096, len(mean))
+        z = mean[:k] + std[:k] * torch.randn(mean[:k].shape, generator=_generator(cfg.seed, 0, 0))
+        seconds = time.perf_counter() - t0
+        self.latents = (mean, std)
+        return {
+            "vae": {k: v.detach().clone() for k, v in vae.state_dict().items()},
+            "scaling_factor": float(1.0 / z.std()),
+            "latent_stats": {
+                "mean": float(z.mean()),
+                "std": float(z.std()),
+                "posterior_std": float(std.mean()),
+            },
+            "psnr_db": _psnr(vae, self.run.images[-256:]),
+            "encode_seconds": seconds,
+        }
+
+
+class _UnetStage(Stage):
+    """Stage 2: the UNet (epsilon or v objective, min-SNR weighting, caption dropout) on the
+    frozen VAE's latents, with an EMA of its weights (what is exported)."""
+
+    name = "unet"
+
+    def __init__(self, run: _Run, vae, unet, ema, vae_stage: _VaeStage) -> None:
+        self.run, self.cfg = run, run.cfg
+        self.vae, self.unet, self.ema, self.vae_stage = vae, unet, ema, vae_stage
+        self.steps = run.cfg.steps
+
+    def begin(self, live: dict | None, kept: dict[str, dict]) -> None:
+        cfg, unet, ema = self.cfg, self.unet, self.ema
+        self.vae.load_state_dict(kept["vae"]["vae"])
+        self.vae.eval().requires_grad_(False)
+        self.scale = kept["vae"]["scaling_factor"]
+        self.latents = self.vae_stage.latents
+        if self.latents is None:  # resumed after stage 1: the same latents, re-encoded
+            self.latents = _encode_corpus(self.vae, self.run.images, cfg.encode_batch_size)
+        self.scheduler = _noise_scheduler(cfg)
+        self.optimizer = torch.optim.AdamW(
+            unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        if live is not None:
+            unet.load_state_dict(live["unet"])
+            ema.load_state_dict(live["ema"])
+            self.optimizer.load_state_dict(live["optimizer"])
+        else:
+            ema.load_state_dict(unet.state_dict())
+        ema.requires_grad_(False)
+        unet.train()
+
+    def step(self, k: int) -> tuple[float, dict[str, str]]:
+        cfg, run, unet, scheduler = self.cfg, self.run, self.unet, self.scheduler
+        t0 = time.perf_counter()
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * cosine_warmup(k, cfg.warmup_steps, cfg.steps)
+        mean, std = self.latents
+        gen = _generator(cfg.seed, 2, k)
+        idx = batch_indices(k, len(mean), cfg.batch_size, cfg.seed + 1)
+        b = len(idx)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * self.scale
+        drop = torch.rand(b, generator=gen) < cfg.caption_dropout
+        ids = torch.where(drop[:, None], run.empty_ids, run.ids[idx])
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, cfg.train_timesteps, (b,), generator=gen)
+        with torch.no_grad():
+            cond = run.text_encoder(ids)[0]
+        noisy = scheduler.add_noise(z, noise, t)
+        eps = cfg.prediction_type == "epsilon"
+        target = noise if eps else scheduler.get_velocity(z, noise, t)
+        pred = unet(noisy, t, cond).sample
+        loss = (pred - target).pow(2).mean(dim=(1, 2, 3))
+        if cfg.snr_gamma > 0:  # min-SNR-gamma: w = min(SNR, g) / SNR (eps), / (SNR + 1) (v)
+            alphas = scheduler.alphas_cumprod
+            snr = alphas[t] / (1 - alphas[t])
+            loss = loss * snr.clamp(max=cfg.snr_gamma) / (snr if eps else snr + 1)
+        loss = loss.mean()
+        _step_optimizer(unet.parameters(), self.optimizer, loss, cfg.grad_clip)
+        self._update_ema(k)
+        rate = b / (time.perf_counter() - t0)
+        return loss.item(), {"loss": f"{loss.item():.4f}", "img_s": f"{rate:.0f}"}
+
+    @torch.no_grad()
+    def _update_ema(self, step: int) -> None:
+        if self.cfg.ema_decay == 0:
+            self.ema.load_state_dict(self.unet.state_dict())
+            return
+        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))  # diffusers' EMA warm-up
+        for e, p in zip(self.ema.parameters(), self.unet.parameters(), strict=True):
+            e.lerp_(p, 1 - decay)
+
+    def state(self) -> dict:
+        return {
+            "unet": self.unet.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def end(self) -> dict:
+        return {"ema": {k: v.detach().clone() for k, v in self.ema.state_dict().items()}}
