@@ -16,6 +16,7 @@ from seeclip.zoo.loop import batch_indices
 from seeclip.zoo.pretrain import (
     PretrainConfig,
     augment,
+    checkpoint_weights,
     load_benchmark_arrays,
     pretrain_clip,
     to_input,
@@ -117,10 +118,14 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     full = pretrain_clip(cfg, tmp_path / "a", progress=False, benchmark=bench)
     part = pretrain_clip(cfg, tmp_path / "b", progress=False, stop_at=2, benchmark=bench)
     assert part["step"] == 2 and not (tmp_path / "b" / "tiny-digits.safetensors").exists()
+    stopped = checkpoint_weights(tmp_path / "b" / "last.pt")  # pretrain-diffusion --clip reads it
     resumed = pretrain_clip(cfg, tmp_path / "b", progress=False, benchmark=bench)
     a = load_file(str(tmp_path / "a" / "tiny-digits.safetensors"))
     b = load_file(str(tmp_path / "b" / "tiny-digits.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    final = checkpoint_weights(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(final[k].half(), a[k]) for k in a)
+    assert not torch.equal(stopped["visual.conv1.weight"], final["visual.conv1.weight"])
     assert resumed["training"]["loss_last"] == full["training"]["loss_last"]
     assert all(v.dtype == torch.float16 for v in a.values())
     # the written weights rebuild strictly

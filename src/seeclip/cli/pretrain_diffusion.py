@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from seeclip.io import load_checkpoint
 from seeclip.zoo.pretrain_diffusion import DiffusionPretrainConfig
 
 WORLDS = ("digits", "glyphs")  # the choices of --world; each has an entry in _world_inputs
@@ -31,7 +30,7 @@ def _world_inputs(world: str) -> WorldInputs:
     if world not in WORLDS:
         raise ValueError(f"unknown world {world!r}; choose one of {', '.join(WORLDS)}")
     from seeclip.zoo.pretrain import WORLDS as CLIP_WORLDS
-    from seeclip.zoo.pretrain import corpus_for, default_config
+    from seeclip.zoo.pretrain import checkpoint_weights, corpus_for, default_config
     from seeclip.zoo.tiny_clip import TINY_MODELS, build_tiny_clip
 
     spec = CLIP_WORLDS[world]
@@ -43,8 +42,7 @@ def _world_inputs(world: str) -> WorldInputs:
     def clip(weights: Path | None) -> tuple[object, object]:
         if weights is not None and Path(weights).suffix == ".pt":  # a pretrain-clip checkpoint
             model, _, tokenizer = build_tiny_clip(spec.model)
-            state = load_checkpoint(weights)
-            model.load_state_dict(state["model"])
+            model.load_state_dict(checkpoint_weights(weights))
             return model.eval(), tokenizer
         model, _, tokenizer = build_tiny_clip(
             spec.model, weights or TINY_MODELS[spec.model].weights

@@ -24,7 +24,14 @@ from torch import Tensor
 
 from seeclip.io import load_checkpoint, write_with
 
-__all__ = ["LoopState", "Stage", "batch_indices", "cosine_warmup", "run_stages"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "LoopState",
+    "Stage",
+    "batch_indices",
+    "cosine_warmup",
+    "run_stages",
+]
 
 CHECKPOINT_FORMAT = 2  # 1: the separate loops' files, before the zoo shared this one
 

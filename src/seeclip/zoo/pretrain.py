@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from seeclip.io import write_with
+from seeclip.io import load_checkpoint, write_with
 from seeclip.paths import seeclip_home
 from seeclip.zoo import tiny_card
-from seeclip.zoo.loop import Stage, batch_indices, cosine_warmup, run_stages
+from seeclip.zoo.loop import CHECKPOINT_FORMAT, Stage, batch_indices, cosine_warmup, run_stages
 from seeclip.zoo.tiny_clip import SURGERY, build_tiny_clip, resnet_tokens
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "World",
     "default_config",
     "augment",
+    "checkpoint_weights",
     "corpus_for",
     "load_benchmark_arrays",
     "pretrain_clip",
@@ -541,6 +542,20 @@ def _load_live(live: dict, model: nn.Module, optimizer, scheduler) -> None:
 
 def _copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
+
+
+def checkpoint_weights(path: Path) -> dict[str, Tensor]:
+    """The CLIP weights a ``pretrain-clip`` checkpoint (``last.pt``) holds: where the run
+    stopped, or its final weights once it finished (read without running pickled code)."""
+    blob = load_checkpoint(path)
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a pretrain-clip checkpoint of this seeclip version")
+    if blob["live"] is not None:
+        return blob["live"]["model"]
+    kept = [v for v in blob["kept"].values() if "model" in v]
+    if not kept:
+        raise ValueError(f"{path} holds no CLIP weights yet; run pretrain-clip further")
+    return kept[-1]["model"]
 
 
 def _run(cfg, out, *, progress, command, stop_at, benchmark, init) -> dict:
