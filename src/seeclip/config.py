@@ -95,8 +95,12 @@ class TrainConfig:
     weight_decay: float = 1e-5  # AdamW weight decay
     batch_size: int = 16  # images per step, pseudo-unknowns included
     grad_clip: float = 1.0  # max gradient norm
-    # label-C samples: none | mixup | pool | diffusion | images | sd_images (`seeclip list pseudo`)
-    pseudo_unknowns: Literal["none", "mixup", "pool", "diffusion", "images", "sd_images"] = "mixup"
+    # label-C samples (`seeclip list pseudo`): sd_online (the paper's generator, following the
+    # model's learned queries) | sd_images (its offline pool, fixed k-means queries) | diffusion
+    # (feature space) | mixup | pool | images (stored pools) | none
+    pseudo_unknowns: Literal[
+        "none", "mixup", "pool", "diffusion", "images", "sd_images", "sd_online"
+    ] = "mixup"
     pseudo_fraction: float = 0.1  # share of each source domain's slots given to pseudo-unknowns
     pseudo_pool: str | None = None  # images: a manifest.csv; pool: a feature pool folder
     # val_h with a stored pool (images | pool): one made from source-val images only (--from val)
@@ -116,6 +120,9 @@ class TrainConfig:
     # sd_images: side of the generated images in px (a multiple of 8); None = the model's own
     # (512 for SD-1.5). Lower is much cheaper on a CPU; the CLIP resizes them anyway
     sd_image_size: int | None = None
+    # sd_online: how often the generator draws: 1 = every step (the paper's), N = every N steps
+    # (steps between reuse the last set), 0 = once per epoch (diffusion.pool_per_domain a domain)
+    sd_every: int = 1
     # model selection (seeclip.selection): last | val_acc (source-val closed-set accuracy) |
     # val_h (H of source-val knowns and pseudo-unknowns made from source-val images)
     selection: Literal["last", "val_acc", "val_h"] = "last"
@@ -132,6 +139,7 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         check_unit("train.pseudo_fraction", self.pseudo_fraction)
+        check_min("train.sd_every", self.sd_every, 0)
         if self.sd_image_size is not None and (self.sd_image_size < 8 or self.sd_image_size % 8):
             raise ConfigError(
                 f"train.sd_image_size must be a multiple of 8 (or null), got {self.sd_image_size}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -47,6 +47,17 @@ class PromptOutput:
 class PseudoUnknownSource(Protocol):
     def sample(self, domain: str, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``n`` pseudo-unknowns of ``domain``: (global [n, d] normalised, tokens [n, N, d])."""
+
+
+@runtime_checkable
+class ModelFollowingSource(Protocol):
+    """A source whose samples follow the model in training (the online image generator): the
+    trainer hands it the model once, and each step's pseudo-unknown counts before sampling."""
+
+    def follow(self, model) -> None: ...
+
+    def prepare(self, step: int, counts: dict[str, int], generator: torch.Generator) -> None:
+        """Step ``step`` (0-based, within the epoch) will sample ``counts`` per domain."""
 
 
 class PseudoSources:

@@ -78,6 +78,7 @@ class RunConfig:
 HASH_NEUTRAL = {
     ("train", "sd_strength"): 1.0,
     ("train", "sd_image_size"): None,
+    ("train", "sd_every"): 1,
     ("prompt", "text_precision"): "fp32",
 }
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from seeclip import distributed, metrics
 from seeclip.config import to_dict
 from seeclip.datasets.digits import installed_versions
-from seeclip.features import Features, Prediction, PseudoUnknownSource
+from seeclip.features import Features, ModelFollowingSource, Prediction, PseudoUnknownSource
 from seeclip.io import atomic_path, load_tensors, write_text
 from seeclip.methods import Method
 from seeclip.methods.registry import METHODS
@@ -110,7 +110,10 @@ def run_eval(
     # where it trained: not part of the config (a run's hash), but its float rounding differs
     extra["device"] = str(distributed.device())
     extra["processes"] = distributed.world_size()
-    pseudo_scores = pseudo_unknown_scores(method, pseudo.built("train"), run.split.source_domains)
+    source = pseudo.built("train")
+    if isinstance(source, ModelFollowingSource):  # what the online generator cost the run
+        extra["pseudo_images_drawn"] = source.images_drawn
+    pseudo_scores = pseudo_unknown_scores(method, source, run.split.source_domains)
     record = _evaluate(
         cfg, run, method, run_dir, epochs=epochs, extra=extra, pseudo_scores=pseudo_scores
     )
@@ -120,6 +123,7 @@ def run_eval(
 
 
 PSEUDO_SCORED = 200  # pseudo-unknowns per source domain whose unknown score a run saves
+ONLINE_SCORED = 8  # the same for the online generator (each one is a text-to-image sample)
 
 
 def pseudo_unknown_scores(
@@ -127,11 +131,16 @@ def pseudo_unknown_scores(
 ) -> np.ndarray | None:
     """The trained method's unknown score on fresh draws of the pseudo-unknowns it trained
     with (:data:`PSEUDO_SCORED` per source domain, a fixed generator apart from training's);
-    None for a method that drew none. For the report's score histograms."""
+    None for a method that drew none. For the report's score histograms. The online generator
+    draws :data:`ONLINE_SCORED` per domain from the trained model's queries."""
     if source is None:
         return None
     gen = torch.Generator().manual_seed(0)
-    g, t = draw(source, domains, PSEUDO_SCORED, gen)
+    n = PSEUDO_SCORED
+    if isinstance(source, ModelFollowingSource):
+        n = ONLINE_SCORED
+        source.prepare(0, {d: n for d in sorted(set(domains))}, gen)
+    g, t = draw(source, domains, n, gen)
     return method.predict(Features(g, t, ("pseudo-unknown",) * g.shape[0])).unknown_score
 
 

@@ -26,7 +26,14 @@ from tqdm import tqdm
 
 from seeclip import distributed, metrics
 from seeclip.config import TrainConfig
-from seeclip.features import Features, Prediction, PseudoSources, PseudoUnknownSource, draw
+from seeclip.features import (
+    Features,
+    ModelFollowingSource,
+    Prediction,
+    PseudoSources,
+    PseudoUnknownSource,
+    draw,
+)
 from seeclip.io import load_checkpoint, write_with
 from seeclip.selection import Selection
 
@@ -210,6 +217,8 @@ class PromptTrainer:
         source: PseudoUnknownSource | None = None
         if model.has_unknown_prompt and self.pseudo is not None:
             source = self.pseudo.train()
+            if isinstance(source, ModelFollowingSource):  # the online generator
+                source.follow(model)
         batches = BalancedBatches(
             train.domains,
             cfg.batch_size,
@@ -278,7 +287,7 @@ class PromptTrainer:
             grad_sums: dict[str, float] = {}
             for step in range(steps):
                 g, t, y = (
-                    x.to(dev) for x in self._batch(batches, train, train_labels, source, gen)
+                    x.to(dev) for x in self._batch(batches, train, train_labels, source, gen, step)
                 )
                 if world > 1:
                     g, t, y = g[rank::world], t[rank::world], y[rank::world]
@@ -383,8 +392,10 @@ class PromptTrainer:
             out[f"grad_share_{k}"] = v / whole if whole > 0 else 0.0
         return out
 
-    def _batch(self, batches, train, labels, source, gen) -> tuple[Tensor, Tensor, Tensor]:
+    def _batch(self, batches, train, labels, source, gen, step) -> tuple[Tensor, Tensor, Tensor]:
         real, pseudo = batches.next()
+        if isinstance(source, ModelFollowingSource):
+            source.prepare(step, pseudo, gen)
         idx = torch.tensor(real)
         g, t, y = [train.global_[idx].float()], [train.tokens[idx].float()], [labels[idx]]
         for domain, n in pseudo.items():

@@ -66,7 +66,7 @@ __all__ = [
 
 # pseudo-unknown sources that are rebuilt from each fold's training features; a stored pool
 # was made from every source domain (the pseudo-target's images and held-out classes included)
-FOLD_SOURCES = ("none", "mixup", "diffusion", "sd_images")
+FOLD_SOURCES = ("none", "mixup", "diffusion", "sd_images", "sd_online")
 METRICS = metrics.METRICS
 VALIDATION_FILE = "validation.json"
 RULE = "lodo_threshold"  # records name the operating rule calibrated on the folds

@@ -49,6 +49,7 @@ def pseudo_context(
         sd_projection=cfg.train.sd_projection,
         sd_strength=cfg.train.sd_strength,
         sd_image_size=cfg.train.sd_image_size,
+        sd_every=cfg.train.sd_every,
         image_paths=run.image_paths(indices) if cfg.train.sd_strength < 1 else (),
         cache_dir=cache_root(cache_dir),
         progress=progress,
@@ -58,7 +59,8 @@ def pseudo_context(
 def check_inputs(cfg: RunConfig) -> None:
     """Stop before any data is read when the config cannot give a meaningful run here: a real
     benchmark without its data root or with random CLIP weights, or the text-to-image model of
-    ``train.pseudo_unknowns=sd_images`` not on this machine."""
+    ``train.pseudo_unknowns=sd_images`` or ``sd_online`` not on this machine, or
+    ``sd_online`` asked of a method without learned semantic queries."""
     d = cfg.data
     if d.benchmark not in EMBEDDED and BENCHMARKS.get(d.benchmark).spec is not None:
         if d.data_root is None:
@@ -69,7 +71,15 @@ def check_inputs(cfg: RunConfig) -> None:
                 f"pass real CLIP weights, e.g. --backbone ViT-B-16 --pretrained openai, or "
                 f"backbone.pretrained=PATH (a local checkpoint)"
             )
-    if cfg.train.pseudo_unknowns == "sd_images":
+    if cfg.train.pseudo_unknowns == "sd_online" and (
+        cfg.method != "seeclip" or not cfg.prompt.semantic_tokens
+    ):
+        raise ConfigError(
+            f"train.pseudo_unknowns=sd_online follows SeeCLIP's learned semantic queries; "
+            f"method={cfg.method} (prompt.semantic_tokens={cfg.prompt.semantic_tokens}) has "
+            f"none: use train.pseudo_unknowns=sd_images (the same generator, fixed queries)"
+        )
+    if cfg.train.pseudo_unknowns in ("sd_images", "sd_online"):
         from seeclip.generate.sd_pipeline import locate_pipeline
 
         locate_pipeline(cfg.train.sd_model)
@@ -99,7 +109,9 @@ def pseudo_sources(
                 f"on what it trained on"
             )
         pool = cfg.train.val_pseudo_pool if stored else cfg.train.pseudo_pool
-        return factory(context(data.source_val, data.source_val_labels, pool))
+        # drawn once before training, when no learned query exists: the offline generator
+        held_out = PSEUDO_UNKNOWNS.get("sd_images") if name == "sd_online" else factory
+        return held_out(context(data.source_val, data.source_val_labels, pool))
 
     return PseudoSources(
         name,

@@ -32,7 +32,14 @@ from seeclip.generate.sd_conditioning import (
 from seeclip.generate.sd_pipeline import ImageDiffusionConfig, pipeline_device, pipeline_name
 from seeclip.io import write_json, write_text, write_with
 
-__all__ = ["MANIFEST_FIELDS", "POOL_FORMAT", "ImagePool", "generate_image_pool", "load_image_pool"]
+__all__ = [
+    "MANIFEST_FIELDS",
+    "POOL_FORMAT",
+    "ImagePool",
+    "generate_image_pool",
+    "load_image_pool",
+    "sample_images",
+]
 
 POOL_FORMAT = 1
 MANIFEST_FIELDS = (
@@ -190,8 +197,6 @@ def generate_image_pool(
     model = pipeline_name(pipe)
     rel = [f"{d}/unknown/{i:06d}.png" for i, d in enumerate(domains)]
     todo = [i for i in range(n) if not (out / rel[i]).is_file()]
-    device = pipeline_device(pipe)
-    size = cfg.image_size
     for d in sorted(set(domains)):
         (out / d / "unknown").mkdir(parents=True, exist_ok=True)
     with tqdm(
@@ -209,30 +214,17 @@ def generate_image_pool(
                     for i in batch
                 ]
             )
-            pos, neg = build_conditioning(
+            images = sample_images(
                 pipe,
-                clean + cfg.sigma * noise,
                 clean,
+                noise,
                 [domains[i] for i in batch],
                 negative,
                 cfg=cfg,
                 projection=projection,
+                latent_seeds=[_derive_seed(seed, i, "latents") for i in batch],
+                init_images=None if inits is None else [inits[i] for i in batch],
             )
-            generators = [
-                torch.Generator(device).manual_seed(_derive_seed(seed, i, "latents")) for i in batch
-            ]
-            common = dict(
-                prompt_embeds=pos,
-                negative_prompt_embeds=neg,
-                guidance_scale=cfg.guidance,
-                num_inference_steps=cfg.steps,
-                generator=generators,
-            )
-            if inits is None:
-                images = pipe(**common, height=size, width=size).images
-            else:
-                start_from = [_as_pil(inits[i], size) for i in batch]
-                images = _img2img(pipe)(**common, image=start_from, strength=cfg.strength).images
             for i, image in zip(batch, images, strict=True):
                 write_with(out / rel[i], lambda tmp, image=image: image.save(tmp, format="PNG"))
             bar.update(len(batch))
@@ -247,6 +239,49 @@ def generate_image_pool(
         )
     write_text(manifest, text.getvalue())
     return manifest
+
+
+def sample_images(
+    pipe,
+    clean: Tensor,
+    noise: Tensor,
+    domains: Sequence[str],
+    negative: str,
+    *,
+    cfg: ImageDiffusionConfig,
+    projection: Tensor,
+    latent_seeds: Sequence[int],
+    init_images: Sequence | None = None,
+) -> list[Image.Image]:
+    """One pipeline call: B images from clean semantic tokens [B, K, d] perturbed by
+    ``cfg.sigma * noise``, against the ``negative`` prompt, each latent seeded by its own seed.
+
+    The one sampling step of both generators: the offline pool (:func:`generate_image_pool`)
+    and the online one that follows the model in training (:mod:`seeclip.pseudo.sd_online`).
+    ``init_images`` (with ``cfg.strength`` < 1): SDEdit from these images, one per row.
+    """
+    pos, neg = build_conditioning(
+        pipe,
+        clean + cfg.sigma * noise,
+        clean,
+        domains,
+        negative,
+        cfg=cfg,
+        projection=projection,
+    )
+    device = pipeline_device(pipe)
+    common = dict(
+        prompt_embeds=pos,
+        negative_prompt_embeds=neg,
+        guidance_scale=cfg.guidance,
+        num_inference_steps=cfg.steps,
+        generator=[torch.Generator(device).manual_seed(int(s)) for s in latent_seeds],
+    )
+    if init_images is None:
+        size = cfg.image_size
+        return pipe(**common, height=size, width=size).images
+    start_from = [_as_pil(image, cfg.image_size) for image in init_images]
+    return _img2img(pipe)(**common, image=start_from, strength=cfg.strength).images
 
 
 def _img2img(pipe):

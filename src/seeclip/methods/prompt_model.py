@@ -93,6 +93,8 @@ class PromptModel(nn.Module):
 
     num_known: int
     has_unknown_prompt: bool
+    # learned queries over the patch tokens (SeeCLIP's), read through semantic_summaries(tokens)
+    has_semantic_queries: bool = False
 
     def __init__(
         self, backbone, num_known: int, has_unknown_prompt: bool, text_precision: str = "fp32"

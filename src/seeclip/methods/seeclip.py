@@ -153,6 +153,17 @@ class SeeCLIPModel(PromptModel):
         self.unknown_prompt = PromptTemplate(backbone, [unknown_word], 1 + m)
         self.to(backbone.device)
 
+    @property
+    def has_semantic_queries(self) -> bool:
+        return self.semantic is not None
+
+    def semantic_summaries(self, tokens: Tensor) -> Tensor:
+        """v_sem [B, K, d]: the current queries' attention-pooled patch tokens [B, N, d] (what
+        the online generator perturbs into pseudo-unknowns)."""
+        if self.semantic is None:
+            raise ValueError("prompt.semantic_tokens=false: this model has no semantic queries")
+        return self.semantic.summaries(tokens)
+
     def f_key_weights(self) -> list[Tensor]:
         return [] if self.semantic is None else [f.weight for f in self.semantic.f_key]
 

@@ -7,6 +7,8 @@ Every source is registered here, in one place (``seeclip list pseudo`` shows the
 - ``pool``: a stored feature pool (``seeclip generate --backend feature``).
 - ``diffusion``: the feature-space semantic-guided diffusion generator, run on demand.
 - ``images``: a stored Stable Diffusion image pool through the feature cache.
+- ``sd_online``: the paper's image-space generator, online: the model's own learned queries
+  pick the semantic tokens at every step (or every N steps, or once per epoch).
 - ``sd_images``: the image-space generator run on demand (default model: the shipped
   tiny-glyphs-sd), its pool cached and encoded like ``images``.
 """
@@ -29,6 +31,7 @@ from seeclip.pseudo.pools import (
     image_pool_unknowns,
 )
 from seeclip.pseudo.sd_images import sd_image_unknowns
+from seeclip.pseudo.sd_online import OnlineImageUnknowns, sd_online_unknowns
 
 
 def no_pseudo_unknowns(ctx: PseudoContext) -> None:
@@ -43,6 +46,7 @@ for _name, _factory in (
     ("diffusion", diffusion_unknowns),
     ("images", image_pool_unknowns),
     ("sd_images", sd_image_unknowns),
+    ("sd_online", sd_online_unknowns),
 ):
     PSEUDO_UNKNOWNS.add(_name, _factory)
 
@@ -50,6 +54,7 @@ __all__ = [
     "PSEUDO_UNKNOWNS",
     "DomainPool",
     "MixupUnknowns",
+    "OnlineImageUnknowns",
     "PseudoContext",
     "PseudoSources",
     "PseudoUnknownSource",
@@ -63,4 +68,5 @@ __all__ = [
     "mixup_unknowns",
     "no_pseudo_unknowns",
     "sd_image_unknowns",
+    "sd_online_unknowns",
 ]

@@ -37,6 +37,7 @@ class PseudoContext:
     sd_projection: str = "random"  # sd_images: tokens -> text conditioning (ImageDiffusionConfig)
     sd_strength: float = 1.0  # sd_images: below 1, SDEdit from the source images (image_paths)
     sd_image_size: int | None = None  # sd_images: generated side in px (None: the model's)
+    sd_every: int = 1  # sd_online: draw every N steps (1: every step; 0: once per epoch)
     image_paths: tuple[str, ...] = ()  # the image file of each feature row (for SDEdit)
     cache_dir: Path | None = None  # feature cache and pool folder root (None: SEECLIP_HOME)
     progress: bool = True  # progress bars while a source generates
