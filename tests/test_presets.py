@@ -26,3 +26,39 @@ def test_preset_is_valid(path):
     spec = get_benchmark(cfg.data.benchmark)
     assert cfg.data.protocol in spec.protocols
     assert cfg.train.batch_size >= len(spec.sources_for(spec.targets[0]))
+
+
+REAL = ("pacs", "vlcs", "office_home", "mini_domainnet", "multi_dataset")
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_presets_run_the_papers_online_generator_with_sd15(name):
+    cfg = load_config(name)
+    assert (cfg.method, cfg.train.pseudo_unknowns, cfg.train.sd_every) == (
+        "seeclip",
+        "sd_online",
+        1,
+    )
+    assert cfg.train.sd_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert cfg.train.sd_prompt == "a {domain} of an unknown class"
+    d = cfg.diffusion
+    assert (d.sigma, d.guidance, d.sample_steps) == (0.2, 15.0, 20)
+
+
+def test_without_sd_weights_a_real_preset_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    """Real CLIP weights and the images are there, SD-1.5 is not: one line naming the option
+    for a local diffusers folder and the lighter alternative; no run folder, nothing fetched."""
+    from seeclip.cli import main
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weights = tmp_path / "ViT-B-16.safetensors"
+    weights.write_bytes(b"never read: the check comes first")
+    runs = tmp_path / "runs"
+    argv = ["train", "--config", "pacs", "--data-root", str(tmp_path), "--target", "sketch"]
+    argv += ["--runs-dir", str(runs), f"backbone.pretrained={weights}", "--no-progress"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "train.sd_model" in err[0] and "train.pseudo_unknowns=diffusion" in err[0]
+    assert not runs.exists() or not any(runs.rglob("config.yaml"))

@@ -96,8 +96,15 @@ PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 def _fix(model: str) -> str:
     return (
         f"point train.sd_model (generate: --sd-model) at a local diffusers folder, or download "
-        f"{model} on a connected machine (`hf download {model}`) into the Hugging Face cache"
+        f"{model} on a connected machine (`hf download {model}`) into the Hugging Face cache; "
+        f"{LIGHTER}"
     )
+
+
+# what a run can use instead when no text-to-image weights are at hand
+LIGHTER = (
+    "without SD weights, train.pseudo_unknowns=diffusion (feature space) is the lighter option"
+)
 
 
 def locate_pipeline(model: str) -> tuple[str, str | None]:
@@ -127,7 +134,7 @@ def locate_pipeline(model: str) -> tuple[str, str | None]:
         raise WeightsUnavailableError(
             f"no Stable Diffusion pipeline at {local} ({why}): point train.sd_model (generate: "
             f"--sd-model) at a diffusers folder with model_index.json and "
-            f"{', '.join(f'{p}/' for p in PIPELINE_PARTS)}"
+            f"{', '.join(f'{p}/' for p in PIPELINE_PARTS)}; {LIGHTER}"
         )
     from seeclip.hub import cached_hf_file, hf_cache_dir
 
