@@ -962,8 +962,9 @@ def rehearse(args: argparse.Namespace) -> dict:
             "--config",
             tree,
             "--methods",
-            "zeroshot",
-            "coop",
+            # the presets' pseudo-unknown source is for seeclip; the baselines draw none
+            "zeroshot:train.pseudo_unknowns=none,label=zeroshot",
+            "coop:train.pseudo_unknowns=none,label=coop",
             "seeclip:" + ",".join([*sd, "label=seeclip"]),
             "--protocols",
             "full",
