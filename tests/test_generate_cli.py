@@ -1,5 +1,7 @@
 """`seeclip generate` end to end on a reduced digits benchmark with tiny models (no download)."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -289,3 +291,36 @@ def test_no_progress_silences_the_pipeline_loading_bars(capfd):
     assert "Loading" not in capfd.readouterr().err
     load_pipeline("tiny-glyphs-sd")
     assert "Loading pipeline components" in capfd.readouterr().err  # the default keeps them
+
+
+def _copied_pipeline(tmp_path):
+    from seeclip.generate.sd_pipeline import SHIPPED_SD_MODELS
+
+    folder = tmp_path / "sd"
+    shutil.copytree(SHIPPED_SD_MODELS["tiny-glyphs-sd"], folder)
+    return folder
+
+
+def test_a_diffusers_folder_of_mismatched_parts_is_refused_before_any_work(
+    preset, tmp_path, capsys
+):
+    """A tokenizer from another text encoder, or a UNet of another width: one line naming the
+    part to replace, read from the config files alone (nothing loaded, no pool folder made)."""
+    from seeclip.generate.sd_pipeline import locate_pipeline
+
+    assert locate_pipeline(str(_copied_pipeline(tmp_path / "ok")))[1] is None  # intact: accepted
+    folder = _copied_pipeline(tmp_path / "tok")
+    config = folder / "tokenizer" / "tokenizer_config.json"
+    config.write_text(
+        config.read_text().replace('"model_max_length": 24', '"model_max_length": 77')
+    )
+    assert main(_image_argv(preset, "--sd-model", str(folder))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenizer/" in err and "copy the text encoder's own" in err
+    folder = _copied_pipeline(tmp_path / "unet")
+    unet = folder / "unet" / "config.json"
+    unet.write_text(json.dumps({**json.loads(unet.read_text()), "cross_attention_dim": 768}))
+    assert main(_image_argv(preset, "--sd-model", str(folder))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cross-attends at width 768" in err
+    assert not list(tmp_path.rglob("manifest.csv"))

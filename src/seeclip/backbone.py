@@ -201,6 +201,13 @@ class Backbone(nn.Module):
         return _text_parts(self.model)
 
     @property
+    def text_tower(self) -> _TextParts:
+        """The text tower's parts (embeddings, transformer blocks, causal mask, ln_final,
+        projection), for code that runs it block by block
+        (:mod:`seeclip.methods.shared_prefix`)."""
+        return self._text
+
+    @property
     def text_projection(self) -> Tensor | None:
         """The text tower's projection W [width, d] (final hidden state -> joint space), or None.
 

@@ -130,6 +130,7 @@ def locate_pipeline(model: str) -> tuple[str, str | None]:
         elif missing:
             why = f"it has no {', '.join(f'{p}/' for p in missing)}"
         else:
+            check_parts(local)
             return str(local), None
         raise WeightsUnavailableError(
             f"no Stable Diffusion pipeline at {local} ({why}): point train.sd_model (generate: "
@@ -138,12 +139,53 @@ def locate_pipeline(model: str) -> tuple[str, str | None]:
         )
     from seeclip.hub import cached_hf_file, hf_cache_dir
 
-    if cached_hf_file(model, ["model_index.json"]) is None:
+    index = cached_hf_file(model, ["model_index.json"])
+    if index is None:
         raise WeightsUnavailableError(
             f"SD weights not found locally: {model} is not in the Hugging Face cache "
             f"({hf_cache_dir()}); {_fix(model)}"
         )
+    check_parts(Path(index).parent)
     return model, None
+
+
+def check_parts(folder: Path) -> None:
+    """The components of a diffusers folder belong together, read from their config files
+    without loading a weight: the tokenizer's vocabulary and length fit the text encoder, and
+    the UNet cross-attends at the text encoder's width. Raises one line naming the fix."""
+    import json
+
+    def config(*parts: str) -> dict:
+        path = folder.joinpath(*parts)
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise WeightsUnavailableError(
+                f"{path}: unreadable ({type(err).__name__}); copy the model's own "
+                f"{parts[0]}/ folder into {folder}"
+            ) from err
+
+    text = config("text_encoder", "config.json")
+    unet = config("unet", "config.json")
+    width, vocab = text.get("hidden_size"), text.get("vocab_size")
+    if unet.get("cross_attention_dim") != width:
+        raise WeightsUnavailableError(
+            f"{folder}: unet/ cross-attends at width {unet.get('cross_attention_dim')} but "
+            f"text_encoder/ gives {width}: the two come from different models; use the "
+            f"text_encoder/ of the UNet's own model"
+        )
+    if (folder / "tokenizer" / "vocab.json").is_file():  # a slow (BPE files) tokenizer
+        tokens = len(config("tokenizer", "vocab.json"))
+    else:  # a fast one: its vocabulary lives in tokenizer.json
+        tokens = len(config("tokenizer", "tokenizer.json").get("model", {}).get("vocab", {}))
+    length = config("tokenizer", "tokenizer_config.json").get("model_max_length", 0)
+    positions = text.get("max_position_embeddings", 0)
+    if vocab is not None and tokens > vocab or length > positions:
+        raise WeightsUnavailableError(
+            f"{folder}: tokenizer/ ({tokens} tokens, length {length}) does not match "
+            f"text_encoder/ ({vocab} token embeddings, {positions} positions): copy the "
+            f"text encoder's own tokenizer/ folder"
+        )
 
 
 class _loading_bars:
