@@ -275,13 +275,24 @@ def test_demo_trains_three_methods_on_every_target_and_writes_the_report(tmp_pat
     assert main(["demo", "--runs-dir", str(runs), "--no-progress", "--threads", "1", *small]) == 0
     out = capsys.readouterr().out
     table = out[out.index("| method | handwritten | outline | printed | textured | mean |") :]
-    assert all(f"| {m} |" in table for m in ("zeroshot", "coop", "seeclip"))
+    methods = ("zeroshot", "coop", "seeclip", "seeclip_selected")
+    assert all(f"| {m} |" in table for m in methods)
     assert str(runs / "report" / "index.html") in out
-    assert len(list(runs.glob("digits_full_*/*/done"))) == 12
+    assert len(list(runs.glob("digits_full_*/*/done"))) == 16
+    # the source-selected SeeCLIP: no pseudo-unknowns, shown under its LODO-calibrated threshold
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    selected = list(runs.glob("digits_full_*_seeclip_selected/*/results.jsonl"))
+    assert len(selected) == 4
+    for path in selected:
+        record = [json.loads(x) for x in path.read_text().splitlines()][-1]
+        assert record["config"]["train"]["pseudo_unknowns"] == "none"
+        h = 100 * record["rules"]["lodo_threshold"]["h_score"]
+        assert f"{h:.1f}" in rows["seeclip_selected"], (h, rows["seeclip_selected"])
     kinds = {p.name.split("_")[0] for p in (runs / "report" / "figures").glob("*.png")}
     assert kinds == {"roc", "scores", "h", "confusion"}
     assert main(["demo", "--runs-dir", str(runs), "--no-progress", *small]) == 0  # all reused
-    assert "all 12 runs finished earlier" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "all 12 runs finished earlier" in out and "all 4 runs finished earlier" in out
 
 
 @pytest.mark.parametrize("command", ["eval", "train", "sweep"])

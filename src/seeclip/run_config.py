@@ -80,6 +80,7 @@ HASH_NEUTRAL = {
     ("train", "sd_image_size"): None,
     ("train", "sd_every"): 1,
     ("prompt", "text_precision"): "fp32",
+    ("prompt", "shared_prefix"): True,  # exact: the same experiment either way
 }
 
 

@@ -5,7 +5,8 @@
 - **Loss**: cross-entropy over the C known classes (:func:`seeclip.losses.alignment_terms`).
 - **What decides unknown**: :data:`RULE`, max-softmax confidence below the
   ``prompt.threshold_quantile`` quantile of source-validation confidences.
-- **Config sections**: ``prompt`` (n_ctx, threshold_quantile, text_precision) and ``train``.
+- **Config sections**: ``prompt`` (n_ctx, threshold_quantile, text_precision, shared_prefix)
+  and ``train``.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ class CoCoOpModel(PromptModel):
         *,
         n_ctx: int = 4,
         text_precision: str = "fp32",
+        shared_prefix: bool = True,
     ) -> None:
         super().__init__(backbone, len(class_texts), False, text_precision)
+        self.shared_prefix = shared_prefix  # [SOS][ctx(x)] once per image (exact)
         d, w = backbone.embed_dim, backbone.text_width
         hidden = max(1, d // 16)
         self.ctx = normal_parameter(n_ctx, w)
@@ -59,7 +62,11 @@ class CoCoOpModel(PromptModel):
         pi = self.meta_net(global_.to(self.ctx.dtype))  # [B, w]
         ctx = self.ctx.unsqueeze(0) + pi.unsqueeze(1)  # [B, n, w]
         text = self.known_prompts.encode(
-            self.backbone, ctx, per_image=True, autocast=self.text_autocast
+            self.backbone,
+            ctx,
+            per_image=True,
+            shared_prefix=self.shared_prefix,
+            autocast=self.text_autocast,
         )
         return self._output(global_, text)
 
@@ -73,6 +80,7 @@ def build(env: MethodEnv, *, prompt: PromptConfig, train: TrainConfig) -> Prompt
             env.class_texts,
             n_ctx=prompt.n_ctx,
             text_precision=prompt.text_precision,
+            shared_prefix=prompt.shared_prefix,
         ),
     )
     rule = MaxSoftmaxThreshold(prompt.threshold_quantile)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seeclip.config import TrainConfig, check_choices, check_min, check_unit
+from seeclip.config import ConfigError, TrainConfig, check_choices, check_min, check_unit
 from seeclip.features import PromptOutput
 from seeclip.methods.base import MethodEnv
 from seeclip.methods.scoring import DecisionRule
@@ -40,9 +40,17 @@ class PromptConfig:
     # the frozen text tower's arithmetic while training prompts: fp32 | bf16 (torch.autocast;
     # error and speed in docs/performance.md)
     text_precision: Literal["fp32", "bf16"] = "fp32"
+    # per-image prompts (SeeCLIP, CoCoOp): run each image's [SOS][context] prefix once and the
+    # class texts against its cached keys/values (exact; methods/shared_prefix.py); false = the
+    # full path, every prompt through the whole text tower
+    shared_prefix: bool = True
 
     def __post_init__(self) -> None:
         check_choices(self, "prompt")
+        if not isinstance(self.shared_prefix, bool):
+            raise ConfigError(
+                f"prompt.shared_prefix must be true or false, got {self.shared_prefix!r}"
+            )
         for name in ("n_ctx", "k", "m"):
             check_min(f"prompt.{name}", getattr(self, name), 1)
         check_unit("prompt.threshold_quantile", self.threshold_quantile)

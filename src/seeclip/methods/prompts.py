@@ -5,7 +5,11 @@ words, and keeps the frozen token embeddings around the placeholders (the [SOS] 
 class-name suffix) as buffers. :meth:`PromptTemplate.assemble` replaces the placeholders by
 context vectors (CoOp's ``[v_1..v_n]``, CoCoOp's ``v + pi(x)``, SeeCLIP's ``[dom][sem_1..sem_K]``)
 and :func:`encode_prompts` runs any number of assembled prompt groups through the frozen text
-encoder in one batched call.
+encoder in one batched call (the full path). Per-image context shared by all P prompts of an
+image (CoCoOp's, SeeCLIP's) can instead go through
+:func:`~seeclip.methods.shared_prefix.encode_shared_prefix`, which runs each image's
+``[SOS][ctx]`` once and the class texts against its cached keys and values
+(:meth:`PromptTemplate.split`; exact, and what ``prompt.shared_prefix`` switches).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from seeclip.methods.shared_prefix import Suffixes, encode_shared_prefix, supports_shared_prefix
 
 __all__ = ["PLACEHOLDER", "PromptTemplate", "encode_prompts"]
 
@@ -116,8 +122,35 @@ class PromptTemplate(nn.Module):
             [self.prefix.expand(*lead, 1, w), ctx, self.suffix.expand(*lead, -1, w)], dim=-2
         )
 
-    def encode(self, backbone, ctx: Tensor, *, per_image: bool = False, autocast=None) -> Tensor:
-        """Text features (not normalised): [P, d] shared, [B, P, d] per image."""
+    def split(self, ctx: Tensor) -> tuple[Tensor, Suffixes]:
+        """The prompts of ``assemble(ctx, per_image=True)`` for per-image ``ctx`` [B, n, w],
+        split at the end of the context for :func:`encode_shared_prefix`: each image's prefix
+        ``[SOS][ctx]`` [B, 1 + n, w] and the class texts that follow it in every image."""
+        n, w = self.n_ctx, self.prefix.shape[-1]
+        if ctx.dim() != 3 or ctx.shape[-2:] != (n, w):
+            raise ValueError(f"per-image context must be [B, {n}, {w}], got {tuple(ctx.shape)}")
+        sos = self.prefix[0].expand(ctx.shape[0], 1, w)  # the same [SOS] in every prompt
+        prefix = torch.cat([sos, ctx.to(self.prefix.dtype)], dim=1)
+        return prefix, Suffixes(self.suffix, self.eot_index, 1 + n)
+
+    def encode(
+        self,
+        backbone,
+        ctx: Tensor,
+        *,
+        per_image: bool = False,
+        shared_prefix: bool = False,
+        autocast=None,
+    ) -> Tensor:
+        """Text features (not normalised): [P, d] shared, [B, P, d] per image.
+
+        With ``shared_prefix``, per-image context [B, n, w] (the same for an image's P prompts)
+        goes through :func:`encode_shared_prefix` where the backbone supports it: the same
+        features up to rounding, each image's ``[SOS][ctx]`` computed once instead of P times.
+        """
+        if shared_prefix and per_image and ctx.dim() == 3 and supports_shared_prefix(backbone):
+            prefix, suffixes = self.split(ctx)
+            return encode_shared_prefix(backbone, prefix, [suffixes], autocast=autocast)
         return encode_prompts(
             backbone, [self.assemble(ctx, per_image=per_image)], [self.eot_index], autocast=autocast
         )
@@ -138,7 +171,7 @@ def encode_prompts(
             (none for shared prompts, [B] for per-image prompts); lengths L_i may differ.
         eot_index: [P_i] end-token position of each group's prompts.
         autocast: run the text tower under ``torch.autocast`` in this dtype (e.g. bfloat16);
-            the features come back as float32.
+            the features come back as float32 (float64 for float64 prompts, as in tests).
 
     Returns:
         Text features [*lead, sum_i P_i, d] in group order (not normalised).
@@ -155,4 +188,5 @@ def encode_prompts(
         feats = backbone.encode_text_embeddings(
             x.reshape(-1, length, x.shape[-1]), eot.reshape(-1), truncate=True
         )
-    return feats.float().reshape(*lead, x.shape[-3], feats.shape[-1])
+    out = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 prompts
+    return feats.to(out).reshape(*lead, x.shape[-3], feats.shape[-1])

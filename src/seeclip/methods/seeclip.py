@@ -8,8 +8,8 @@
   pseudo-unknowns labelled C from ``train.pseudo_unknowns``.
 - **What decides unknown**: :data:`RULE`, the argmax over the C known prompts and the unknown
   prompt (:class:`~seeclip.methods.scoring.UnknownPromptArgmax`).
-- **Config sections**: ``prompt`` (k, m, semantic_tokens, text_precision), ``loss`` (alpha,
-  beta, gamma, margin, reg_reduction) and ``train`` (:mod:`seeclip.config`).
+- **Config sections**: ``prompt`` (k, m, semantic_tokens, text_precision, shared_prefix),
+  ``loss`` (alpha, beta, gamma, margin, reg_reduction) and ``train`` (:mod:`seeclip.config`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from seeclip.methods.prompt_model import (
 )
 from seeclip.methods.prompts import PromptTemplate, encode_prompts
 from seeclip.methods.scoring import UnknownPromptArgmax
+from seeclip.methods.shared_prefix import Suffixes, encode_shared_prefix, supports_shared_prefix
 from seeclip.trainer import PromptTrainer
 
 __all__ = [
@@ -130,6 +131,12 @@ class SeeCLIPModel(PromptModel):
         semantic_tokens: False replaces the K semantic tokens by K shared learned context
             vectors (the "plain learned context" ablation; no F_key, so L_reg is 0).
         unknown_word: the word that closes the unknown prompt.
+        text_precision: the text tower's arithmetic (``prompt.text_precision``).
+        shared_prefix: encode each image's ``[SOS][dom][sem_1..sem_K]`` once and every class
+            text (and the unknown prompt's ``[v_1..v_m] unknown .``, which continues
+            ``[SOS][dom]``) against its cached keys and values
+            (:mod:`~seeclip.methods.shared_prefix`; exact). False, or a text tower it does not
+            support: all B x (C + 1) prompts in one call of the full path.
     """
 
     def __init__(
@@ -142,8 +149,10 @@ class SeeCLIPModel(PromptModel):
         semantic_tokens: bool = True,
         unknown_word: str = "unknown",
         text_precision: str = "fp32",
+        shared_prefix: bool = True,
     ) -> None:
         super().__init__(backbone, len(class_texts), True, text_precision)
+        self.shared_prefix = shared_prefix
         d, w = backbone.embed_dim, backbone.text_width
         self.semantic: SemanticTokens | None = SemanticTokens(d, w, k) if semantic_tokens else None
         self.ctx = None if semantic_tokens else normal_parameter(k, w)
@@ -175,7 +184,18 @@ class SeeCLIPModel(PromptModel):
             sem = self.semantic(tokens)  # [B, K, w]
         else:
             sem = self.ctx.expand(b, -1, -1)
-        known = self.known_prompts.assemble(torch.cat([dom, sem], dim=1), per_image=True)
+        ctx = torch.cat([dom, sem], dim=1)  # [B, 1 + K, w]
+        if self.shared_prefix and supports_shared_prefix(self.backbone):
+            prefix, known = self.known_prompts.split(ctx)  # [SOS][dom][sem_1..K] per image
+            # [v_1..v_m] unknown . [EOS], the same for every image, after [SOS][dom]
+            u = self.unknown_prompt
+            unknown_tokens = torch.cat([self.unknown_ctx.to(u.suffix.dtype), u.suffix[0]])
+            unknown = Suffixes(unknown_tokens.unsqueeze(0), u.eot_index, prefix_len=2)
+            text = encode_shared_prefix(
+                self.backbone, prefix, [known, unknown], autocast=self.text_autocast
+            )
+            return self._output(global_, text)
+        known = self.known_prompts.assemble(ctx, per_image=True)
         unknown_ctx = torch.cat([dom, self.unknown_ctx.expand(b, -1, -1)], dim=1)
         unknown = self.unknown_prompt.assemble(unknown_ctx, per_image=True)
         text = encode_prompts(
@@ -279,6 +299,7 @@ def build(
             m=prompt.m,
             semantic_tokens=prompt.semantic_tokens,
             text_precision=prompt.text_precision,
+            shared_prefix=prompt.shared_prefix,
         ),
     )
     loss_fn = partial(seeclip_terms, model=model, loss=loss)

@@ -106,7 +106,7 @@ def encode_shared_prefix(
         prefix: [B, Lp, w] each image's prefix token embeddings (``[SOS]`` first).
         groups: suffix groups; each continues the first ``prefix_len`` prefix positions.
         autocast: run the text tower under ``torch.autocast`` in this dtype (e.g. bfloat16);
-            the features come back in ``prefix``'s dtype.
+            the features come back as float32 (float64 for a float64 prefix).
 
     Returns:
         [B, sum_i P_i, d] text features (not normalised), groups in order: what
@@ -129,7 +129,9 @@ def encode_shared_prefix(
         if g.embeds.shape[-2] < max(ends) + 1 - g.prefix_len:
             raise ValueError("suffix embeddings end before their end token")
     last = len(blocks) - 1
-    with torch.autocast(prefix.device.type, dtype=autocast or torch.float32, enabled=bool(autocast)):
+    with torch.autocast(
+        prefix.device.type, dtype=autocast or torch.float32, enabled=bool(autocast)
+    ):
         # 1. prefix pass: the cache of keys and values, one pair per block
         x = (prefix.to(cast) + pos[:lp].to(cast)).unsqueeze(1)  # [B, 1, Lp, w]
         cache: list[KV] = []
@@ -164,7 +166,7 @@ def encode_shared_prefix(
         proj = text.text_projection
         if proj is not None:
             x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-    return x.to(prefix.dtype)
+    return x.to(torch.promote_types(prefix.dtype, torch.float32))
 
 
 def _block(
