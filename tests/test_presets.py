@@ -62,3 +62,18 @@ def test_without_sd_weights_a_real_preset_stops_before_any_work(tmp_path, monkey
     assert len(err) == 1, err
     assert "train.sd_model" in err[0] and "train.pseudo_unknowns=diffusion" in err[0]
     assert not runs.exists() or not any(runs.rglob("config.yaml"))
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "coop", "cocoop"])
+def test_baselines_on_a_real_preset_need_no_sd_weights(method, tmp_path, monkeypatch):
+    """The presets' generator setting concerns the methods that train on pseudo-unknowns only:
+    the baselines of the same sweep neither need SD-1.5 nor are refused for sd_online."""
+    from seeclip.wiring import check_inputs
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
+    weights = tmp_path / "ViT-B-16.safetensors"
+    weights.write_bytes(b"never read")
+    over = [f"data.data_root={tmp_path}", f"backbone.pretrained={weights}", f"method={method}"]
+    check_inputs(load_config("pacs", over))  # no error
+    with pytest.raises(Exception, match="train.sd_model"):
+        check_inputs(load_config("pacs", over[:2]))  # seeclip itself needs the weights

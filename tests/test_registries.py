@@ -100,7 +100,7 @@ def test_every_pseudo_unknown_source_samples_in_the_feature_format(
     pool = sd_model = None
     if name in ("pool", "images"):
         pool = str(_stored_pool(name, backbone, train, labels, tmp_path))
-    if name == "sd_images":  # a tiny random text-to-image pipeline saved as diffusers does
+    if name in ("sd_images", "sd_online"):  # a tiny random pipeline saved as diffusers does
         from seeclip.testing import build_tiny_pipeline
 
         sd_model = str(tmp_path / "sd")
@@ -121,7 +121,13 @@ def test_every_pseudo_unknown_source_samples_in_the_feature_format(
     if name == "none":
         assert source is None
         return
-    g, t = source.sample("b", 5, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    if name == "sd_online":  # it follows the model in training: the trainer's two calls
+        from seeclip.methods.seeclip import SeeCLIPModel
+
+        source.follow(SeeCLIPModel(backbone, CLASSES, k=2))
+        source.prepare(0, {"b": 5}, gen)
+    g, t = source.sample("b", 5, gen)
     assert g.shape == (5, 64) and t.shape == (5, 16, 64)
     torch.testing.assert_close(g.float().norm(dim=-1), torch.ones(5), atol=2e-3, rtol=0)
 

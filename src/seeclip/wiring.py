@@ -16,7 +16,7 @@ from seeclip.config import ConfigError
 from seeclip.datasets import BENCHMARKS
 from seeclip.features import PseudoSources
 from seeclip.methods import Method, MethodEnv
-from seeclip.methods.registry import build_method
+from seeclip.methods.registry import build_method, has_semantic_queries, trains_on_pseudo_unknowns
 from seeclip.pseudo import PSEUDO_UNKNOWNS, PseudoContext
 from seeclip.run_config import RunConfig
 from seeclip.run_data import EMBEDDED, RunData, cache_root, default_data_root
@@ -71,15 +71,18 @@ def check_inputs(cfg: RunConfig) -> None:
                 f"pass real CLIP weights, e.g. --backbone ViT-B-16 --pretrained openai, or "
                 f"backbone.pretrained=PATH (a local checkpoint)"
             )
-    if cfg.train.pseudo_unknowns == "sd_online" and (
-        cfg.method != "seeclip" or not cfg.prompt.semantic_tokens
+    source = cfg.train.pseudo_unknowns
+    if not trains_on_pseudo_unknowns(cfg.method):  # zeroshot, coop, cocoop: the key is unused
+        return
+    if source == "sd_online" and not (
+        has_semantic_queries(cfg.method) and cfg.prompt.semantic_tokens
     ):
         raise ConfigError(
             f"train.pseudo_unknowns=sd_online follows SeeCLIP's learned semantic queries; "
             f"method={cfg.method} (prompt.semantic_tokens={cfg.prompt.semantic_tokens}) has "
             f"none: use train.pseudo_unknowns=sd_images (the same generator, fixed queries)"
         )
-    if cfg.train.pseudo_unknowns in ("sd_images", "sd_online"):
+    if source in ("sd_images", "sd_online"):
         from seeclip.generate.sd_pipeline import locate_pipeline
 
         locate_pipeline(cfg.train.sd_model)

@@ -22,6 +22,7 @@ from seeclip.trainer import PromptTrainer
 __all__ = ["RULE", "build"]
 
 RULE = UnknownPromptArgmax()
+PSEUDO_UNKNOWNS = True  # trains on train.pseudo_unknowns (its unknown prompt learns from them)
 
 
 def build(env: MethodEnv, *, prompt: PromptConfig, train: TrainConfig) -> PromptTrainer:

@@ -33,6 +33,18 @@ def sections_of(factory: MethodFactory) -> tuple[str, ...]:
     return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
+def trains_on_pseudo_unknowns(name: str) -> bool:
+    """Whether method ``name`` mixes ``train.pseudo_unknowns`` into its batches: its module
+    says so with ``PSEUDO_UNKNOWNS = True`` (methods that learn an unknown prompt)."""
+    return bool(getattr(inspect.getmodule(METHODS.get(name)), "PSEUDO_UNKNOWNS", False))
+
+
+def has_semantic_queries(name: str) -> bool:
+    """Whether method ``name`` learns semantic queries that ``sd_online`` can follow (its module
+    says ``SEMANTIC_QUERIES = True``; the model then also answers ``has_semantic_queries``)."""
+    return bool(getattr(inspect.getmodule(METHODS.get(name)), "SEMANTIC_QUERIES", False))
+
+
 def build_method(name: str, env: MethodEnv, sections: Mapping[str, Any]) -> Method:
     """Build method ``name`` with the sections its factory asks for, taken from ``sections``."""
     factory = METHODS.get(name)
@@ -42,4 +54,11 @@ def build_method(name: str, env: MethodEnv, sections: Mapping[str, Any]) -> Meth
     return factory(env, **{s: sections[s] for s in sections_of(factory)})
 
 
-__all__ = ["METHODS", "MethodFactory", "build_method", "sections_of"]
+__all__ = [
+    "METHODS",
+    "MethodFactory",
+    "build_method",
+    "has_semantic_queries",
+    "sections_of",
+    "trains_on_pseudo_unknowns",
+]

@@ -70,6 +70,8 @@ class LossConfig:
 
 
 RULE = UnknownPromptArgmax()  # the paper's decision: argmax over C known + 1 unknown prompt
+PSEUDO_UNKNOWNS = True  # trains on train.pseudo_unknowns (its unknown prompt learns from them)
+SEMANTIC_QUERIES = True  # learned queries the online generator follows (prompt.semantic_tokens)
 
 
 class SemanticTokens(nn.Module):
