@@ -63,6 +63,21 @@ def test_16_bit_greyscale_png_keeps_its_values(tmp_path):
     assert rgb.min() == 0 and rgb.max() == 255
 
 
+def test_a_phone_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    """A camera stores a portrait shot sideways with an EXIF Orientation tag; viewers (and now
+    seeclip, for prepare, training and predict alike) turn it upright."""
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)  # landscape as stored, left half white
+    stored[:, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = np.asarray(load_image(tmp_path / "phone.jpg"))
+    assert shown.shape == (40, 20, 3)  # portrait
+    assert shown[:15].mean() > 200 and shown[-15:].mean() < 50  # the white half is on top
+    Image.fromarray(stored).save(tmp_path / "plain.jpg", quality=95)  # no tag: as stored
+    assert np.asarray(load_image(tmp_path / "plain.jpg")).shape == (20, 40, 3)
+
+
 def test_truncated_jpeg_is_caught_by_prepare_and_skipped_with_the_flag(tmp_path):
     root = tmp_path / "data"
     _folder_tree(root)

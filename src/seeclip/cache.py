@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from seeclip import distributed
-from seeclip.datasets.images import ImageFiles
+from seeclip.datasets.images import LOADER, ImageFiles
 from seeclip.io import ensure_space, file_lock, reserve
 
 __all__ = ["CachedFeatures", "cache_key", "encode_cached"]
@@ -110,7 +110,7 @@ def _key_parts(backbone, root: Path, rel_paths: Sequence[str]) -> dict[str, str]
         files.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return {
         "weights": backbone.fingerprint,
-        "preprocess": _sha(_preprocess_repr(backbone.preprocess)),
+        "preprocess": _sha(f"{LOADER}\n{_preprocess_repr(backbone.preprocess)}"),
         "data": files.hexdigest(),
     }
 

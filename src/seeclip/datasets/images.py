@@ -6,12 +6,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
 # what `seeclip prepare` lists as images and `seeclip predict` picks up from a folder
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+# how an image file becomes pixels (part of the feature cache's key: a change re-encodes)
+LOADER = "rgb, exif orientation applied"
 
 
 class ImageReadError(RuntimeError):
@@ -38,10 +42,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(path: Path) -> Image.Image:
-    """Opens ``path`` as RGB, with an error that names the file and the fix."""
+    """Opens ``path`` as RGB, upright as a viewer shows it (a camera's EXIF orientation is
+    applied), with an error that names the file and the fix."""
     try:
         with Image.open(path) as img:
-            return to_rgb(img)
+            return to_rgb(ImageOps.exif_transpose(img))
     except FileNotFoundError as err:
         raise ImageReadError(
             f"image {path} is gone since `seeclip prepare` listed it; rerun `seeclip prepare` "
