@@ -502,3 +502,29 @@ def test_predict_fails_when_no_image_is_readable(coop_run, digits, tmp_path, cap
     # one readable image among them: success
     good = _outline_images(digits)[0]
     assert main(["predict", "--run", str(coop_run), str(broken), str(good)]) == 0
+
+
+def test_a_finished_run_is_not_served_for_other_data(digits, tmp_path, capsys):
+    """A run records the hash of the data it saw; when the data under the root hashes otherwise
+    (re-prepared, files replaced), eval and sweep refuse to reuse it in one line naming --force,
+    and --force redoes it on today's data."""
+    argv = [*EVAL, "--target", "printed", "--method", "zeroshot", "--runs-dir", str(tmp_path)]
+    assert main(argv) == 0
+    run_dir = _one_run(tmp_path)
+    results = run_dir / "results.jsonl"
+    today = _final(run_dir)["data_hash"]
+    results.write_text(results.read_text().replace(today, "0" * 64))  # it saw other data
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "computed on data 0000000000000000" in err[0] and "--force" in err[0]
+    assert main([*argv, "--force"]) == 0
+    assert _final(run_dir)["data_hash"] == today
+    runs = tmp_path / "sweep"
+    sweep = ["sweep", "--config", "digits", "--methods", "zeroshot", "--targets", "printed",
+             "--runs-dir", str(runs), "--no-progress", "backbone.name=tiny-vit"]  # fmt: skip
+    assert main(sweep) == 0
+    results = _one_run(runs) / "results.jsonl"
+    results.write_text(results.read_text().replace(today, "0" * 64))
+    capsys.readouterr()
+    assert main(sweep) == 2 and "--force" in capsys.readouterr().err

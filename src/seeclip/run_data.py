@@ -16,6 +16,7 @@ import torch
 
 from seeclip.backbone import Backbone, build_backbone
 from seeclip.cache import CachedFeatures, encode_cached
+from seeclip.config import ConfigError
 from seeclip.datasets import (
     BenchmarkSpec,
     Manifest,
@@ -220,6 +221,34 @@ def load_run_data(
     return RunData(
         spec, split, data, backbone, feats, domains, classes, *_DATA_HASHES[key], root=manifest.root
     )
+
+
+def current_data_hash(cfg: RunConfig) -> str | None:
+    """The hash of ``cfg``'s data as prepared now, read from its manifest (no image is opened;
+    once per process); None when the benchmark was never prepared here (nothing to compare)."""
+    d = cfg.data
+    try:
+        root = Path(d.data_root) if d.data_root else default_data_root(d.benchmark)
+        spec = get_benchmark(d.benchmark, classes_file=d.classes_file, data_root=root)
+        manifest = load_manifest(spec, root)
+    except (ConfigError, FileNotFoundError, ValueError):
+        return None
+    key = (str(manifest.root), manifest.path)
+    if key not in _DATA_HASHES:
+        _DATA_HASHES[key] = data_hash(manifest)
+    return _DATA_HASHES[key][0]
+
+
+def check_same_data(cfg: RunConfig, record: dict, run_dir: Path) -> None:
+    """A finished run is reused only for the data it saw: raise one line when the data under
+    its root now hashes differently (re-prepared, or files replaced)."""
+    seen, now = record.get("data_hash"), current_data_hash(cfg)
+    if seen and now and seen != now:
+        raise ValueError(
+            f"{run_dir} was computed on data {seen[:16]}, but {cfg.data.benchmark} now hashes "
+            f"{now[:16]}: redo it on today's data with eval/train --force (a sweep: delete the "
+            f"folder), or restore the data it saw"
+        )
 
 
 def cache_entry_name(benchmark: str, root: Path, backbone: str, suffix: str = "") -> str:

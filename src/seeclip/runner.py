@@ -29,7 +29,7 @@ from seeclip.methods.registry import METHODS
 from seeclip.pseudo import draw
 from seeclip.records import FINAL, final_record, write_records
 from seeclip.run_config import RunConfig, load_config, save_config
-from seeclip.run_data import RunData, load_run_data
+from seeclip.run_data import RunData, check_same_data, load_run_data
 from seeclip.wiring import check_inputs, make_method, pseudo_sources
 
 # the install a record names: what computes features, trains and scores
@@ -73,6 +73,7 @@ def run_eval(
     if (run_dir / "done").exists() and not force:
         record = final_record(run_dir)
         if record is not None:
+            check_same_data(cfg, record, run_dir)
             return RunResult(run_dir, record, cached=True)
     METHODS.get(cfg.method)  # fail on a bad method name before any work
     check_inputs(cfg)  # and on a missing generator, before any data is read or folder made

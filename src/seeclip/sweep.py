@@ -368,9 +368,13 @@ def run_sweep(
     for cfg in configs:
         if is_done(cfg, runs_dir, validate):
             from seeclip.records import final_record
+            from seeclip.run_data import check_same_data
 
             run_dir = cfg.run_dir(runs_dir)
-            result.outcomes.append(Outcome(cfg, "reused", run_dir, final_record(run_dir)))
+            record = final_record(run_dir)
+            if record is not None:  # reused only for the data it saw
+                check_same_data(cfg, record, run_dir)
+            result.outcomes.append(Outcome(cfg, "reused", run_dir, record))
         else:
             todo.append(cfg)
     n_done = len(configs) - len(todo)
