@@ -133,7 +133,9 @@ def test_reduced_rehearsal_runs_every_stage_through_the_cli(load_script, tmp_pat
     known = list(get_benchmark("pacs").protocols["full"].known)
     assert pacs["runs"] == 3 and pacs["missing"] == [] and pacs["classes_named"]
     assert pacs["seeclip_runs_with_sd_pseudo_unknowns"] == 1
-    assert pacs["sd_pools"]["images"] >= 1 and pacs["sd_pools"]["sizes"] == [[32, 32]]
+    # the paper's generator ran online in training (the presets' sd_online): no pool on disk
+    assert pacs["seeclip_online_images_drawn"][0] >= 1 and pacs["sd_pools"]["images"] == 0
+    assert pacs["exif_orientation"]["applied"]  # camera photos are read upright
     finals = [
         json.loads(line)
         for f in (out / "runs" / "pacs").glob("*/*/results.jsonl")
