@@ -375,3 +375,71 @@ def test_folder_spec_names_must_be_plain_folder_names(tmp_path, key, name):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(lists))
     with pytest.raises(ValueError, match=f"`{key}:` entry '{re.escape(name)}' is not a plain"):
         get_benchmark("folder", classes_file=tmp_path / "c.yaml", data_root=tmp_path)
+
+
+# ---------------------------------------------------------- damaged state, interruptions
+def _digits_eval(tmp_path, method="seeclip"):
+    return ["eval", "--benchmark", "digits", "--method", method, "--backbone", "tiny-vit",
+            "--target", "printed", "--runs-dir", tmp_path / "runs", "--no-progress",
+            "train.epochs=2", "train.batch_size=8"]  # fmt: skip
+
+
+def test_a_damaged_manifest_names_its_line_and_the_fix(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEECLIP_HOME", str(tmp_path / "home"))
+    assert cli.main(["prepare", "digits", "--n-per-class", "2", "--no-progress"]) == 0
+    (manifest,) = (tmp_path / "home" / "manifests").glob("digits-*.csv")
+    lines = manifest.read_text().splitlines()
+    lines[3] = lines[3][:9]  # a row cut short
+    manifest.write_text("\n".join(lines) + "\n")
+    code, err = _cli(_digits_eval(tmp_path, "zeroshot"), capsys)
+    assert code == 2 and len(err) == 1, err
+    assert f"{manifest} line 4 is damaged" in err[0] and "seeclip prepare digits" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_in_training_is_one_line_and_the_rerun_resumes(
+    tmp_path, small_digits, monkeypatch, capsys
+):
+    from seeclip.runner import TRAIN_STATE
+    from seeclip.trainer import PromptTrainer
+
+    monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
+    real = PromptTrainer._save_checkpoint
+
+    def interrupted_after_epoch_1(self, path, epoch, *args, **kwargs):
+        real(self, path, epoch, *args, **kwargs)
+        raise KeyboardInterrupt  # as Ctrl-C right after the first epoch's checkpoint
+
+    monkeypatch.setattr(PromptTrainer, "_save_checkpoint", interrupted_after_epoch_1)
+    assert cli.main([str(a) for a in _digits_eval(tmp_path)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "seeclip: interrupted; finished runs, caches and checkpoints are kept: rerun the "
+        "same command to resume"
+    ]
+    (state,) = (tmp_path / "runs").rglob(TRAIN_STATE)
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(PromptTrainer, "_save_checkpoint", real)
+    assert cli.main([str(a) for a in _digits_eval(tmp_path)]) == 0  # resumes and finishes
+    assert not state.exists() and (state.parent / "done").exists()
+
+
+def test_a_truncated_training_checkpoint_says_how_to_start_afresh(
+    tmp_path, small_digits, monkeypatch, capsys
+):
+    from seeclip.run_config import RunConfig
+    from seeclip.runner import TRAIN_STATE
+
+    monkeypatch.setenv("SEECLIP_HOME", str(small_digits))
+    argv = _digits_eval(tmp_path)
+    cfg = apply_overrides(
+        RunConfig(),
+        ["data.target=printed", "method=seeclip", "backbone.name=tiny-vit", *argv[-2:]],
+    )
+    run_dir = cfg.run_dir(tmp_path / "runs")
+    run_dir.mkdir(parents=True)
+    (run_dir / TRAIN_STATE).write_bytes(b"PK\x03\x04 cut short")
+    code, err = _cli(argv, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "is damaged" in err[0] and "--force" in err[0] and "first epoch" in err[0]
+    assert cli.main([*map(str, argv), "--force"]) == 0

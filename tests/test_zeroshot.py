@@ -42,3 +42,16 @@ def test_bad_options_and_order_of_calls():
         ZeroShot(TEXT, logit_scale=1.0, threshold_quantile=1.5)
     with pytest.raises(RuntimeError, match="call fit"):
         ZeroShot(TEXT, logit_scale=1.0).predict(feats([[1, 0, 0]]))
+
+
+def test_a_class_prompt_longer_than_the_context_is_refused_not_cut():
+    from seeclip.backbone import build_backbone
+    from seeclip.methods.base import MethodEnv
+    from seeclip.methods.zeroshot import ZeroShotConfig, build
+
+    backbone = build_backbone("tiny-vit")
+    long = "very " * backbone.context_length + "long name"
+    env = MethodEnv(backbone, ("cat", long), "a photo of a {}.")
+    with pytest.raises(ValueError, match="class 'very very.*fills the text context.*classes_file"):
+        build(env, zeroshot=ZeroShotConfig())
+    build(MethodEnv(backbone, ("cat", "dog"), "a photo of a {}."), zeroshot=ZeroShotConfig())

@@ -34,7 +34,7 @@ from seeclip.features import (
     PseudoUnknownSource,
     draw,
 )
-from seeclip.io import load_checkpoint, write_with
+from seeclip.io import UnreadableFileError, load_checkpoint, write_with
 from seeclip.selection import Selection
 
 CHECKPOINT_FORMAT = 1  # bump when the training checkpoint's contents change
@@ -361,7 +361,13 @@ class PromptTrainer:
         write_with(path, lambda tmp: torch.save(state, tmp))
 
     def _resume(self, path: Path, opt, gen, batches, log) -> tuple[int, tuple | None]:
-        state = load_checkpoint(path)
+        try:
+            state = load_checkpoint(path)
+        except UnreadableFileError as err:
+            raise ValueError(
+                f"{path} is damaged (cut short by a disk error or an earlier crash): delete it, "
+                f"or rerun with --force, and training starts again from its first epoch"
+            ) from err
         if state.get("format") != CHECKPOINT_FORMAT or state.get("identity") != json.dumps(
             self._identity(), sort_keys=True, default=str
         ):

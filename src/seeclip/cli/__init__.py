@@ -87,6 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # disk full, permissions, ...: what failed and what to do
         print(f"seeclip: error: {os_error_message(err)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: every write is atomic and training checkpoints
+        print(
+            "seeclip: interrupted; finished runs, caches and checkpoints are kept: rerun the "
+            "same command to resume",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         if distributed.world_size() > 1:
             import torch.distributed as dist

@@ -175,7 +175,12 @@ def load_manifest(
             raise ValueError(
                 f"{path} is not a seeclip manifest (header must be {','.join(_FIELDS)})"
             )
-        samples = tuple(Sample(*row) for row in reader)
+        rows = list(reader)
+    fix = f"rerun `seeclip prepare {spec.name} --data-root {data_root}` to rewrite it"
+    for line, row in enumerate(rows, start=2):
+        if len(row) != len(_FIELDS) or not all(row):
+            raise ValueError(f"{path} line {line} is damaged ({len(row)} fields); {fix}")
+    samples = tuple(Sample(*row) for row in rows)
     if bad := {s.class_name for s in samples} - set(spec.classes):
         raise ValueError(f"{path} holds classes unknown to {spec.name}: {sorted(bad)}; re-prepare")
     return Manifest(

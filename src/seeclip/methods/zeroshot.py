@@ -110,6 +110,16 @@ class ZeroShot:
 def build(env: MethodEnv, *, zeroshot: ZeroShotConfig) -> ZeroShot:
     """Zero-shot CLIP, max-softmax (or MCM) unknown score, threshold from source val."""
     template = zeroshot.template or env.template
+    prompts = [template.format(c) for c in env.class_texts]
+    ids = env.backbone.tokenize(prompts)
+    ends = env.backbone.eot_index(ids).tolist()
+    cut = [c for c, eot in zip(env.class_texts, ends, strict=True) if eot >= ids.shape[1] - 1]
+    if cut:  # open_clip's tokenizer would cut them silently at the context length
+        raise ValueError(
+            f"zeroshot: the prompt of class {cut[0]!r} fills the text context ({ids.shape[1]} "
+            f"tokens) and would be cut; shorten that class text (data.classes_file) or the "
+            f"template (zeroshot.template)"
+        )
     weights = open_clip.build_zero_shot_classifier(  # [d, C]
         env.backbone.model,
         env.backbone.tokenizer,
