@@ -67,8 +67,12 @@ def test_shipped_presets_by_name_and_hash_neutral_keys():
     del data["train"]["sd_strength"]
     del data["train"]["sd_image_size"]
     del data["prompt"]["text_precision"]
+    del data["train"]["sd_every"]
+    del data["prompt"]["shared_prefix"]
     old = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
     assert cfg.hash() == old
+    assert apply_overrides(cfg, ["train.sd_every=0"]).hash() != old
+    assert apply_overrides(cfg, ["prompt.shared_prefix=false"]).hash() != old
     assert apply_overrides(cfg, ["train.sd_strength=0.6"]).hash() != old
     assert apply_overrides(cfg, ["prompt.text_precision=bf16"]).hash() != old
     assert apply_overrides(cfg, ["train.sd_image_size=256"]).hash() != old

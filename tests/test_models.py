@@ -65,7 +65,8 @@ def test_output_shapes(name, backbone, features):
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_one_text_encoder_call(name, backbone, features):
-    model = _build(name, backbone)
+    # the full path (the shared-prefix path encodes prefixes and suffixes separately)
+    model = _build(name, backbone, **({"shared_prefix": False} if name in PER_IMAGE else {}))
     calls = []
     original = backbone.encode_text_embeddings
 

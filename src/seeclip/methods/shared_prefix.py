@@ -159,10 +159,8 @@ def encode_shared_prefix(
             offset += len(ends)
 
         # 3. readout at the end tokens, back in group order
-        x = torch.cat([f.expand(b, -1, -1) for f in feats], dim=1)
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        x = text.ln_final(x[:, inverse.to(x.device)])
+        x = torch.cat([f.expand(b, -1, -1) for f in feats], dim=1)  # prompts in bucket order
+        x = text.ln_final(x[:, torch.tensor(order, device=x.device).argsort()])
         proj = text.text_projection
         if proj is not None:
             x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
