@@ -8,7 +8,12 @@
 #      against bf16 autocast of the text tower (speed and error side by side), and a profile;
 #   3. a short 2-process torchrun run on the embedded digits world (DistributedDataParallel:
 #      NCCL with one GPU per process where the machine has two, else gloo on the CPU), and its
-#      record's device.
+#      record's device;
+#   4. the dress rehearsal on CUDA: a PACS-shaped tree, random ViT-B-16 weights from a file, a
+#      random SD-1.5-shaped diffusers folder, prepare -> sweep (seeclip with the online
+#      generator at SD's own 512 px and 20 steps, bf16 text tower) -> report -> predict, with
+#      wall time and peak memory per stage;
+#   5. the online generator's cost per image on the GPU (SD-1.5 shape, 512 px, 20 steps).
 #
 #   bash benchmarks/gpu_check.sh 2>&1 | tee gpu_check.log
 set -euo pipefail
@@ -36,3 +41,11 @@ for done in pathlib.Path(sys.argv[1]).glob("*/*/done"):
     print(done.parent.name, "device", r.get("device"), "processes", r.get("processes"),
           "H", r.get("h_score"), "fit_seconds", r.get("fit_seconds"))
 PY
+echo "== 4. dress rehearsal on CUDA (PACS tree, ViT-B-16, SD-1.5 shape at 512 px, 20 steps)"
+timeout 300 python scripts/rehearsal.py --out "$SEECLIP_HOME/rehearsal" --trees pacs \
+    --targets first --device cuda --dtype bf16 --sd-image-size 512 --sample-steps 20 \
+    || echo "REHEARSAL FAILED"
+echo "== 5. online generator, seconds per image on the GPU"
+timeout 120 python benchmarks/online_generator.py --device cuda --sizes 512 \
+    --sd15 "$(ls -d "$SEECLIP_HOME"/rehearsal/cache/sd-sd15-* | head -1)" \
+    || echo "GENERATOR BENCHMARK FAILED"
