@@ -379,9 +379,22 @@ def test_folder_spec_names_must_be_plain_folder_names(tmp_path, key, name):
 
 # ---------------------------------------------------------- damaged state, interruptions
 def _digits_eval(tmp_path, method="seeclip"):
-    return ["eval", "--benchmark", "digits", "--method", method, "--backbone", "tiny-vit",
-            "--target", "printed", "--runs-dir", tmp_path / "runs", "--no-progress",
-            "train.epochs=2", "train.batch_size=8"]  # fmt: skip
+    return [
+        "eval",
+        "--benchmark",
+        "digits",
+        "--method",
+        method,
+        "--backbone",
+        "tiny-vit",
+        "--target",
+        "printed",
+        "--runs-dir",
+        tmp_path / "runs",
+        "--no-progress",
+        "train.epochs=2",
+        "train.batch_size=8",
+    ]
 
 
 def test_a_damaged_manifest_names_its_line_and_the_fix(tmp_path, monkeypatch, capsys):
@@ -443,3 +456,35 @@ def test_a_truncated_training_checkpoint_says_how_to_start_afresh(
     assert code == 2 and len(err) == 1, err
     assert "is damaged" in err[0] and "--force" in err[0] and "first epoch" in err[0]
     assert cli.main([*map(str, argv), "--force"]) == 0
+
+
+def test_a_killed_writers_temporary_siblings_go_with_the_next_write(tmp_path):
+    """A SIGKILL between writing a temporary sibling and renaming it strands the sibling; the
+    next write to the same destination removes it when its writer (host, pid) is gone, and
+    leaves a live writer's, another host's and other names alone."""
+    import socket
+    import subprocess
+    import sys
+
+    from seeclip.io import atomic_dir, write_text
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    host = "".join(c if c.isalnum() or c == "-" else "_" for c in socket.gethostname())
+    stranded = tmp_path / f".results.tmp-{host}-{dead}-abc123.jsonl"
+    live = tmp_path / f".results.tmp-{host}-{os.getpid()}-def456.jsonl"
+    remote = tmp_path / f".results.tmp-otherhost-{dead}-ghi789.jsonl"
+    for f in (stranded, live, remote):
+        f.write_text("partial")
+    write_text(tmp_path / "results.jsonl", "whole\n")
+    assert (tmp_path / "results.jsonl").read_text() == "whole\n"
+    assert not stranded.exists() and live.exists() and remote.exists()
+    tree = tmp_path / f".digits.tmp-{host}-{dead}-xyz"
+    (tree / "a").mkdir(parents=True)
+    with atomic_dir(tmp_path / "digits") as out:
+        (out / "meta.json").write_text("{}")
+    assert not tree.exists() and (tmp_path / "digits" / "meta.json").is_file()

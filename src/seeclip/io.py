@@ -2,22 +2,65 @@
 
 Every writer in seeclip goes through these helpers: a temporary sibling is written in full,
 then renamed over the destination (``os.replace`` is atomic within one file system). A crash
-leaves at most a ``.tmp`` sibling behind, never a truncated file under the real name.
+leaves at most a hidden temporary sibling behind, never a truncated file under the real name,
+and the temporary name carries its writer's host and process id: the next write to the same
+destination removes the siblings whose writer is gone (killed, crashed), and only those.
 """
 
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() or c == "-" else "_" for c in socket.gethostname())
+
+
+def _owner() -> str:
+    """This writer's tag in temporary names: ``<host>-<pid>``."""
+    return f"{_host()}-{os.getpid()}"
+
+
+def _writer_gone(name: str, marker: str) -> bool:
+    """Whether the temporary sibling ``name`` (``...<marker><host>-<pid>-<random>...``) was
+    left by a process of this host that no longer runs: its output can never be renamed into
+    place. Another host's, a live process's, or a name without an owner: False (left alone)."""
+    parts = name.split(marker, 1)[1].split("-") if marker in name else []
+    if len(parts) < 3 or "-".join(parts[:-2]) != _host() or not parts[-2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[-2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _remove_stranded(parent: Path, prefix: str, marker: str) -> None:
+    """Delete the temporary siblings under ``parent`` named ``prefix...`` whose writer is gone."""
+    try:
+        entries = list(parent.glob(f"{glob.escape(prefix)}*"))
+    except OSError:
+        return
+    for entry in entries:
+        if _writer_gone(entry.name, marker):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -29,7 +72,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    prefix = f".{path.stem}.tmp-"
+    _remove_stranded(path.parent, prefix, ".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{prefix}{_owner()}-", suffix=path.suffix)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -69,11 +114,13 @@ def atomic_dir(root: str | Path, *, marker: str | None = None) -> Iterator[Path]
     root.parent.mkdir(parents=True, exist_ok=True)
     if marker and root.exists() and not (root / marker).exists():
         raise FileExistsError(f"{root} exists and was not written by seeclip; remove it first")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    _remove_stranded(root.parent, f".{root.name}.tmp-", ".tmp-")
+    _remove_stranded(root.parent, f".{root.name}.old-", ".old-")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{_owner()}-", dir=root.parent))
     try:
         yield tmp
         if root.exists():  # an older version: move it aside, put the new one in, then delete
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-{_owner()}-", dir=root.parent))
             os.replace(root, old / "x")
             os.replace(tmp, root)
             shutil.rmtree(old)
