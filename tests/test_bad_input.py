@@ -488,3 +488,11 @@ def test_a_killed_writers_temporary_siblings_go_with_the_next_write(tmp_path):
     with atomic_dir(tmp_path / "digits") as out:
         (out / "meta.json").write_text("{}")
     assert not tree.exists() and (tmp_path / "digits" / "meta.json").is_file()
+
+
+def test_too_few_images_for_a_validation_split_names_the_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEECLIP_HOME", str(tmp_path / "home"))
+    assert cli.main(["prepare", "digits", "--n-per-class", "2", "--no-progress"]) == 0
+    code, err = _cli(_digits_eval(tmp_path, "zeroshot"), capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "source-validation images" in err[0] and "data.val_fraction" in err[0]

@@ -84,7 +84,10 @@ class ZeroShot:
     ) -> None:
         """Chooses the threshold on source validation (nothing to checkpoint)."""
         if len(val) == 0:
-            raise ValueError("zeroshot needs source-validation images to choose its threshold")
+            raise ValueError(
+                "zeroshot needs source-validation images to choose its threshold and this split "
+                "has none: raise data.val_fraction or prepare more images per class"
+            )
         _, conf = self._confidence(val)
         self.threshold = self.rule.threshold(conf)
 
