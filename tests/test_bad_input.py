@@ -360,8 +360,9 @@ def test_a_crafted_training_checkpoint_is_refused(tmp_path):
     (tmp_path / "train_state.pt").write_bytes(pickle.dumps({"epoch": _Exploit(marker)}))
     feats, labels = synthetic()
     t = _trainer(build_backbone("tiny-vit"), "coop", epochs=1)
-    with pytest.raises(UnreadableFileError):
+    with pytest.raises(ValueError, match="holds more than tensors.*--force") as err:
         t.fit(feats, labels, feats, labels, checkpoint=tmp_path / "train_state.pt")
+    assert isinstance(err.value.__cause__, UnreadableFileError)
     assert not marker.exists()
 
 

@@ -28,7 +28,7 @@ def test_help_and_list(capsys):
     assert "tiny-vit" in out and "ViT-B-16" in out
     assert main(["list", "pseudo"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
-    assert listed == ["diffusion", "images", "mixup", "none", "pool", "sd_images"]
+    assert listed == ["diffusion", "images", "mixup", "none", "pool", "sd_images", "sd_online"]
 
 
 def test_eval_writes_run_folder_whose_metrics_recompute(

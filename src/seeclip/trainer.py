@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import math
+import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,9 +365,11 @@ class PromptTrainer:
         try:
             state = load_checkpoint(path)
         except UnreadableFileError as err:
+            pickled = isinstance(err.__cause__, pickle.UnpicklingError)
+            why = "holds more than tensors (never unpickled)" if pickled else "is cut short"
             raise ValueError(
-                f"{path} is damaged (cut short by a disk error or an earlier crash): delete it, "
-                f"or rerun with --force, and training starts again from its first epoch"
+                f"{path} is damaged: it {why}; delete it, or rerun with --force, and training "
+                f"starts again from its first epoch"
             ) from err
         if state.get("format") != CHECKPOINT_FORMAT or state.get("identity") != json.dumps(
             self._identity(), sort_keys=True, default=str
