@@ -137,6 +137,39 @@ def _manifests(home: Path) -> dict[str, str]:
     return out
 
 
+def _untimed(value):
+    """A JSON value without its timing fields (``*seconds``, ``created``...), recursively."""
+    if isinstance(value, dict):
+        return {
+            k: _untimed(v)
+            for k, v in value.items()
+            if not k.endswith("seconds") and k not in TIMING_KEYS
+        }
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
+
+
+def _pool_files(home: Path) -> dict[str, str]:
+    """A pool's arrays by bytes, its JSON records without their timings."""
+    out = _hash_files(home, "pools/**/*", skip=(".json",))
+    for path in sorted(home.glob("pools/**/*.json")):
+        record = _untimed(json.loads(path.read_text()))
+        out[str(path.relative_to(home))] = hashlib.sha256(
+            json.dumps(record, sort_keys=True).encode()
+        ).hexdigest()
+    return out
+
+
+def _cache_arrays(home: Path) -> dict[str, str]:
+    """The feature cache's arrays, named without the data root's tag (it differs per home)."""
+    out = {}
+    for name, digest in _hash_files(home, "features/**/*.npy").items():
+        parts = Path(name).parts
+        out[str(Path(parts[0], parts[1].split("-")[0], *parts[2:]))] = digest
+    return out
+
+
 def _prepared(home: Path) -> None:
     assert _run(["prepare", "digits", *SMALL, "--no-progress"], home) == 0
 
@@ -159,7 +192,7 @@ STAGES = {
         "encode",
         _prepared,
         lambda home: [*EVAL, "--method", "zeroshot", "--runs-dir", "runs"],
-        lambda home: _hash_files(home, "features/**/*.npy") | _run_outputs(home),
+        lambda home: _cache_arrays(home) | _run_outputs(home),
     ),
     "train": Stage(
         "train",
@@ -187,7 +220,7 @@ STAGES = {
             "diffusion.depth=1",
             "diffusion.sample_steps=4",
         ],
-        lambda home: _hash_files(home, "pools/**/*"),
+        _pool_files,
     ),
     "sweep": Stage(
         "sweep",
