@@ -172,6 +172,9 @@ def test_a_model_without_learned_queries_is_refused_before_any_work(backbone, pi
         cfg = apply_overrides(RunConfig(), [*over, "train.pseudo_unknowns=sd_online"])
         with pytest.raises(ConfigError, match="sd_online.*use train.pseudo_unknowns=sd_images"):
             check_inputs(cfg)
+    sdedit = ["method=seeclip", "train.pseudo_unknowns=sd_online", "train.sd_strength=0.6"]
+    with pytest.raises(ConfigError, match="sd_strength=0.6.*use sd_images"):
+        check_inputs(apply_overrides(RunConfig(), sdedit))
     with pytest.raises(ConfigError, match="train.sd_every"):
         apply_overrides(RunConfig(), ["train.sd_every=-1"])
 

@@ -82,6 +82,12 @@ def check_inputs(cfg: RunConfig) -> None:
             f"method={cfg.method} (prompt.semantic_tokens={cfg.prompt.semantic_tokens}) has "
             f"none: use train.pseudo_unknowns=sd_images (the same generator, fixed queries)"
         )
+    if source == "sd_online" and cfg.train.sd_strength < 1:
+        raise ConfigError(
+            f"train.sd_strength={cfg.train.sd_strength} (SDEdit from source images) is the "
+            f"offline pool's option; sd_online samples from noise: use sd_images with it, or "
+            f"leave train.sd_strength at 1"
+        )
     if source in ("sd_images", "sd_online"):
         from seeclip.generate.sd_pipeline import locate_pipeline
 
