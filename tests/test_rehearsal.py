@@ -98,6 +98,7 @@ def test_photos_come_from_installed_packages(load_script):
 
 
 @pytest.mark.slow
+@pytest.mark.rehearsal
 def test_reduced_rehearsal_runs_every_stage_through_the_cli(load_script, tmp_path):
     rehearsal = load_script("rehearsal")
     out = tmp_path / "rehearsal"
