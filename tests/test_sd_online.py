@@ -121,6 +121,15 @@ def test_the_frequency_setting_decides_when_images_are_drawn(backbone, pipe, eve
     assert seen == drawn
 
 
+def test_a_step_without_pseudo_unknowns_draws_nothing(backbone, pipe):
+    """Small batches (Office-Home's 6: 0.2 expected per domain) often ask for none at all."""
+    feats, _ = synthetic()
+    source = _online(feats, pipe, backbone, every=1)
+    source.follow(_model(backbone))
+    source.prepare(0, {"a": 0, "b": 0, "c": 0}, torch.Generator().manual_seed(0))
+    assert source.images_drawn == 0
+
+
 def test_the_trainer_hands_it_the_model_and_resumes_bit_for_bit(backbone, pipe, tmp_path):
     feats, labels = synthetic()
 

@@ -111,12 +111,15 @@ class OnlineImageUnknowns:
     def prepare(self, step: int, counts: dict[str, int], generator: torch.Generator) -> None:
         """Step ``step`` of an epoch needs ``counts`` pseudo-unknowns per domain: draw a new
         set when this step is a refresh step."""
-        if self.every == 1:
-            self._set = self._draw({d: n for d, n in counts.items() if n}, generator)
+        if self.every == 1:  # a step may ask for none (small batches): nothing is drawn
+            wanted = {d: n for d, n in counts.items() if n}
+            self._set = self._draw(wanted, generator) if wanted else {}
         elif self.every == 0 and step == 0:
             self._set = self._draw({d: self.pool_per_domain for d in self.rows}, generator)
         elif self.every > 1 and step % self.every == 0:
-            n = max([1, *counts.values()])  # enough for any step until the next refresh
+            # a set the size of this step's largest ask; the steps until the next refresh
+            # sample it with replacement
+            n = max([1, *counts.values()])
             self._set = self._draw({d: n for d in self.rows}, generator)
 
     def sample(self, domain: str, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
